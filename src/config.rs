@@ -1,0 +1,411 @@
+//! The pipeline file (`pipelines/*.toml`): one serde tree, unknown keys refused,
+//! validated once at start into [`Pipeline`]. The environment overrides what a
+//! deployment changes: `SATWATCH_BROKERS`, `DATABASE_URL`, `SATWATCH_HTTP_ADDR`.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::detect::DetectSettings;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub postgres: PostgresSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+    pub repository: RepositorySettings,
+    pub channels: ChannelSettings,
+    /// Subsystem by channel prefix (the text before the first '-'), e.g. `E = "eps"`.
+    pub subsystems: BTreeMap<String, String>,
+    #[serde(default)]
+    pub detect: DetectSettings,
+    #[serde(default)]
+    pub engine: EngineSettings,
+    #[serde(default)]
+    pub sink: SinkSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers; `SATWATCH_BROKERS` overrides.
+    pub brokers: String,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Telemetry topic of a subsystem: `{prefix}{subsystem}`.
+    #[serde(default = "default_topic_prefix")]
+    pub telemetry_topic_prefix: String,
+    #[serde(default = "default_anomalies_topic")]
+    pub anomalies_topic: String,
+    #[serde(default = "default_forecasts_topic")]
+    pub forecasts_topic: String,
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// Records larger than this are dead-lettered as `too_large`.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// Extra librdkafka properties for every client (e.g. `security.protocol`).
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `DATABASE_URL` overrides.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `SATWATCH_HTTP_ADDR` overrides.
+    #[serde(default = "default_http_addr")]
+    pub addr: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: default_http_addr(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySettings {
+    /// Relative paths are taken from the pipeline file's directory.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub ids: Vec<String>,
+    /// Model serving a channel; `{channel}` is replaced by the channel id.
+    #[serde(default = "default_model_template")]
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Threads running inference calls.
+    #[serde(default = "default_backend_threads")]
+    pub backend_threads: usize,
+    /// Windows waiting in batchers before the consumer is paused.
+    #[serde(default = "default_max_pending_windows")]
+    pub max_pending_windows: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            backend_threads: default_backend_threads(),
+            max_pending_windows: default_max_pending_windows(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// A write batch is flushed when it holds this many scored samples...
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// ...or when its oldest row has waited this long.
+    #[serde(default = "default_max_batch_delay_ms")]
+    pub max_batch_delay_ms: u64,
+    /// How often consumed offsets whose effects are durable are committed.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+impl Default for SinkSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: default_max_batch_rows(),
+            max_batch_delay_ms: default_max_batch_delay_ms(),
+            commit_interval_ms: default_commit_interval_ms(),
+        }
+    }
+}
+
+impl SinkSettings {
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
+    }
+}
+
+fn default_group_id() -> String {
+    "satwatch".into()
+}
+fn default_topic_prefix() -> String {
+    "telemetry.".into()
+}
+fn default_anomalies_topic() -> String {
+    "anomalies".into()
+}
+fn default_forecasts_topic() -> String {
+    "forecasts".into()
+}
+fn default_dlq_topic() -> String {
+    "telemetry.dlq".into()
+}
+fn default_max_record_bytes() -> usize {
+    64 * 1024
+}
+fn default_http_addr() -> String {
+    "127.0.0.1:8000".into()
+}
+fn default_model_template() -> String {
+    "smap_{channel}".into()
+}
+fn default_backend_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+fn default_max_pending_windows() -> usize {
+    8192
+}
+fn default_max_batch_rows() -> usize {
+    4096
+}
+fn default_max_batch_delay_ms() -> u64 {
+    5
+}
+fn default_commit_interval_ms() -> u64 {
+    500
+}
+
+/// A configured channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelConfig {
+    pub id: String,
+    pub subsystem: String,
+    pub topic: String,
+    pub model: String,
+}
+
+/// The validated pipeline: the file plus the environment's overrides.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PipelineFile,
+    pub path: PathBuf,
+    pub repository: PathBuf,
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// Why a pipeline file was refused.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.path.display(), line, self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Reads, parses and validates a pipeline file, applying environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            reason: format!("cannot read pipeline file: {err}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let refuse = |line: Option<usize>, reason: String| ConfigError {
+            path: path.to_owned(),
+            line,
+            reason,
+        };
+        let mut file: PipelineFile = toml::from_str(text).map_err(|err| {
+            let line = err
+                .span()
+                .map(|span| crate::repository::pbtxt::line_of(text, span.start));
+            refuse(line, err.message().to_owned())
+        })?;
+        if let Ok(brokers) = std::env::var("SATWATCH_BROKERS") {
+            file.kafka.brokers = brokers;
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            file.postgres.url = Some(url);
+        }
+        if let Ok(addr) = std::env::var("SATWATCH_HTTP_ADDR") {
+            file.http.addr = addr;
+        }
+        let at = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+
+        let mut channels = Vec::with_capacity(file.channels.ids.len());
+        let mut seen = std::collections::HashSet::new();
+        for id in &file.channels.ids {
+            if id.is_empty() || !seen.insert(id.as_str()) {
+                return Err(refuse(
+                    at(&format!("\"{id}\"")),
+                    format!("channel id \"{id}\" is empty or repeated"),
+                ));
+            }
+            let prefix = id.split('-').next().unwrap_or(id);
+            let Some(subsystem) = file.subsystems.get(prefix) else {
+                return Err(refuse(
+                    at("[subsystems]"),
+                    format!(
+                        "channel \"{id}\": no subsystem for prefix \"{prefix}\" in [subsystems]"
+                    ),
+                ));
+            };
+            channels.push(ChannelConfig {
+                id: id.clone(),
+                subsystem: subsystem.clone(),
+                topic: format!("{}{}", file.kafka.telemetry_topic_prefix, subsystem),
+                model: file.channels.model.replace("{channel}", id),
+            });
+        }
+        if channels.is_empty() {
+            return Err(refuse(at("ids"), "no channels configured".into()));
+        }
+        if file.engine.backend_threads == 0 {
+            return Err(refuse(
+                at("backend_threads"),
+                "backend_threads must be >= 1".into(),
+            ));
+        }
+        if file.sink.max_batch_rows == 0 {
+            return Err(refuse(
+                at("max_batch_rows"),
+                "max_batch_rows must be >= 1".into(),
+            ));
+        }
+        file.detect
+            .validate()
+            .map_err(|reason| refuse(at("[detect]"), reason))?;
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let repository = if file.repository.path.is_absolute() {
+            file.repository.path.clone()
+        } else {
+            base.join(&file.repository.path)
+        };
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            repository,
+            channels,
+        })
+    }
+
+    /// Telemetry topics, one per subsystem in use, sorted.
+    pub fn telemetry_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.channels.iter().map(|c| c.topic.clone()).collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// Every topic satwatch reads or writes.
+    pub fn all_topics(&self) -> Vec<String> {
+        let k = &self.file.kafka;
+        let mut topics = self.telemetry_topics();
+        topics.extend([
+            k.anomalies_topic.clone(),
+            k.forecasts_topic.clone(),
+            k.dlq_topic.clone(),
+        ]);
+        topics
+    }
+
+    /// Model names in use, sorted, each once.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self.channels.iter().map(|c| c.model.clone()).collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// Restricts the pipeline to the given channels (`all` keeps every one).
+    pub fn select_channels(&mut self, wanted: &str) -> Result<(), String> {
+        if wanted == "all" {
+            return Ok(());
+        }
+        let wanted: Vec<&str> = wanted
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        for id in &wanted {
+            if !self.channels.iter().any(|c| c.id == *id) {
+                return Err(format!(
+                    "unknown channel \"{id}\" (not in {})",
+                    self.path.display()
+                ));
+            }
+        }
+        self.channels.retain(|c| wanted.contains(&c.id.as_str()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+[repository]
+path = "../model_repository"
+[channels]
+ids = ["A-1", "E-2"]
+[subsystems]
+A = "acs"
+E = "eps"
+"#;
+
+    #[test]
+    fn channels_get_subsystem_topic_and_model() {
+        let p = Pipeline::parse(GOOD, Path::new("pipelines/x.toml")).unwrap();
+        assert_eq!(p.channels[1].topic, "telemetry.eps");
+        assert_eq!(p.channels[0].model, "smap_A-1");
+        assert_eq!(p.repository, Path::new("pipelines/../model_repository"));
+        assert_eq!(p.all_topics().len(), 5);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_line() {
+        let bad = GOOD.replace("[channels]", "[channels]\ncolour = 1");
+        let err = Pipeline::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert_eq!(err.line, Some(7));
+        assert!(err.reason.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn channel_without_subsystem_is_refused() {
+        let bad = GOOD.replace("\"E-2\"", "\"Q-2\"");
+        let err = Pipeline::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert!(err.reason.contains("prefix \"Q\""), "{err}");
+    }
+}

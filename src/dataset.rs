@@ -1,0 +1,140 @@
+//! The SMAP data set on disk: `<data>/<split>/<channel>.npy` (float32 `[rows, 25]`)
+//! and `<data>/labeled_anomalies.csv`.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+
+/// One channel's split, row-major `[rows, features]`.
+pub struct ChannelData {
+    pub channel: String,
+    pub values: Array2<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct DataError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub fn split_path(data: &Path, split: &str, channel: &str) -> PathBuf {
+    data.join(split).join(format!("{channel}.npy"))
+}
+
+/// Loads one channel's split, checking it has `features` columns.
+pub fn load_channel(
+    data: &Path,
+    split: &str,
+    channel: &str,
+    features: usize,
+) -> Result<ChannelData, DataError> {
+    let path = split_path(data, split, channel);
+    let values: Array2<f32> = ndarray_npy::read_npy(&path).map_err(|err| DataError {
+        path: path.clone(),
+        reason: format!("cannot read as float32 [rows, features] .npy: {err}"),
+    })?;
+    if values.ncols() != features {
+        return Err(DataError {
+            path,
+            reason: format!("has {} columns; the model takes {features}", values.ncols()),
+        });
+    }
+    let values = if values.is_standard_layout() {
+        values
+    } else {
+        values.as_standard_layout().to_owned()
+    };
+    Ok(ChannelData {
+        channel: channel.to_owned(),
+        values,
+    })
+}
+
+/// Labelled anomalous ranges of one channel: `[start, end)` row indices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    pub channel: String,
+    pub ranges: Vec<(u64, u64)>,
+    pub rows: u64,
+}
+
+/// Parses `labeled_anomalies.csv` (chan_id, spacecraft, anomaly_sequences, class, num_values).
+pub fn load_labels(path: &Path) -> Result<Vec<Labels>, DataError> {
+    let fail = |reason: String| DataError {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let mut labels = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |reason: &str| fail(format!("line {}: {reason}", i + 1));
+        let channel = line
+            .split(',')
+            .next()
+            .ok_or_else(|| at("no channel"))?
+            .to_owned();
+        let open = line
+            .find("\"[[")
+            .ok_or_else(|| at("no anomaly_sequences"))?;
+        let close = line[open..]
+            .find("]]\"")
+            .ok_or_else(|| at("unterminated anomaly_sequences"))?
+            + open;
+        let ranges_text = &line[open + 3..close];
+        let mut ranges = Vec::new();
+        for pair in ranges_text.split("], [") {
+            let mut bounds = pair.split(',').map(|v| v.trim().parse::<u64>());
+            match (bounds.next(), bounds.next(), bounds.next()) {
+                (Some(Ok(start)), Some(Ok(end)), None) if start < end => ranges.push((start, end)),
+                _ => return Err(at(&format!("bad range \"{pair}\""))),
+            }
+        }
+        ranges.sort_unstable();
+        let rows = line
+            .rsplit(',')
+            .next()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| at("bad num_values"))?;
+        labels.push(Labels {
+            channel,
+            ranges,
+            rows,
+        });
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_smap_label_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        std::fs::write(
+            &path,
+            "chan_id,spacecraft,anomaly_sequences,class,num_values\n\
+             P-1,SMAP,\"[[2149, 2349], [4536, 4844], [3539, 3779]]\",\"[contextual, contextual, contextual]\",8505\n\
+             A-1,SMAP,\"[[4690, 4774]]\",[point],8640\n",
+        )
+        .unwrap();
+        let labels = load_labels(&path).unwrap();
+        assert_eq!(
+            labels[0].ranges,
+            vec![(2149, 2349), (3539, 3779), (4536, 4844)]
+        );
+        assert_eq!(
+            labels[1],
+            Labels {
+                channel: "A-1".into(),
+                ranges: vec![(4690, 4774)],
+                rows: 8640
+            }
+        );
+    }
+}

@@ -1,0 +1,432 @@
+//! The pure core of the pipeline: per-channel windows and detectors, per-model
+//! batchers. No I/O and no clock of its own: the driver feeds samples and
+//! inference results in and takes batches and outputs out, so `run`, `eval`
+//! and `bench` share every line of it.
+
+use std::{sync::Arc, time::Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::{
+    batch::Batcher,
+    config::ChannelConfig,
+    detect::{ChannelDetector, DetectSettings, EventChange, EventSpan},
+    repository::ModelSpec,
+    telemetry::{Origin, Sample},
+    window::Window,
+};
+
+/// One queued window's bookkeeping.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub channel: u32,
+    pub seq: u64,
+    pub ts: DateTime<Utc>,
+    /// The sample's target value in the input's units.
+    pub value: f32,
+    pub origin: Option<Origin>,
+}
+
+/// A batch of windows for one model, ready for a backend.
+#[derive(Debug)]
+pub struct ModelBatch {
+    pub model: usize,
+    /// `[entries.len(), window, features]`, row-major.
+    pub inputs: Vec<f32>,
+    pub entries: Vec<Entry>,
+    pub oldest_enqueued: Instant,
+}
+
+/// A `scores` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreRow {
+    pub channel: Arc<str>,
+    /// Not a column: carried for per-subsystem metrics.
+    pub subsystem: Arc<str>,
+    pub seq: u64,
+    pub ts: DateTime<Utc>,
+    pub score: f32,
+    pub threshold: f32,
+    pub anomalous: bool,
+    pub model_version: u64,
+}
+
+/// A forecast (CONTRACT "Forecast"), also a `forecasts` row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Forecast {
+    pub channel: Arc<str>,
+    pub seq: u64,
+    /// `horizon[i]` forecasts the value at `seq + 1 + i`, in the input's units.
+    pub horizon: Vec<f32>,
+    pub model: Arc<str>,
+    pub model_version: u64,
+}
+
+/// An anomaly event record (CONTRACT "Anomaly event").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyEvent {
+    pub event_id: String,
+    pub channel: Arc<str>,
+    pub subsystem: Arc<str>,
+    pub state: EventState,
+    pub start_seq: u64,
+    pub end_seq: Option<u64>,
+    pub start_ts: DateTime<Utc>,
+    pub end_ts: Option<DateTime<Utc>>,
+    pub peak_score: f32,
+    pub threshold: f32,
+    pub model: Arc<str>,
+    pub model_version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventState {
+    Open,
+    Closed,
+}
+
+impl EventState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventState::Open => "open",
+            EventState::Closed => "closed",
+        }
+    }
+}
+
+/// What processing some records produced, and which records are then fully
+/// accounted for once these outputs are durable.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub scores: Vec<ScoreRow>,
+    pub forecasts: Vec<Forecast>,
+    pub events: Vec<AnomalyEvent>,
+    pub done: Vec<Origin>,
+}
+
+impl Outputs {
+    pub fn is_empty(&self) -> bool {
+        self.scores.is_empty()
+            && self.forecasts.is_empty()
+            && self.events.is_empty()
+            && self.done.is_empty()
+    }
+
+    pub fn append(&mut self, other: &mut Outputs) {
+        self.scores.append(&mut other.scores);
+        self.forecasts.append(&mut other.forecasts);
+        self.events.append(&mut other.events);
+        self.done.append(&mut other.done);
+    }
+}
+
+/// How a sample was taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// `seq` not above the channel's last: dropped and counted.
+    Duplicate,
+    /// Still filling the channel's window: nothing to infer yet.
+    WarmUp,
+    /// Its window was queued for inference.
+    Queued,
+}
+
+/// Running totals, for metrics and summaries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub admitted: u64,
+    pub duplicates: u64,
+    /// Samples that arrived after a jump in `seq`.
+    pub gaps: u64,
+    pub warm_up: u64,
+    pub scored: u64,
+    pub events_opened: u64,
+    pub events_closed: u64,
+}
+
+struct ChannelState {
+    id: Arc<str>,
+    subsystem: Arc<str>,
+    model: usize,
+    window: Window,
+    last_seq: Option<u64>,
+    detector: ChannelDetector,
+}
+
+struct ModelState {
+    spec: Arc<ModelSpec>,
+    name: Arc<str>,
+    batcher: Batcher<Entry>,
+    /// One batch per model is in flight at a time, so a channel's windows are
+    /// scored in `seq` order (its detector state depends on that order).
+    in_flight: bool,
+}
+
+pub struct Engine {
+    channels: Vec<ChannelState>,
+    models: Vec<ModelState>,
+    /// Windows queued across all batchers (for backpressure).
+    pending: usize,
+    /// Where the next batch search starts, so no model starves.
+    next_model: usize,
+    counters: Counters,
+    /// Reused for denormalising one forecast.
+    scratch: Vec<f32>,
+}
+
+impl Engine {
+    /// `models` must hold a spec for every model a channel names.
+    pub fn new(
+        channels: &[ChannelConfig],
+        models: &[Arc<ModelSpec>],
+        detect: DetectSettings,
+    ) -> Result<Self, String> {
+        let model_states: Vec<ModelState> = models
+            .iter()
+            .map(|spec| ModelState {
+                batcher: Batcher::new(spec.batching.clone(), spec.window * spec.features),
+                name: Arc::from(spec.name.as_str()),
+                spec: spec.clone(),
+                in_flight: false,
+            })
+            .collect();
+        let mut channel_states = Vec::with_capacity(channels.len());
+        for channel in channels {
+            let model = models
+                .iter()
+                .position(|m| m.name == channel.model)
+                .ok_or_else(|| {
+                    format!(
+                        "channel {} names model {}, which is not loaded",
+                        channel.id, channel.model
+                    )
+                })?;
+            let spec = &models[model];
+            channel_states.push(ChannelState {
+                id: Arc::from(channel.id.as_str()),
+                subsystem: Arc::from(channel.subsystem.as_str()),
+                model,
+                window: Window::new(spec.window, &spec.normalisation),
+                last_seq: None,
+                detector: ChannelDetector::new(detect, spec.calibration),
+            });
+        }
+        Ok(Self {
+            channels: channel_states,
+            models: model_states,
+            pending: 0,
+            next_model: 0,
+            counters: Counters::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Windows waiting in batchers.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Whether no window is queued or being inferred.
+    pub fn is_idle(&self) -> bool {
+        self.pending == 0 && self.models.iter().all(|m| !m.in_flight)
+    }
+
+    pub fn model_spec(&self, model: usize) -> &Arc<ModelSpec> {
+        &self.models[model].spec
+    }
+
+    pub fn channel_id(&self, channel: u32) -> &Arc<str> {
+        &self.channels[channel as usize].id
+    }
+
+    /// Events open right now.
+    pub fn open_events(&self) -> usize {
+        self.channels
+            .iter()
+            .filter(|c| c.detector.open_event().is_some())
+            .count()
+    }
+
+    /// Approximate bytes of per-channel state.
+    pub fn channel_state_bytes(&self) -> usize {
+        self.channels
+            .iter()
+            .map(|c| std::mem::size_of::<ChannelState>() + c.window.heap_bytes())
+            .sum()
+    }
+
+    pub fn admit(&mut self, sample: &Sample, now: Instant) -> Admission {
+        let channel = &mut self.channels[sample.channel as usize];
+        self.counters.admitted += 1;
+        if let Some(last) = channel.last_seq {
+            if sample.seq <= last {
+                self.counters.duplicates += 1;
+                return Admission::Duplicate;
+            }
+            if sample.seq > last + 1 {
+                self.counters.gaps += 1;
+            }
+        }
+        channel.last_seq = Some(sample.seq);
+        channel.window.push(&sample.values);
+        if !channel.window.is_full() {
+            self.counters.warm_up += 1;
+            return Admission::WarmUp;
+        }
+        let model = &mut self.models[channel.model];
+        let entry = Entry {
+            channel: sample.channel,
+            seq: sample.seq,
+            ts: sample.ts,
+            value: sample.values[model.spec.target_feature],
+            origin: sample.origin,
+        };
+        model.batcher.push(channel.window.as_slice(), entry, now);
+        self.pending += 1;
+        Admission::Queued
+    }
+
+    /// The next batch that is due under its model's batching policy.
+    pub fn next_batch(&mut self, now: Instant) -> Option<ModelBatch> {
+        self.next_batch_where(|batcher| batcher.cut(now))
+    }
+
+    /// The next batch regardless of deadlines, for draining.
+    pub fn flush_batch(&mut self) -> Option<ModelBatch> {
+        self.next_batch_where(|batcher| batcher.flush())
+    }
+
+    fn next_batch_where(
+        &mut self,
+        mut cut: impl FnMut(&mut Batcher<Entry>) -> Option<crate::batch::Batch<Entry>>,
+    ) -> Option<ModelBatch> {
+        let n = self.models.len();
+        for i in 0..n {
+            let index = (self.next_model + i) % n;
+            let model = &mut self.models[index];
+            if model.in_flight {
+                continue;
+            }
+            if let Some(batch) = cut(&mut model.batcher) {
+                model.in_flight = true;
+                self.pending -= batch.entries.len();
+                self.next_model = (index + 1) % n;
+                return Some(ModelBatch {
+                    model: index,
+                    inputs: batch.inputs,
+                    entries: batch.entries,
+                    oldest_enqueued: batch.oldest_enqueued,
+                });
+            }
+        }
+        None
+    }
+
+    /// The earliest deadline among models that could send a batch.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.models
+            .iter()
+            .filter(|m| !m.in_flight)
+            .filter_map(|m| m.batcher.deadline())
+            .min()
+    }
+
+    /// Applies a batch's forecasts (`[entries, horizon]`, normalised units) in
+    /// order, appending what they produce to `out`.
+    pub fn complete(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
+        let model = &mut self.models[batch.model];
+        model.in_flight = false;
+        let spec = &model.spec;
+        let horizon = spec.horizon;
+        assert_eq!(
+            forecasts.len(),
+            batch.entries.len() * horizon,
+            "the backend returns [batch, horizon]"
+        );
+        let scale = spec.normalisation.scale[spec.target_feature];
+        let center = spec.normalisation.center[spec.target_feature];
+        for (entry, normalised) in batch
+            .entries
+            .into_iter()
+            .zip(forecasts.chunks_exact(horizon))
+        {
+            self.scratch.clear();
+            self.scratch
+                .extend(normalised.iter().map(|f| f * scale + center));
+            let channel = &mut self.channels[entry.channel as usize];
+            let (scored, change) =
+                channel
+                    .detector
+                    .step(entry.seq, entry.ts, entry.value, &self.scratch);
+            if let Some(scored) = scored {
+                self.counters.scored += 1;
+                out.scores.push(ScoreRow {
+                    channel: channel.id.clone(),
+                    subsystem: channel.subsystem.clone(),
+                    seq: entry.seq,
+                    ts: entry.ts,
+                    score: scored.score,
+                    threshold: scored.threshold,
+                    anomalous: scored.anomalous,
+                    model_version: spec.version,
+                });
+            }
+            out.forecasts.push(Forecast {
+                channel: channel.id.clone(),
+                seq: entry.seq,
+                horizon: self.scratch.clone(),
+                model: model.name.clone(),
+                model_version: spec.version,
+            });
+            if let Some(change) = change {
+                let (state, span) = match change {
+                    EventChange::Opened(span) => {
+                        self.counters.events_opened += 1;
+                        (EventState::Open, span)
+                    }
+                    EventChange::Closed(span) => {
+                        self.counters.events_closed += 1;
+                        (EventState::Closed, span)
+                    }
+                };
+                out.events.push(event_record(
+                    channel,
+                    &model.name,
+                    spec.version,
+                    state,
+                    span,
+                ));
+            }
+            out.done.extend(entry.origin);
+        }
+    }
+}
+
+fn event_record(
+    channel: &ChannelState,
+    model: &Arc<str>,
+    version: u64,
+    state: EventState,
+    span: EventSpan,
+) -> AnomalyEvent {
+    AnomalyEvent {
+        event_id: format!("{}:{}", channel.id, span.start_seq),
+        channel: channel.id.clone(),
+        subsystem: channel.subsystem.clone(),
+        state,
+        start_seq: span.start_seq,
+        end_seq: span.end.map(|(seq, _)| seq),
+        start_ts: span.start_ts,
+        end_ts: span.end.map(|(_, ts)| ts),
+        peak_score: span.peak_score,
+        threshold: span.threshold,
+        model: model.clone(),
+        model_version: version,
+    }
+}

@@ -1,0 +1,41 @@
+//! satwatch watches spacecraft telemetry for anomalies as it streams.
+//!
+//! # Layout
+//!
+//! A sample takes one path, and data flows one way along it:
+//!
+//! - [`source`]: the Kafka consumer group over the telemetry topics; decodes
+//!   records with [`telemetry`] (bad ones go to the dead-letter topic) and
+//!   tracks which offsets may be committed.
+//! - [`window`]: each channel's sliding window of normalised samples.
+//! - [`batch`]: per-model dynamic batching with Triton's semantics.
+//! - [`backend`]: the inference backends (ONNX Runtime on CPU), run on their
+//!   own threads.
+//! - [`detect`]: forecast errors into scores, thresholds and anomaly events.
+//! - [`sink`]: PostgreSQL and the `anomalies`/`forecasts` topics; acknowledges
+//!   records back to the source once their outputs are durable.
+//!
+//! [`engine`] is the pure core that holds windows, batchers and detectors;
+//! [`processor`] drives it from async code. [`repository`] reads the
+//! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
+//! the service together; [`replay`] and [`topics`] are the tools around it;
+//! [`http`], [`metrics`] and [`health`] are what operators look at.
+
+pub mod backend;
+pub mod batch;
+pub mod config;
+pub mod dataset;
+pub mod detect;
+pub mod engine;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod processor;
+pub mod replay;
+pub mod repository;
+pub mod run;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod topics;
+pub mod window;

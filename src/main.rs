@@ -1,0 +1,189 @@
+//! The `satwatch` command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use satwatch::{config::Pipeline, replay, run, topics};
+
+#[derive(Parser)]
+#[command(
+    name = "satwatch",
+    version,
+    about = "Watches spacecraft telemetry for anomalies as it streams."
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SATWATCH_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the streaming pipeline: Kafka in, inference, anomaly events and
+    /// forecasts out to Kafka and PostgreSQL. Stops cleanly on SIGINT/SIGTERM.
+    Run {
+        /// The pipeline file (e.g. pipelines/smap.toml).
+        #[arg(long)]
+        pipeline: PathBuf,
+    },
+    /// Publish historical samples to the telemetry topics (also a load generator).
+    Replay {
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Directory holding <split>/<channel>.npy (e.g. data/smap).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+        split: String,
+        /// Comma-separated channel ids, or `all`.
+        #[arg(long, default_value = "all")]
+        channels: String,
+        /// Samples per second across all channels.
+        #[arg(long, conflicts_with = "max_rate")]
+        rate: Option<f64>,
+        /// As fast as the broker takes them (the default when --rate is absent).
+        #[arg(long)]
+        max_rate: bool,
+        /// At most this many samples per channel.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// First row of each channel to publish.
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+    },
+    /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
+    /// forecasts and the dead-letter topic.
+    Topics {
+        #[arg(long)]
+        pipeline: PathBuf,
+        #[arg(long, default_value_t = 3, env = "SATWATCH_PARTITIONS")]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_pipeline(path: &PathBuf) -> Result<Pipeline, String> {
+    Pipeline::load(path).map_err(|e| e.to_string())
+}
+
+async fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run { pipeline } => {
+            let pipeline = load_pipeline(&pipeline)?;
+            run::run(pipeline)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Command::Replay {
+            pipeline,
+            data,
+            split,
+            channels,
+            rate,
+            max_rate: _,
+            limit,
+            start,
+        } => {
+            let mut pipeline = load_pipeline(&pipeline)?;
+            pipeline.select_channels(&channels)?;
+            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err("--rate must be a positive number of samples per second".into());
+            }
+            let options = replay::ReplayOptions {
+                split,
+                rate,
+                limit,
+                start,
+            };
+            let report = replay::replay(&pipeline, &data, &options).await?;
+            let secs = report.elapsed.as_secs_f64();
+            println!(
+                "replayed {} samples from {} channels in {:.1} s ({:.0} samples/s), {} failed",
+                report.published,
+                pipeline.channels.len(),
+                secs,
+                report.published as f64 / secs.max(1e-9),
+                report.failed
+            );
+            if report.failed > 0 {
+                return Err(format!("{} samples could not be published", report.failed));
+            }
+            Ok(())
+        }
+        Command::Topics {
+            pipeline,
+            partitions,
+            replication_factor,
+        } => {
+            let pipeline = load_pipeline(&pipeline)?;
+            if partitions < 1 {
+                return Err("--partitions must be >= 1".into());
+            }
+            let (created, existing) = topics::create_topics(
+                &pipeline.file.kafka,
+                &pipeline.all_topics(),
+                partitions,
+                replication_factor,
+            )
+            .await?;
+            println!(
+                "topics created: {}; already present: {}",
+                list(&created),
+                list(&existing)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn list(topics: &[String]) -> String {
+    if topics.is_empty() {
+        "none".into()
+    } else {
+        topics.join(", ")
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime starts");
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("satwatch: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

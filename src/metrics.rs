@@ -1,0 +1,215 @@
+//! Prometheus metrics, named after Triton's (`nv_inference_*` becomes
+//! `satwatch_inference_*`). Label sets stay bounded: per model and version,
+//! per subsystem, per reason, per partition; never per sample.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Windows inferred successfully / unsuccessfully (Triton: requests).
+    pub inference_success: IntCounterVec,
+    pub inference_failure: IntCounterVec,
+    /// Windows inferred (Triton: inference count) and backend calls (execution
+    /// count): their ratio is the average batch size.
+    pub inference_count: IntCounterVec,
+    pub execution_count: IntCounterVec,
+    pub queue_duration_us: IntCounterVec,
+    pub compute_duration_us: IntCounterVec,
+    pub batch_size: HistogramVec,
+    /// From the sample's `ts` to its outputs being durable.
+    pub end_to_end_latency: Histogram,
+    pub samples_consumed: IntCounterVec,
+    pub samples_scored: IntCounterVec,
+    pub samples_duplicate: IntCounterVec,
+    pub samples_gap: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub anomalies_open: IntGauge,
+    pub events: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub postgres_write_seconds: Histogram,
+    pub postgres_write_failures: IntCounter,
+    pub kafka_publish_failures: IntCounter,
+    pub rows_written: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names are valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each metric is registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let model = &["model", "version"];
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let end_to_end_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "satwatch_end_to_end_latency_seconds",
+                "Seconds from a sample's timestamp to its score and forecast being durable.",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(end_to_end_latency.clone()))
+            .expect("registered once");
+        let postgres_write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "satwatch_postgres_write_seconds",
+                "Seconds per PostgreSQL write transaction.",
+            )
+            .buckets(latency_buckets),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(postgres_write_seconds.clone()))
+            .expect("registered once");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("satwatch_inference_batch_size", "Windows per backend call.")
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ]),
+            model,
+        )
+        .expect("valid histogram");
+        r.register(Box::new(batch_size.clone()))
+            .expect("registered once");
+        let anomalies_open =
+            IntGauge::new("satwatch_anomalies_open", "Anomaly events open now.").expect("valid");
+        r.register(Box::new(anomalies_open.clone()))
+            .expect("registered once");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "satwatch_consumer_lag",
+                "Records between the committed position and the end of the partition.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid");
+        r.register(Box::new(consumer_lag.clone()))
+            .expect("registered once");
+        let postgres_write_failures = IntCounter::new(
+            "satwatch_postgres_write_failures_total",
+            "PostgreSQL write transactions that failed.",
+        )
+        .expect("valid");
+        r.register(Box::new(postgres_write_failures.clone()))
+            .expect("registered once");
+        let kafka_publish_failures = IntCounter::new(
+            "satwatch_kafka_publish_failures_total",
+            "Output batches whose Kafka delivery failed.",
+        )
+        .expect("valid");
+        r.register(Box::new(kafka_publish_failures.clone()))
+            .expect("registered once");
+        Self {
+            inference_success: counter(
+                &r,
+                "satwatch_inference_request_success_total",
+                "Windows inferred successfully.",
+                model,
+            ),
+            inference_failure: counter(
+                &r,
+                "satwatch_inference_request_failure_total",
+                "Windows whose inference failed.",
+                model,
+            ),
+            inference_count: counter(
+                &r,
+                "satwatch_inference_count_total",
+                "Windows inferred.",
+                model,
+            ),
+            execution_count: counter(
+                &r,
+                "satwatch_inference_exec_count_total",
+                "Backend calls (batches) executed.",
+                model,
+            ),
+            queue_duration_us: counter(
+                &r,
+                "satwatch_inference_queue_duration_us_total",
+                "Microseconds windows waited in the batcher.",
+                model,
+            ),
+            compute_duration_us: counter(
+                &r,
+                "satwatch_inference_compute_infer_duration_us_total",
+                "Microseconds spent inside backend calls.",
+                model,
+            ),
+            batch_size,
+            end_to_end_latency,
+            samples_consumed: counter(
+                &r,
+                "satwatch_samples_consumed_total",
+                "Valid samples consumed.",
+                &["subsystem"],
+            ),
+            samples_scored: counter(
+                &r,
+                "satwatch_samples_scored_total",
+                "Samples scored.",
+                &["subsystem"],
+            ),
+            samples_duplicate: counter(
+                &r,
+                "satwatch_samples_duplicate_total",
+                "Samples dropped because their seq was not new.",
+                &["subsystem"],
+            ),
+            samples_gap: counter(
+                &r,
+                "satwatch_samples_gap_total",
+                "Samples that arrived after a jump in seq.",
+                &["subsystem"],
+            ),
+            dead_letters: counter(
+                &r,
+                "satwatch_dead_letters_total",
+                "Records sent to the dead-letter topic.",
+                &["reason"],
+            ),
+            anomalies_open,
+            events: counter(
+                &r,
+                "satwatch_anomaly_events_total",
+                "Anomaly event records emitted.",
+                &["subsystem", "state"],
+            ),
+            consumer_lag,
+            postgres_write_seconds,
+            postgres_write_failures,
+            kafka_publish_failures,
+            rows_written: counter(
+                &r,
+                "satwatch_rows_written_total",
+                "Rows committed to PostgreSQL.",
+                &["table"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

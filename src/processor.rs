@@ -1,0 +1,182 @@
+//! Drives the [`Engine`] from async land: takes samples from a bounded
+//! channel, sends due batches to the backend pool, applies completions in
+//! order, and hands outputs to the sink through another bounded channel.
+//!
+//! Backpressure: when too many windows wait in batchers, no more samples are
+//! taken, which fills the sample channel and pauses the source. When the sink
+//! is slow, `outputs.send` waits, which stalls completions the same way.
+
+use std::sync::Arc;
+
+use tokio::{
+    sync::mpsc,
+    time::{sleep_until, Instant as TokioInstant},
+};
+
+use crate::{
+    backend::{BackendError, BackendPool, Completion},
+    engine::{Admission, Engine, Outputs},
+    metrics::Metrics,
+    telemetry::Sample,
+};
+
+/// Per-channel label values for metrics, indexed like the engine's channels.
+pub struct ChannelLabels {
+    pub subsystem: Vec<String>,
+}
+
+impl ChannelLabels {
+    pub fn new(channels: &[crate::config::ChannelConfig]) -> Self {
+        Self {
+            subsystem: channels.iter().map(|c| c.subsystem.clone()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the output sink stopped")]
+    SinkGone,
+}
+
+/// Processes samples until the sample channel closes and every queued window
+/// has been scored; returns the engine for its counters.
+pub async fn process(
+    mut engine: Engine,
+    pool: BackendPool,
+    mut completions: mpsc::UnboundedReceiver<Completion>,
+    mut samples: mpsc::Receiver<Sample>,
+    outputs: mpsc::Sender<Outputs>,
+    max_pending_windows: usize,
+    metrics: Arc<Metrics>,
+    labels: ChannelLabels,
+) -> Result<Engine, ProcessError> {
+    let mut input_open = true;
+    let mut received = Vec::with_capacity(1024);
+    let result = loop {
+        let now = std::time::Instant::now();
+        while let Some(batch) = engine.next_batch(now) {
+            pool.submit(batch);
+        }
+        if !input_open {
+            while let Some(batch) = engine.flush_batch() {
+                pool.submit(batch);
+            }
+            if engine.is_idle() {
+                break Ok(());
+            }
+        }
+        let deadline = engine.next_deadline().map(TokioInstant::from_std);
+        let can_take = input_open && engine.pending() < max_pending_windows;
+        tokio::select! {
+            biased;
+            Some(completion) = completions.recv() => {
+                let mut out = Outputs::default();
+                if let Err(err) = complete(&mut engine, completion, &mut out, &metrics) {
+                    break Err(err);
+                }
+                metrics.anomalies_open.set(engine.open_events() as i64);
+                if outputs.send(out).await.is_err() {
+                    break Err(ProcessError::SinkGone);
+                }
+            }
+            n = samples.recv_many(&mut received, 1024), if can_take => {
+                if n == 0 {
+                    input_open = false;
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                let mut settled = Outputs::default();
+                for sample in received.drain(..) {
+                    let subsystem = &labels.subsystem[sample.channel as usize];
+                    metrics.samples_consumed.with_label_values(&[subsystem]).inc();
+                    let before = engine.counters().gaps;
+                    let admission = engine.admit(&sample, now);
+                    if engine.counters().gaps != before {
+                        metrics.samples_gap.with_label_values(&[subsystem]).inc();
+                    }
+                    match admission {
+                        Admission::Queued => {}
+                        Admission::Duplicate | Admission::WarmUp => {
+                            if admission == Admission::Duplicate {
+                                metrics.samples_duplicate.with_label_values(&[subsystem]).inc();
+                            }
+                            // Nothing more will come of it: it is done now.
+                            settled.done.extend(sample.origin);
+                        }
+                    }
+                }
+                if !settled.done.is_empty() && outputs.send(settled).await.is_err() {
+                    break Err(ProcessError::SinkGone);
+                }
+            }
+            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {}
+        }
+    };
+    pool.shutdown();
+    result.map(|()| engine)
+}
+
+fn complete(
+    engine: &mut Engine,
+    completion: Completion,
+    out: &mut Outputs,
+    metrics: &Metrics,
+) -> Result<(), ProcessError> {
+    let spec = engine.model_spec(completion.batch.model).clone();
+    let version = spec.version.to_string();
+    let model_labels = [spec.name.as_str(), version.as_str()];
+    let rows = completion.batch.entries.len() as u64;
+    let forecasts = match completion.result {
+        Ok(forecasts) => forecasts,
+        Err(err) => {
+            metrics
+                .inference_failure
+                .with_label_values(&model_labels)
+                .inc_by(rows);
+            return Err(err.into());
+        }
+    };
+    metrics
+        .inference_success
+        .with_label_values(&model_labels)
+        .inc_by(rows);
+    metrics
+        .inference_count
+        .with_label_values(&model_labels)
+        .inc_by(rows);
+    metrics
+        .execution_count
+        .with_label_values(&model_labels)
+        .inc();
+    metrics
+        .batch_size
+        .with_label_values(&model_labels)
+        .observe(rows as f64);
+    metrics
+        .queue_duration_us
+        .with_label_values(&model_labels)
+        .inc_by(completion.queue_time.as_micros() as u64);
+    metrics
+        .compute_duration_us
+        .with_label_values(&model_labels)
+        .inc_by(completion.compute_time.as_micros() as u64);
+    let first_score = out.scores.len();
+    let first_event = out.events.len();
+    engine.complete(completion.batch, &forecasts, out);
+    for row in &out.scores[first_score..] {
+        metrics
+            .samples_scored
+            .with_label_values(&[&row.subsystem])
+            .inc();
+    }
+    for event in &out.events[first_event..] {
+        metrics
+            .events
+            .with_label_values(&[&event.subsystem, event.state.as_str()])
+            .inc();
+    }
+    Ok(())
+}

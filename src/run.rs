@@ -1,0 +1,198 @@
+//! `satwatch run`: wires source -> processor -> sink around the engine, serves
+//! HTTP, and shuts down cleanly on SIGINT/SIGTERM (stop consuming, drain,
+//! commit, exit 0).
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    backend::{onnx::OnnxBackend, Backend, BackendPool},
+    config::Pipeline,
+    engine::{Counters, Engine},
+    health::Health,
+    http,
+    metrics::Metrics,
+    processor::{self, ChannelLabels},
+    repository::{self, ModelSpec},
+    sink::{self, postgres, PgWriter, Publisher},
+    source::{self, SourceParts},
+    telemetry::{ChannelShape, Decoder},
+};
+
+/// Why `run` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RunError(pub String);
+
+fn fail(context: &str) -> impl Fn(&dyn std::fmt::Display) -> RunError + '_ {
+    move |err| RunError(format!("{context}: {err}"))
+}
+
+/// Samples buffered between the source and the processor.
+const SAMPLE_CHANNEL_CAPACITY: usize = 4096;
+/// Output batches buffered between the processor and the sink.
+const OUTPUT_CHANNEL_CAPACITY: usize = 64;
+
+/// Loads and checks every model the pipeline names.
+pub fn load_models(pipeline: &Pipeline) -> Result<Vec<Arc<ModelSpec>>, RunError> {
+    let specs = repository::load_models(&pipeline.repository, &pipeline.models())
+        .map_err(|e| RunError(e.to_string()))?;
+    Ok(specs.into_iter().map(Arc::new).collect())
+}
+
+/// The decoder for the pipeline's channels (index = position in the channel list).
+pub fn decoder(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Decoder {
+    let channels: HashMap<String, ChannelShape> = pipeline
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let features = specs
+                .iter()
+                .find(|s| s.name == c.model)
+                .map_or(0, |s| s.features);
+            (
+                c.id.clone(),
+                ChannelShape {
+                    index: i as u32,
+                    topic: c.topic.clone(),
+                    features,
+                },
+            )
+        })
+        .collect();
+    Decoder::new(channels, pipeline.file.kafka.max_record_bytes)
+}
+
+pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let specs = load_models(&pipeline)?;
+    let backend: Arc<dyn Backend> =
+        Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| RunError(e.to_string()))?);
+    health.set_models_loaded(true);
+    for spec in &specs {
+        tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, "model loaded");
+    }
+
+    let url = pipeline.file.postgres.url.clone().ok_or_else(|| {
+        RunError(
+            "no PostgreSQL URL: set DATABASE_URL or [postgres] url in the pipeline file".into(),
+        )
+    })?;
+    let mut client = postgres::connect(&url)
+        .await
+        .map_err(|e| fail("cannot connect to PostgreSQL")(&e))?;
+    let schema = postgres::migrate(&mut client)
+        .await
+        .map_err(|e| fail("cannot migrate the schema")(&e))?;
+    drop(client);
+    tracing::info!(schema_version = schema, "PostgreSQL schema ready");
+
+    let kafka = &pipeline.file.kafka;
+    let publisher = Publisher::new(kafka).map_err(|e| fail("cannot create Kafka producer")(&e))?;
+    let topics = pipeline.telemetry_topics();
+    let (consumer, tracker) = source::subscribe(kafka, &topics, health.clone())
+        .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let state = http::AppState {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        models: Arc::new(specs.clone()),
+    };
+    let (http_addr, http_task) = http::serve(&pipeline.file.http.addr, state, shutdown_rx.clone())
+        .await
+        .map_err(|e| fail(&format!("cannot listen on {}", pipeline.file.http.addr))(&e))?;
+
+    let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
+    let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+
+    let engine = Engine::new(&pipeline.channels, &specs, pipeline.file.detect).map_err(RunError)?;
+    let pool = BackendPool::start(
+        backend,
+        pipeline.file.engine.backend_threads,
+        completions_tx,
+    );
+    let processor = tokio::spawn(processor::process(
+        engine,
+        pool,
+        completions_rx,
+        samples_rx,
+        outputs_tx,
+        pipeline.file.engine.max_pending_windows,
+        metrics.clone(),
+        ChannelLabels::new(&pipeline.channels),
+    ));
+    let sink = tokio::spawn(sink::write_loop(
+        outputs_rx,
+        PgWriter::new(url),
+        publisher.clone(),
+        acks_tx,
+        pipeline.file.sink.clone(),
+        metrics.clone(),
+        health.clone(),
+    ));
+    let source = tokio::spawn(source::consume(
+        consumer,
+        tracker,
+        SourceParts {
+            decoder: decoder(&pipeline, &specs),
+            publisher,
+            samples: samples_tx,
+            acks: acks_rx,
+            shutdown: shutdown_rx,
+            commit_interval: pipeline.file.sink.commit_interval(),
+            metrics: metrics.clone(),
+        },
+    ));
+    tracing::info!(
+        channels = pipeline.channels.len(),
+        topics = %topics.join(","),
+        http = %http_addr,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "satwatch running"
+    );
+
+    let signal_health = health.clone();
+    let signal_shutdown = shutdown_tx.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: draining");
+        signal_health.set_shutting_down();
+        signal_shutdown.send_replace(true);
+    });
+
+    let processed = processor.await.map_err(|e| fail("processor task")(&e))?;
+    // The processor only stops early on a fatal error: stop consuming too.
+    health.set_shutting_down();
+    shutdown_tx.send_replace(true);
+    sink.await.map_err(|e| fail("sink task")(&e))?;
+    source.await.map_err(|e| fail("source task")(&e))?;
+    http_task.abort();
+    let engine = processed.map_err(|e| RunError(e.to_string()))?;
+    let counters = engine.counters();
+    tracing::info!(
+        admitted = counters.admitted,
+        scored = counters.scored,
+        duplicates = counters.duplicates,
+        events_opened = counters.events_opened,
+        events_closed = counters.events_closed,
+        "satwatch stopped"
+    );
+    Ok(counters)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM can be handled");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

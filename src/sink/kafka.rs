@@ -1,0 +1,109 @@
+//! Publishing to Kafka: anomaly events and forecasts, and dead letters.
+
+use std::time::Duration;
+
+use futures::{stream::FuturesUnordered, StreamExt};
+use rdkafka::{
+    config::ClientConfig,
+    error::KafkaError,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+
+use crate::{config::KafkaSettings, engine::Outputs, telemetry::Rejection};
+
+/// librdkafka settings shared by every client satwatch makes.
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    config
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    anomalies_topic: String,
+    forecasts_topic: String,
+    dlq_topic: String,
+}
+
+impl Publisher {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = client_config(settings)
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", "60000")
+            .create()?;
+        Ok(Self {
+            producer,
+            anomalies_topic: settings.anomalies_topic.clone(),
+            forecasts_topic: settings.forecasts_topic.clone(),
+            dlq_topic: settings.dlq_topic.clone(),
+        })
+    }
+
+    /// Publishes a batch's events and forecasts and waits until the broker has
+    /// acknowledged every one of them.
+    pub async fn publish(&self, outputs: &Outputs) -> Result<(), KafkaError> {
+        let mut records: Vec<(&str, &str, String)> =
+            Vec::with_capacity(outputs.events.len() + outputs.forecasts.len());
+        for event in &outputs.events {
+            let json = serde_json::to_string(event).expect("events serialise");
+            records.push((&self.anomalies_topic, &event.channel, json));
+        }
+        for forecast in &outputs.forecasts {
+            let json = serde_json::to_string(forecast).expect("forecasts serialise");
+            records.push((&self.forecasts_topic, &forecast.channel, json));
+        }
+        let mut deliveries = FuturesUnordered::new();
+        for (topic, key, payload) in &records {
+            let record = FutureRecord::to(topic).key(*key).payload(payload.as_str());
+            // Waits for room in the producer queue instead of failing on QueueFull.
+            deliveries.push(self.producer.send(record, Duration::from_secs(60)));
+        }
+        while let Some(delivery) = deliveries.next().await {
+            delivery.map_err(|(err, _)| err)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a bad record, unchanged, to the dead-letter topic with its reason.
+    pub async fn dead_letter(
+        &self,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        rejection: &Rejection,
+        source: &str,
+    ) -> Result<(), KafkaError> {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "satwatch-error",
+                value: Some(rejection.reason.code()),
+            })
+            .insert(Header {
+                key: "satwatch-detail",
+                value: Some(rejection.detail.as_str()),
+            })
+            .insert(Header {
+                key: "satwatch-source",
+                value: Some(source),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dlq_topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Duration::from_secs(60))
+            .await
+            .map(|_| ())
+            .map_err(|(err, _)| err)
+    }
+}

@@ -1,0 +1,266 @@
+//! PostgreSQL: schema migrations at start, and batched, idempotent writes.
+//!
+//! A write batch is one transaction: rows are COPYed (binary) into
+//! transaction-local staging tables and moved with `ON CONFLICT DO NOTHING`,
+//! so a batch written twice (after a crash or a rebalance) leaves one row per
+//! sample. Event rows are upserted by `event_id` and never go from `closed`
+//! back to `open`.
+
+use std::time::Instant;
+
+use futures::pin_mut;
+use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type, Client, NoTls};
+
+use crate::engine::Outputs;
+
+/// Ordered migrations; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE IF NOT EXISTS scores (
+    channel text NOT NULL,
+    seq bigint NOT NULL,
+    ts timestamptz NOT NULL,
+    score real NOT NULL,
+    threshold real NOT NULL,
+    anomalous boolean NOT NULL,
+    model_version int NOT NULL,
+    PRIMARY KEY (channel, seq)
+);
+CREATE TABLE IF NOT EXISTS forecasts (
+    channel text NOT NULL,
+    seq bigint NOT NULL,
+    horizon real[] NOT NULL,
+    model_version int NOT NULL,
+    PRIMARY KEY (channel, seq)
+);
+CREATE TABLE IF NOT EXISTS anomaly_events (
+    event_id text PRIMARY KEY,
+    channel text NOT NULL,
+    subsystem text NOT NULL,
+    state text NOT NULL CHECK (state IN ('open', 'closed')),
+    start_seq bigint NOT NULL,
+    end_seq bigint,
+    start_ts timestamptz NOT NULL,
+    end_ts timestamptz,
+    peak_score real NOT NULL,
+    threshold real NOT NULL,
+    model text NOT NULL,
+    model_version int NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS anomaly_events_channel_start ON anomaly_events (channel, start_seq);
+"#];
+
+/// Serialises concurrent migrations from instances starting together.
+const MIGRATION_LOCK: i64 = 0x5a7_3a7c;
+
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL: {0}")]
+pub struct PgError(String);
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        // tokio-postgres's Display hides the server's message behind "db error".
+        match err.as_db_error() {
+            Some(db) => PgError(format!("{}: {}", db.code().code(), db.message())),
+            None => PgError(err.to_string()),
+        }
+    }
+}
+
+/// Connects; the connection's driver runs on its own task.
+pub async fn connect(url: &str) -> Result<Client, PgError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates or migrates the schema to the current version.
+pub async fn migrate(client: &mut Client) -> Result<u32, PgError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS satwatch_migrations (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM satwatch_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO satwatch_migrations (version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(MIGRATIONS.len() as u32)
+}
+
+/// Writes output batches over one connection, reconnecting after failures.
+pub struct PgWriter {
+    url: String,
+    client: Option<Client>,
+}
+
+impl PgWriter {
+    pub fn new(url: String) -> Self {
+        Self { url, client: None }
+    }
+
+    /// Whether the server answers now.
+    pub async fn ping(&mut self) -> Result<(), PgError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, PgError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let client = connect(&self.url).await?;
+            client
+                .batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS scores_stage (LIKE scores) ON COMMIT DELETE ROWS;
+                     CREATE TEMP TABLE IF NOT EXISTS forecasts_stage (LIKE forecasts) ON COMMIT DELETE ROWS;",
+                )
+                .await?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Writes one batch in one transaction. On error the connection is dropped
+    /// so the next attempt starts clean.
+    pub async fn write(&mut self, outputs: &Outputs) -> Result<std::time::Duration, PgError> {
+        let started = Instant::now();
+        let result = self.write_once(outputs).await;
+        if result.is_err() {
+            self.client = None;
+        }
+        result.map(|()| started.elapsed())
+    }
+
+    async fn write_once(&mut self, outputs: &Outputs) -> Result<(), PgError> {
+        if outputs.scores.is_empty() && outputs.forecasts.is_empty() && outputs.events.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !outputs.scores.is_empty() {
+            let sink = tx
+                .copy_in("COPY scores_stage (channel, seq, ts, score, threshold, anomalous, model_version) FROM STDIN BINARY")
+                .await?;
+            let writer = BinaryCopyInWriter::new(
+                sink,
+                &[
+                    Type::TEXT,
+                    Type::INT8,
+                    Type::TIMESTAMPTZ,
+                    Type::FLOAT4,
+                    Type::FLOAT4,
+                    Type::BOOL,
+                    Type::INT4,
+                ],
+            );
+            pin_mut!(writer);
+            for row in &outputs.scores {
+                let seq = row.seq as i64;
+                let version = row.model_version as i32;
+                writer
+                    .as_mut()
+                    .write(&[
+                        &&*row.channel,
+                        &seq,
+                        &row.ts,
+                        &row.score,
+                        &row.threshold,
+                        &row.anomalous,
+                        &version,
+                    ])
+                    .await?;
+            }
+            writer.finish().await?;
+            tx.execute(
+                "INSERT INTO scores (channel, seq, ts, score, threshold, anomalous, model_version)
+                 SELECT channel, seq, ts, score, threshold, anomalous, model_version FROM scores_stage
+                 ON CONFLICT (channel, seq) DO NOTHING",
+                &[],
+            )
+            .await?;
+        }
+        if !outputs.forecasts.is_empty() {
+            let sink = tx
+                .copy_in(
+                    "COPY forecasts_stage (channel, seq, horizon, model_version) FROM STDIN BINARY",
+                )
+                .await?;
+            let writer = BinaryCopyInWriter::new(
+                sink,
+                &[Type::TEXT, Type::INT8, Type::FLOAT4_ARRAY, Type::INT4],
+            );
+            pin_mut!(writer);
+            for row in &outputs.forecasts {
+                let seq = row.seq as i64;
+                let version = row.model_version as i32;
+                writer
+                    .as_mut()
+                    .write(&[&&*row.channel, &seq, &row.horizon, &version])
+                    .await?;
+            }
+            writer.finish().await?;
+            tx.execute(
+                "INSERT INTO forecasts (channel, seq, horizon, model_version)
+                 SELECT channel, seq, horizon, model_version FROM forecasts_stage
+                 ON CONFLICT (channel, seq) DO NOTHING",
+                &[],
+            )
+            .await?;
+        }
+        if !outputs.events.is_empty() {
+            let upsert = tx
+                .prepare(
+                    "INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
+                         end_ts, peak_score, threshold, model, model_version, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+                     ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
+                         end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
+                     WHERE anomaly_events.state = 'open'",
+                )
+                .await?;
+            for e in &outputs.events {
+                let start_seq = e.start_seq as i64;
+                let end_seq = e.end_seq.map(|s| s as i64);
+                let version = e.model_version as i32;
+                tx.execute(
+                    &upsert,
+                    &[
+                        &e.event_id,
+                        &&*e.channel,
+                        &&*e.subsystem,
+                        &e.state.as_str(),
+                        &start_seq,
+                        &end_seq,
+                        &e.start_ts,
+                        &e.end_ts,
+                        &e.peak_score,
+                        &e.threshold,
+                        &&*e.model,
+                        &version,
+                    ],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,380 @@
+//! Telemetry samples: the wire shape (CONTRACT "Telemetry sample") and its
+//! validation into a [`Sample`] the engine can trust.
+//!
+//! Every way a record can be bad has a stable reason code, which becomes the
+//! `satwatch-error` header of its dead letter.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+/// Where a consumed record came from, so its offset can be committed once
+/// everything it caused is durable. `partition` indexes the source's table of
+/// (topic, partition) pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub partition: u32,
+    pub offset: i64,
+}
+
+/// A validated telemetry sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Index into the pipeline's channel list.
+    pub channel: u32,
+    pub seq: u64,
+    pub ts: DateTime<Utc>,
+    pub values: Vec<f32>,
+    pub origin: Option<Origin>,
+}
+
+/// Why a record was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    EmptyRecord,
+    TooLarge,
+    InvalidUtf8,
+    MalformedJson,
+    MissingField,
+    WrongType,
+    InvalidSeq,
+    InvalidTimestamp,
+    UnknownChannel,
+    WrongTopic,
+    WrongArity,
+    NonFinite,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::EmptyRecord,
+        Reason::TooLarge,
+        Reason::InvalidUtf8,
+        Reason::MalformedJson,
+        Reason::MissingField,
+        Reason::WrongType,
+        Reason::InvalidSeq,
+        Reason::InvalidTimestamp,
+        Reason::UnknownChannel,
+        Reason::WrongTopic,
+        Reason::WrongArity,
+        Reason::NonFinite,
+    ];
+
+    /// The stable code written to the `satwatch-error` header.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::EmptyRecord => "empty_record",
+            Reason::TooLarge => "too_large",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::MalformedJson => "malformed_json",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::InvalidSeq => "invalid_seq",
+            Reason::InvalidTimestamp => "invalid_timestamp",
+            Reason::UnknownChannel => "unknown_channel",
+            Reason::WrongTopic => "wrong_topic",
+            Reason::WrongArity => "wrong_arity",
+            Reason::NonFinite => "non_finite",
+        }
+    }
+}
+
+/// A record that cannot become a sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    /// A human sentence for the `satwatch-detail` header.
+    pub detail: String,
+}
+
+fn reject(reason: Reason, detail: impl Into<String>) -> Rejection {
+    Rejection {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+#[derive(Deserialize)]
+struct WireSample {
+    channel: Option<String>,
+    seq: Option<i64>,
+    ts: Option<String>,
+    values: Option<Vec<f64>>,
+}
+
+/// What a decoder needs to know about one channel.
+#[derive(Debug, Clone)]
+pub struct ChannelShape {
+    pub index: u32,
+    pub topic: String,
+    pub features: usize,
+}
+
+/// Decodes and validates telemetry records against the configured channels.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    channels: HashMap<String, ChannelShape>,
+    max_record_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(channels: HashMap<String, ChannelShape>, max_record_bytes: usize) -> Self {
+        Self {
+            channels,
+            max_record_bytes,
+        }
+    }
+
+    /// Decodes one record's value. `topic` is where it was read (None skips the
+    /// topic check, for in-process sources); `fallback_ts` stands in for a
+    /// missing `ts` (the Kafka record's timestamp).
+    pub fn decode(
+        &self,
+        payload: Option<&[u8]>,
+        topic: Option<&str>,
+        fallback_ts: DateTime<Utc>,
+    ) -> Result<Sample, Rejection> {
+        let bytes = payload.unwrap_or_default();
+        if bytes.is_empty() {
+            return Err(reject(Reason::EmptyRecord, "the record has no value"));
+        }
+        if bytes.len() > self.max_record_bytes {
+            return Err(reject(
+                Reason::TooLarge,
+                format!(
+                    "the record is {} bytes; the limit is {}",
+                    bytes.len(),
+                    self.max_record_bytes
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|err| {
+            reject(
+                Reason::InvalidUtf8,
+                format!("the record is not UTF-8 ({err})"),
+            )
+        })?;
+        let wire: WireSample =
+            serde_json::from_str(text).map_err(|err| classify_json_error(text, &err))?;
+
+        let channel = wire
+            .channel
+            .ok_or_else(|| reject(Reason::MissingField, "field `channel` is missing"))?;
+        let seq = wire
+            .seq
+            .ok_or_else(|| reject(Reason::MissingField, "field `seq` is missing"))?;
+        let values = wire
+            .values
+            .ok_or_else(|| reject(Reason::MissingField, "field `values` is missing"))?;
+        let shape = self.channels.get(&channel).ok_or_else(|| {
+            reject(
+                Reason::UnknownChannel,
+                format!("channel \"{}\" is not configured", truncate(&channel)),
+            )
+        })?;
+        if let Some(topic) = topic {
+            if topic != shape.topic {
+                return Err(reject(
+                    Reason::WrongTopic,
+                    format!(
+                        "channel \"{channel}\" belongs on {}, not {topic}",
+                        shape.topic
+                    ),
+                ));
+            }
+        }
+        let seq = u64::try_from(seq)
+            .map_err(|_| reject(Reason::InvalidSeq, format!("seq {seq} is negative")))?;
+        if values.len() != shape.features {
+            return Err(reject(
+                Reason::WrongArity,
+                format!(
+                    "channel \"{channel}\" takes {} values, the record has {}",
+                    shape.features,
+                    values.len()
+                ),
+            ));
+        }
+        let mut floats = Vec::with_capacity(values.len());
+        for (i, v) in values.iter().enumerate() {
+            let f = *v as f32;
+            if !f.is_finite() {
+                return Err(reject(
+                    Reason::NonFinite,
+                    format!("values[{i}] = {v} is not a finite f32"),
+                ));
+            }
+            floats.push(f);
+        }
+        let ts = match wire.ts {
+            None => fallback_ts,
+            Some(ts) => DateTime::parse_from_rfc3339(&ts)
+                .map_err(|err| {
+                    reject(
+                        Reason::InvalidTimestamp,
+                        format!("ts \"{}\" is not RFC 3339 ({err})", truncate(&ts)),
+                    )
+                })?
+                .with_timezone(&Utc),
+        };
+        Ok(Sample {
+            channel: shape.index,
+            seq,
+            ts,
+            values: floats,
+            origin: None,
+        })
+    }
+}
+
+/// serde_json refuses `NaN`/`Infinity` as syntax; report them as what they are.
+fn classify_json_error(text: &str, err: &serde_json::Error) -> Rejection {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Data => reject(Reason::WrongType, err.to_string()),
+        _ if text.contains("NaN") || text.contains("Infinity") => reject(
+            Reason::NonFinite,
+            format!("values must be finite numbers ({err})"),
+        ),
+        _ if err.to_string().contains("number out of range") => reject(
+            Reason::NonFinite,
+            format!("a number is out of range ({err})"),
+        ),
+        _ => reject(Reason::MalformedJson, err.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The JSON a producer writes for one sample (used by `satwatch replay`).
+pub fn encode(channel: &str, seq: u64, ts: &DateTime<Utc>, values: &[f32]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(64 + values.len() * 8);
+    // Channel ids come from the pipeline file; serde_json escapes them properly.
+    let channel = serde_json::to_string(channel).expect("a string serialises");
+    let _ = write!(
+        out,
+        "{{\"channel\":{channel},\"seq\":{seq},\"ts\":\"{}\",\"values\":[",
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    );
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Shortest representation that round-trips to the same f32.
+        let _ = write!(out, "{v}");
+    }
+    out.push_str("]}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder() -> Decoder {
+        let mut channels = HashMap::new();
+        channels.insert(
+            "A-1".to_string(),
+            ChannelShape {
+                index: 7,
+                topic: "telemetry.acs".into(),
+                features: 3,
+            },
+        );
+        Decoder::new(channels, 1024)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Sample, Rejection> {
+        decoder().decode(Some(payload), Some("telemetry.acs"), DateTime::UNIX_EPOCH)
+    }
+
+    fn reason(payload: &[u8]) -> &'static str {
+        decode(payload).unwrap_err().reason.code()
+    }
+
+    #[test]
+    fn good_record_round_trips_through_encode() {
+        let ts = DateTime::parse_from_rfc3339("2026-11-22T01:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let text = encode("A-1", 4690, &ts, &[0.98, 0.0, 1.0]);
+        let sample = decode(text.as_bytes()).unwrap();
+        assert_eq!(
+            sample,
+            Sample {
+                channel: 7,
+                seq: 4690,
+                ts,
+                values: vec![0.98, 0.0, 1.0],
+                origin: None
+            }
+        );
+    }
+
+    #[test]
+    fn missing_ts_takes_the_fallback() {
+        let sample = decode(br#"{"channel":"A-1","seq":1,"values":[1,2,3]}"#).unwrap();
+        assert_eq!(sample.ts, DateTime::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn every_kind_of_bad_record_gets_its_reason() {
+        assert_eq!(reason(b""), "empty_record");
+        assert_eq!(reason(&vec![b' '; 2000]), "too_large");
+        assert_eq!(reason(b"{\"channel\":\"A-1\xff\"}"), "invalid_utf8");
+        assert_eq!(reason(b"{\"channel\":"), "malformed_json");
+        assert_eq!(
+            reason(br#"{"channel":"A-1","values":[1,2,3]}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":"x","values":[1,2,3]}"#),
+            "wrong_type"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":-1,"values":[1,2,3]}"#),
+            "invalid_seq"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"ts":"yesterday","values":[1,2,3]}"#),
+            "invalid_timestamp"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"Z-9","seq":1,"values":[1,2,3]}"#),
+            "unknown_channel"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,2]}"#),
+            "wrong_arity"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,NaN,3]}"#),
+            "non_finite"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,1e39,3]}"#),
+            "non_finite"
+        );
+        assert_eq!(reason(br#"[1,2]"#), "wrong_type");
+    }
+
+    #[test]
+    fn wrong_topic_is_refused() {
+        let err = decoder()
+            .decode(
+                Some(br#"{"channel":"A-1","seq":1,"values":[1,2,3]}"#),
+                Some("telemetry.eps"),
+                DateTime::UNIX_EPOCH,
+            )
+            .unwrap_err();
+        assert_eq!(err.reason, Reason::WrongTopic);
+    }
+}
