@@ -128,7 +128,7 @@ mod tests {
         let normalised = normalise_lists(text);
         assert_eq!(
             normalised,
-            "input: [\n  { name: \"a [b\" }\n]\ndims: [ 1 ]\n# x [\n"
+            "input : [\n  { name: \"a [b\" }\n]\ndims: [ 1 ]\n# x [\n"
         );
     }
 
