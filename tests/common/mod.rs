@@ -1,0 +1,548 @@
+//! Real services for integration tests: a tansu Kafka-protocol broker and a
+//! PostgreSQL server on free loopback ports, the satwatch binary as a child
+//! process, and helpers that wait on conditions with deadlines.
+//!
+//! Each test gets its own broker and database, so tests run in parallel and
+//! faults injected in one (stopping PostgreSQL, killing satwatch) stay there.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+
+pub const SMAP_PIPELINE: &str = "pipelines/smap.toml";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn satwatch_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_satwatch"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("loopback has free ports")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` at the deadline.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var("SATWATCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/satwatch")
+        })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// A tansu broker with sqlite storage in a temporary directory.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut broker = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        broker.resume();
+        broker
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and storage.
+    pub fn resume(&mut self) {
+        let bin = std::env::var("SATWATCH_TANSU_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| cache_dir().join("tansu/bin/tansu"));
+        assert!(
+            bin.is_file(),
+            "tansu not found at {}: run scripts/setup.sh",
+            bin.display()
+        );
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
+        // The sqlite path is relative to the working directory (tansu 0.6 mangles absolute ones).
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--cluster-id",
+                "satwatch-test",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        let addr = self.addr();
+        wait_for(
+            "tansu to accept connections",
+            Duration::from_secs(30),
+            || TcpStream::connect(&addr).ok(),
+        );
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A throwaway PostgreSQL 15 server with a `satwatch` database.
+pub struct Postgres {
+    pub port: u16,
+    data: PathBuf,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+    running: bool,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bin = std::env::var("SATWATCH_PG_BINDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        assert!(
+            bin.join("initdb").is_file(),
+            "PostgreSQL not found in {}: run scripts/setup.sh",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        if is_root() {
+            // initdb refuses root; the server runs as postgres and must own its files.
+            for path in [dir.path(), data.as_path()] {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(path)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown {} to postgres", path.display());
+            }
+        }
+        let mut pg = Self {
+            port: free_port(),
+            data,
+            bin,
+            _dir: dir,
+            running: false,
+        };
+        let status = pg
+            .as_postgres(&pg.bin.join("initdb"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
+            .arg(&pg.data)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        pg.resume();
+        let status = Command::new(pg.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "satwatch",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "createdb failed");
+        pg
+    }
+
+    fn as_postgres(&self, program: &Path) -> Command {
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/satwatch", self.port)
+    }
+
+    pub fn resume(&mut self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        let status = self
+            .as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-l"])
+            .arg(self.data.join("server.log"))
+            .args(["-w", "-o", &options, "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl start failed");
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = self
+                .as_postgres(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "stop"])
+                .stdout(Stdio::null())
+                .status();
+            self.running = false;
+        }
+    }
+
+    /// A synchronous query helper: runs `sql` through tokio-postgres on a
+    /// throwaway runtime and returns the rows.
+    pub fn query(&self, sql: &str) -> Vec<tokio_postgres::Row> {
+        let url = self.url();
+        let sql = sql.to_owned();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (client, connection) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client.query(&sql, &[]).await
+            })
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|err| panic!("query failed: {err:?}"))
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.query(sql)[0].get(0)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `satwatch run` child process.
+pub struct Satwatch {
+    child: Child,
+    pub http: String,
+    pub log: PathBuf,
+}
+
+impl Satwatch {
+    /// Starts `satwatch run` on the SMAP pipeline pointed at `broker` and `pg`,
+    /// and waits until it reports ready.
+    pub fn start(
+        broker: &Broker,
+        pg: &Postgres,
+        log_dir: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let http = format!("127.0.0.1:{}", free_port());
+        let log = log_dir.join(format!("satwatch-{}.log", free_port()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(satwatch_bin());
+        command
+            .args(["run", "--pipeline", SMAP_PIPELINE])
+            .current_dir(repo_root())
+            .env("SATWATCH_BROKERS", broker.addr())
+            .env("DATABASE_URL", pg.url())
+            .env("SATWATCH_HTTP_ADDR", &http)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("satwatch starts");
+        let mut satwatch = Self { child, http, log };
+        wait_for("satwatch to be ready", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = satwatch.child.try_wait() {
+                panic!(
+                    "satwatch exited early with {status}: {}",
+                    satwatch.log_text()
+                );
+            }
+            satwatch
+                .get("/v2/health/ready")
+                .filter(|(status, _)| *status == 200)
+        });
+        satwatch
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.1 GET; `None` if nothing answers.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.http, path)
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(mut self, deadline: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = wait_for("satwatch to exit after SIGTERM", deadline, || {
+            self.child.try_wait().unwrap()
+        });
+        std::mem::forget(self); // Already exited; nothing to kill on drop.
+        status
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Satwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Runs a satwatch subcommand to completion, asserting success; returns stdout.
+pub fn satwatch(args: &[&str], broker: &Broker) -> String {
+    let output = Command::new(satwatch_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .env("SATWATCH_BROKERS", broker.addr())
+        .output()
+        .expect("satwatch runs");
+    assert!(
+        output.status.success(),
+        "satwatch {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads every record of `topic` up to its current end.
+pub fn read_topic(broker: &Broker, topic: &str) -> Vec<Record> {
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", format!("reader-{}", free_port()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut ends = Vec::new();
+    let mut assignment = TopicPartitionList::new();
+    for &p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        if high > low {
+            assignment
+                .add_partition_offset(topic, p, Offset::Offset(low))
+                .unwrap();
+            ends.push((p, high));
+        }
+    }
+    let mut records = Vec::new();
+    if ends.is_empty() {
+        return records;
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut remaining = ends.clone();
+    while !remaining.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out reading {topic}: still waiting on {remaining:?}"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.unwrap();
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(Record {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+        remaining.retain(|(p, end)| !(*p == message.partition() && message.offset() + 1 >= *end));
+    }
+    records
+}
+
+/// Publishes one raw record.
+pub fn produce(broker: &Broker, topic: &str, key: &[u8], payload: &[u8]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .create()
+        .unwrap();
+    producer
+        .send(BaseRecord::to(topic).key(key).payload(payload))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// (topic, partition, committed offset, high watermark) for every partition of `topics`.
+pub fn committed_vs_end(
+    broker: &Broker,
+    group: &str,
+    topics: &[&str],
+) -> Vec<(String, i32, i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        for p in metadata.topics()[0].partitions() {
+            list.add_partition(topic, p.id());
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            ends.push(((*topic).to_owned(), p.id(), high));
+        }
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    ends.into_iter()
+        .map(|(topic, partition, high)| {
+            let offset = match committed
+                .find_partition(&topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            };
+            (topic, partition, offset, high)
+        })
+        .collect()
+}
