@@ -140,6 +140,9 @@ fi
 # ------------------------------------------------------------ 3. services
 
 phase "services (fresh broker on 127.0.0.1:$KAFKA_PORT and PostgreSQL on 127.0.0.1:$PG_PORT; state $STATE)"
+if tcp_open "${HTTP_ADDR%:*}" "${HTTP_ADDR##*:}"; then
+    die "$HTTP_ADDR is already in use by another process: set SATWATCH_DEMO_HTTP_ADDR"
+fi
 scripts/services.sh down
 if [[ -d $STATE ]]; then
     # Only ever remove a directory that looks like services.sh state.
@@ -152,9 +155,6 @@ if [[ -d $STATE ]]; then
     done
     rm -rf "$STATE"
     log "removed the previous demo state ($STATE)"
-fi
-if tcp_open "${HTTP_ADDR%:*}" "${HTTP_ADDR##*:}"; then
-    die "$HTTP_ADDR is already in use by another process: set SATWATCH_DEMO_HTTP_ADDR"
 fi
 scripts/services.sh up
 services_env=$(scripts/services.sh env)
@@ -260,7 +260,7 @@ while :; do
     fi
     if ((SECONDS >= end)); then
         satwatch_log_tail
-        die "after ${SCORE_TIMEOUT}s 'scores' holds $scored rows, expected $expected (log: $SATWATCH_LOG)"
+        die "after ${SCORE_TIMEOUT}s 'scores' holds $scored rows (last poll: $last); expected $expected and no change between polls (log: $SATWATCH_LOG)"
     fi
     last=$scored
     sleep 2

@@ -430,3 +430,129 @@ fn event_record(
         model_version: version,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+    use super::*;
+    use crate::repository::{BatchPolicy, DeviceKind, ErrorCalibration, Normalisation};
+
+    fn spec() -> Arc<ModelSpec> {
+        Arc::new(ModelSpec {
+            name: "m".into(),
+            version: 3,
+            config_path: PathBuf::from("m/config.pbtxt"),
+            model_path: PathBuf::from("m/3/model.onnx"),
+            device: DeviceKind::Cpu,
+            instance_count: 1,
+            batching: BatchPolicy {
+                max_batch_size: 4,
+                preferred_batch_sizes: vec![2],
+                max_queue_delay: Duration::ZERO,
+            },
+            input_name: "window".into(),
+            output_name: "forecast".into(),
+            window: 2,
+            features: 1,
+            horizon: 1,
+            target_feature: 0,
+            normalisation: Normalisation {
+                center: vec![0.0],
+                scale: vec![1.0],
+            },
+            calibration: ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+            input_dims_line: None,
+            parameters: BTreeMap::new(),
+        })
+    }
+
+    fn engine() -> Engine {
+        let channel = ChannelConfig {
+            id: "X-1".into(),
+            subsystem: "xs".into(),
+            topic: "telemetry.xs".into(),
+            model: "m".into(),
+        };
+        let detect = DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 5.0,
+            min_event_gap: 1,
+        };
+        Engine::new(&[channel], &[spec()], detect).unwrap()
+    }
+
+    fn sample(seq: u64, value: f32) -> Sample {
+        Sample {
+            channel: 0,
+            seq,
+            ts: DateTime::UNIX_EPOCH,
+            values: vec![value],
+            origin: Some(Origin {
+                partition: 0,
+                offset: seq as i64,
+            }),
+        }
+    }
+
+    #[test]
+    fn samples_flow_from_window_to_scores_forecasts_events_and_acks() {
+        let mut engine = engine();
+        let now = Instant::now();
+        assert_eq!(engine.admit(&sample(0, 1.0), now), Admission::WarmUp);
+        assert_eq!(engine.admit(&sample(1, 1.0), now), Admission::Queued);
+        assert_eq!(engine.admit(&sample(1, 1.0), now), Admission::Duplicate);
+        assert_eq!(engine.admit(&sample(2, 9.0), now), Admission::Queued);
+
+        let batch = engine.next_batch(now).expect("preferred size 2 is reached");
+        assert_eq!(
+            batch.inputs,
+            vec![1.0, 1.0, 1.0, 9.0],
+            "two windows of two samples"
+        );
+        assert!(
+            engine.next_batch(now).is_none(),
+            "one batch per model in flight"
+        );
+        engine.admit(&sample(3, 1.0), now);
+        assert!(engine.next_batch(now).is_none(), "still in flight");
+
+        // The model forecasts "the last value" for both windows.
+        let mut out = Outputs::default();
+        engine.complete(batch, &[1.0, 9.0], &mut out);
+        assert_eq!(out.forecasts.len(), 2);
+        assert_eq!(
+            out.scores.len(),
+            1,
+            "the first full window has no earlier forecast"
+        );
+        assert_eq!(
+            (
+                out.scores[0].seq,
+                out.scores[0].score,
+                out.scores[0].anomalous
+            ),
+            (2, 8.0, true)
+        );
+        assert_eq!(out.scores[0].model_version, 3);
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0].event_id, "X-1:2");
+        assert_eq!(out.done.len(), 2);
+
+        // Seq 3 waits for its deadline (zero) once the model is free again.
+        let batch = engine.next_batch(now).expect("deadline passed");
+        let mut out = Outputs::default();
+        engine.complete(batch, &[1.0], &mut out);
+        assert_eq!(
+            (out.scores[0].seq, out.scores[0].anomalous),
+            (3, true),
+            "|1 - 9| is still anomalous"
+        );
+        assert!(engine.is_idle());
+        assert_eq!(engine.counters().duplicates, 1);
+        assert_eq!(engine.open_events(), 1);
+    }
+}

@@ -18,7 +18,8 @@
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`replay`] and [`topics`] are the tools around it;
+//! the service together; [`replay`], [`eval`] and [`topics`] are the tools
+//! around it;
 //! [`http`], [`metrics`] and [`health`] are what operators look at.
 
 pub mod backend;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod dataset;
 pub mod detect;
 pub mod engine;
+pub mod eval;
 pub mod health;
 pub mod http;
 pub mod metrics;

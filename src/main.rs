@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use satwatch::{config::Pipeline, replay, run, topics};
+use std::sync::Arc;
+
+use satwatch::{backend::onnx::OnnxBackend, config::Pipeline, eval, replay, run, topics};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +66,28 @@ enum Command {
         /// First row of each channel to publish.
         #[arg(long, default_value_t = 0)]
         start: usize,
+    },
+    /// Run the streaming detection offline over a labelled split (no Kafka, no
+    /// PostgreSQL) and score it against labeled_anomalies.csv: event-level
+    /// (telemanom's rules) and point-wise precision, recall and F1, and
+    /// detection delays, per channel and in total.
+    Eval {
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Directory holding <split>/<channel>.npy and labeled_anomalies.csv.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+        split: String,
+        /// Comma-separated channel ids, or `all`.
+        #[arg(long, default_value = "all")]
+        channels: String,
+        /// Also write a markdown summary and one PNG per channel into this directory.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print the figures as one JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
     /// forecasts and the dead-letter topic.
@@ -135,6 +159,38 @@ async fn execute(command: Command) -> Result<(), String> {
             );
             if report.failed > 0 {
                 return Err(format!("{} samples could not be published", report.failed));
+            }
+            Ok(())
+        }
+        Command::Eval {
+            pipeline,
+            data,
+            split,
+            channels,
+            report,
+            json,
+        } => {
+            let mut pipeline = load_pipeline(&pipeline)?;
+            pipeline.select_channels(&channels)?;
+            let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
+            let backend = Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| e.to_string())?);
+            let show_progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let (evaluation, traces) =
+                eval::evaluate(&pipeline, &specs, backend, &data, &split, show_progress).await?;
+            let table = eval::table(&evaluation);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&evaluation).expect("figures serialise")
+                );
+            } else {
+                print!("{table}");
+            }
+            if let Some(dir) = report {
+                let summary = format!("# satwatch eval\n\n{table}");
+                eval::report::write_report(&dir, &summary, &traces)
+                    .map_err(|e| format!("cannot write the report to {}: {e}", dir.display()))?;
+                eprintln!("report written to {}", dir.join("README.md").display());
             }
             Ok(())
         }

@@ -1,0 +1,398 @@
+//! `satwatch eval`: the streaming detection run offline over a labelled split.
+//!
+//! Samples from the `.npy` files go through the very code `satwatch run`
+//! uses from the window on (engine, batcher, backend pool, detector); only
+//! Kafka and PostgreSQL are replaced by in-process channels. Detected events
+//! are then scored against `labeled_anomalies.csv`.
+
+pub mod metrics;
+pub mod report;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::{
+    backend::{Backend, BackendPool},
+    config::Pipeline,
+    dataset::{self, Labels},
+    engine::{Engine, EventState, Outputs},
+    metrics::Metrics,
+    processor::{self, ChannelLabels},
+    repository::ModelSpec,
+    telemetry::Sample,
+};
+use metrics::{Counts, Scores};
+pub use report::ChannelTrace;
+
+/// One channel's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelFigures {
+    pub channel: String,
+    pub rows: u64,
+    pub labelled_ranges: usize,
+    pub detected_events: usize,
+    pub events: Counts,
+    pub event_scores: Scores,
+    pub points: Counts,
+    pub point_scores: Scores,
+    pub points_adjusted: Counts,
+    pub point_adjusted_scores: Scores,
+    /// Samples from each detected labelled range's start to its first alarm.
+    pub delays: Vec<u64>,
+}
+
+/// Totals over the channels: counts summed, then scores computed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub channels: usize,
+    pub samples: u64,
+    pub labelled_ranges: usize,
+    pub detected_events: usize,
+    pub events: Counts,
+    pub event_scores: Scores,
+    pub points: Counts,
+    pub point_scores: Scores,
+    pub points_adjusted: Counts,
+    pub point_adjusted_scores: Scores,
+    pub mean_delay: Option<f64>,
+    pub median_delay: Option<u64>,
+    pub elapsed_s: f64,
+    pub samples_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub split: String,
+    pub totals: Totals,
+    pub channels: Vec<ChannelFigures>,
+}
+
+/// What the offline run produced for one channel.
+struct ChannelRun {
+    values: Vec<f32>,
+    forecast: Vec<Option<f32>>,
+    score: Vec<Option<f32>>,
+    threshold: Vec<Option<f32>>,
+    /// Detected events `[start, end]`; an event still open at the end of the
+    /// data ends at the last row.
+    events: Vec<(u64, u64)>,
+    open_since: Option<u64>,
+}
+
+/// Runs detection over `split` for the pipeline's channels and scores it.
+pub async fn evaluate(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    backend: Arc<dyn Backend>,
+    data: &Path,
+    split: &str,
+    show_progress: bool,
+) -> Result<(Evaluation, Vec<ChannelTrace>), String> {
+    let labels =
+        dataset::load_labels(&data.join("labeled_anomalies.csv")).map_err(|e| e.to_string())?;
+    let labels: HashMap<&str, &Labels> = labels.iter().map(|l| (l.channel.as_str(), l)).collect();
+    let mut inputs = Vec::with_capacity(pipeline.channels.len());
+    for channel in &pipeline.channels {
+        let features = specs
+            .iter()
+            .find(|s| s.name == channel.model)
+            .map_or(0, |s| s.features);
+        let loaded =
+            dataset::load_channel(data, split, &channel.id, features).map_err(|e| e.to_string())?;
+        if split == "test" && !labels.contains_key(channel.id.as_str()) {
+            return Err(format!(
+                "channel {} has no row in labeled_anomalies.csv",
+                channel.id
+            ));
+        }
+        inputs.push(loaded.values);
+    }
+    let total: u64 = inputs.iter().map(|v| v.nrows() as u64).sum();
+
+    let started = Instant::now();
+    let runs = detect(pipeline, specs, backend, &inputs, total, show_progress).await?;
+    let elapsed = started.elapsed();
+
+    let mut figures = Vec::with_capacity(runs.len());
+    let mut traces = Vec::with_capacity(runs.len());
+    for (channel, run) in pipeline.channels.iter().zip(runs) {
+        let rows = run.values.len() as u64;
+        let ranges = match (split, labels.get(channel.id.as_str())) {
+            ("test", Some(l)) => l.ranges.clone(),
+            _ => Vec::new(), // The train split holds no labelled anomalies.
+        };
+        figures.push(channel_figures(&channel.id, rows, &ranges, &run.events));
+        traces.push(ChannelTrace {
+            channel: channel.id.clone(),
+            values: run.values,
+            forecast: run.forecast,
+            score: run.score,
+            threshold: run.threshold,
+            labels: ranges,
+            events: run.events,
+        });
+    }
+    let totals = totals(&figures, total, elapsed);
+    Ok((
+        Evaluation {
+            split: split.to_owned(),
+            totals,
+            channels: figures,
+        },
+        traces,
+    ))
+}
+
+async fn detect(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    backend: Arc<dyn Backend>,
+    inputs: &[ndarray::Array2<f32>],
+    total: u64,
+    show_progress: bool,
+) -> Result<Vec<ChannelRun>, String> {
+    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    let (samples_tx, samples_rx) = mpsc::channel(4096);
+    let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
+    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+    let pool = BackendPool::start(
+        backend,
+        pipeline.file.engine.backend_threads,
+        completions_tx,
+    );
+    let processor = tokio::spawn(processor::process(
+        engine,
+        pool,
+        completions_rx,
+        samples_rx,
+        outputs_tx,
+        pipeline.file.engine.max_pending_windows,
+        Arc::new(Metrics::new()),
+        ChannelLabels::new(&pipeline.channels),
+    ));
+
+    // Channels interleaved row by row, as live streams arrive.
+    let feed: Vec<ndarray::Array2<f32>> = inputs.to_vec();
+    let feeder = tokio::spawn(async move {
+        let longest = feed.iter().map(|v| v.nrows()).max().unwrap_or(0);
+        for row in 0..longest {
+            for (channel, values) in feed.iter().enumerate() {
+                if row >= values.nrows() {
+                    continue;
+                }
+                let sample = Sample {
+                    channel: channel as u32,
+                    seq: row as u64,
+                    ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
+                    values: values.row(row).to_vec(),
+                    origin: None,
+                };
+                if samples_tx.send(sample).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    let index: HashMap<&str, usize> = pipeline
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect();
+    let mut runs: Vec<ChannelRun> = inputs
+        .iter()
+        .map(|v| {
+            let rows = v.nrows();
+            ChannelRun {
+                values: v.column(0).to_vec(),
+                forecast: vec![None; rows],
+                score: vec![None; rows],
+                threshold: vec![None; rows],
+                events: Vec::new(),
+                open_since: None,
+            }
+        })
+        .collect();
+    let progress = if show_progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{spinner} eval {bar:40} {pos}/{len} samples {per_sec} eta {eta}",
+        )
+        .expect("the template is valid"),
+    );
+    while let Some(out) = outputs_rx.recv().await {
+        progress.inc(out.forecasts.len() as u64);
+        for row in &out.scores {
+            let run = &mut runs[index[&*row.channel]];
+            run.score[row.seq as usize] = Some(row.score);
+            run.threshold[row.seq as usize] = Some(row.threshold);
+        }
+        for forecast in &out.forecasts {
+            let run = &mut runs[index[&*forecast.channel]];
+            if let Some(slot) = run.forecast.get_mut(forecast.seq as usize + 1) {
+                *slot = forecast.horizon.first().copied();
+            }
+        }
+        for event in &out.events {
+            let run = &mut runs[index[&*event.channel]];
+            match event.state {
+                EventState::Open => run.open_since = Some(event.start_seq),
+                EventState::Closed => {
+                    run.open_since = None;
+                    run.events.push((
+                        event.start_seq,
+                        event.end_seq.expect("a closed event has an end"),
+                    ));
+                }
+            }
+        }
+    }
+    progress.finish_and_clear();
+    feeder.await.map_err(|e| format!("feeder task: {e}"))?;
+    processor
+        .await
+        .map_err(|e| format!("processor task: {e}"))?
+        .map_err(|e| e.to_string())?;
+    for run in &mut runs {
+        if let Some(start) = run.open_since.take() {
+            run.events.push((start, run.values.len() as u64 - 1));
+        }
+    }
+    Ok(runs)
+}
+
+fn channel_figures(
+    channel: &str,
+    rows: u64,
+    labels: &[(u64, u64)],
+    events: &[(u64, u64)],
+) -> ChannelFigures {
+    let events_counts = metrics::event_counts(labels, events);
+    let points = metrics::point_counts(labels, events, rows, false);
+    let points_adjusted = metrics::point_counts(labels, events, rows, true);
+    ChannelFigures {
+        channel: channel.to_owned(),
+        rows,
+        labelled_ranges: labels.len(),
+        detected_events: events.len(),
+        events: events_counts,
+        event_scores: events_counts.scores(),
+        points,
+        point_scores: points.scores(),
+        points_adjusted,
+        point_adjusted_scores: points_adjusted.scores(),
+        delays: metrics::detection_delays(labels, events),
+    }
+}
+
+fn totals(figures: &[ChannelFigures], samples: u64, elapsed: Duration) -> Totals {
+    let (mut events, mut points, mut adjusted) =
+        (Counts::default(), Counts::default(), Counts::default());
+    let mut delays: Vec<u64> = Vec::new();
+    for f in figures {
+        events.add(f.events);
+        points.add(f.points);
+        adjusted.add(f.points_adjusted);
+        delays.extend(&f.delays);
+    }
+    delays.sort_unstable();
+    let elapsed_s = elapsed.as_secs_f64();
+    Totals {
+        channels: figures.len(),
+        samples,
+        labelled_ranges: figures.iter().map(|f| f.labelled_ranges).sum(),
+        detected_events: figures.iter().map(|f| f.detected_events).sum(),
+        events,
+        event_scores: events.scores(),
+        points,
+        point_scores: points.scores(),
+        points_adjusted: adjusted,
+        point_adjusted_scores: adjusted.scores(),
+        mean_delay: (!delays.is_empty())
+            .then(|| delays.iter().sum::<u64>() as f64 / delays.len() as f64),
+        median_delay: delays.get(delays.len() / 2).copied(),
+        elapsed_s,
+        samples_per_s: samples as f64 / elapsed_s.max(1e-9),
+    }
+}
+
+fn fmt(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
+}
+
+/// The table `eval` prints (markdown, so the README can quote it verbatim).
+pub fn table(evaluation: &Evaluation) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "| channel | rows | labelled | detected | TP | FP | FN | event P | event R | event F1 | point P | point R | point F1 | point-adjusted F1 | delays |");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for f in &evaluation.channels {
+        let delays: Vec<String> = f.delays.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f.channel,
+            f.rows,
+            f.labelled_ranges,
+            f.detected_events,
+            f.events.tp,
+            f.events.fp,
+            f.events.fn_,
+            fmt(f.event_scores.precision),
+            fmt(f.event_scores.recall),
+            fmt(f.event_scores.f1),
+            fmt(f.point_scores.precision),
+            fmt(f.point_scores.recall),
+            fmt(f.point_scores.f1),
+            fmt(f.point_adjusted_scores.f1),
+            if delays.is_empty() {
+                "-".into()
+            } else {
+                delays.join(", ")
+            }
+        );
+    }
+    let t = &evaluation.totals;
+    let _ = writeln!(
+        out,
+        "| **total** | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** | {} | {} | **{}** | {} | mean {} / median {} |",
+        t.samples,
+        t.labelled_ranges,
+        t.detected_events,
+        t.events.tp,
+        t.events.fp,
+        t.events.fn_,
+        fmt(t.event_scores.precision),
+        fmt(t.event_scores.recall),
+        fmt(t.event_scores.f1),
+        fmt(t.point_scores.precision),
+        fmt(t.point_scores.recall),
+        fmt(t.point_scores.f1),
+        fmt(t.point_adjusted_scores.f1),
+        t.mean_delay.map_or("-".into(), |d| format!("{d:.1}")),
+        t.median_delay.map_or("-".into(), |d| d.to_string()),
+    );
+    let _ = writeln!(
+        out,
+        "\n{} samples from {} channels ({} split) in {:.2} s: {:.0} samples/s through the streaming engine.",
+        t.samples, t.channels, evaluation.split, t.elapsed_s, t.samples_per_s
+    );
+    out
+}

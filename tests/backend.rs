@@ -1,0 +1,94 @@
+//! The ONNX Runtime backend against reference forecasts stored when the
+//! models were trained (tests/fixtures, written by training/train.py).
+
+use std::{path::Path, sync::Arc};
+
+use ndarray::{Array2, Array3};
+use satwatch::{
+    backend::{onnx::OnnxBackend, Backend},
+    repository,
+};
+
+/// Reference forecasts came from onnxruntime in Python; the same library runs here.
+const TOLERANCE: f32 = 1e-5;
+
+#[test]
+fn shipped_models_reproduce_their_reference_forecasts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for channel in ["A-1", "T-1"] {
+        let spec =
+            repository::load_model(&root.join(format!("model_repository/smap_{channel}"))).unwrap();
+        let fixtures = root.join("tests/fixtures");
+        let input: Array3<f32> =
+            ndarray_npy::read_npy(fixtures.join(format!("smap_{channel}_reference_input.npy")))
+                .unwrap();
+        let expected: Array2<f32> =
+            ndarray_npy::read_npy(fixtures.join(format!("smap_{channel}_reference_forecast.npy")))
+                .unwrap();
+        assert_eq!(input.shape(), &[8, spec.window, spec.features]);
+
+        let backend = OnnxBackend::load(&[Arc::new(spec)], 1).unwrap();
+        let rows = input.shape()[0];
+        let got = backend.infer(0, input.as_slice().unwrap(), rows).unwrap();
+        assert_eq!(got.len(), expected.len());
+        for (i, (g, e)) in got.iter().zip(expected.iter()).enumerate() {
+            assert!(
+                (g - e).abs() <= TOLERANCE,
+                "{channel}: forecast[{i}] = {g}, reference {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_model_file_that_disagrees_with_its_config_is_refused_with_the_config_line() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("smap_T-1");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        root.join("model_repository/smap_T-1/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    // The config claims a 32-sample window; the ONNX file takes 64.
+    let config = std::fs::read_to_string(root.join("model_repository/smap_T-1/config.pbtxt"))
+        .unwrap()
+        .replace("dims: [ 64, 25 ]", "dims: [ 32, 25 ]")
+        .replace("string_value: \"64\"", "string_value: \"32\"");
+    std::fs::write(model.join("config.pbtxt"), config).unwrap();
+    let spec = repository::load_model(&model).unwrap();
+    let err = OnnxBackend::load(&[Arc::new(spec.clone())], 1)
+        .err()
+        .expect("the mismatch is refused")
+        .to_string();
+    assert!(err.contains("config.pbtxt:"), "{err}");
+    assert!(
+        err.contains(&format!(":{}:", spec.input_dims_line.unwrap())),
+        "names the dims line: {err}"
+    );
+    assert!(
+        err.contains("[-1, 64, 25]") || err.contains("64, 25"),
+        "says what the file has: {err}"
+    );
+}
+
+#[test]
+fn a_corrupt_model_file_is_refused_with_its_path() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("smap_T-1");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        root.join("model_repository/smap_T-1/config.pbtxt"),
+        model.join("config.pbtxt"),
+    )
+    .unwrap();
+    std::fs::write(model.join("1/model.onnx"), b"not an onnx file").unwrap();
+    let spec = repository::load_model(&model).unwrap();
+    let err = OnnxBackend::load(&[Arc::new(spec)], 1)
+        .err()
+        .expect("a corrupt file is refused")
+        .to_string();
+    assert!(err.contains("model.onnx"), "{err}");
+}

@@ -1,0 +1,95 @@
+//! `satwatch eval --json` on two channels, checked against the label file.
+
+mod common;
+
+use std::process::Command;
+
+use common::{repo_root, satwatch_bin, SMAP_PIPELINE};
+use satwatch::dataset;
+use serde_json::Value;
+
+#[test]
+fn eval_json_agrees_with_the_labels_and_its_own_counts() {
+    let output = Command::new(satwatch_bin())
+        .args([
+            "eval",
+            "--pipeline",
+            SMAP_PIPELINE,
+            "--data",
+            "data/smap",
+            "--channels",
+            "T-3,P-4",
+            "--json",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints one JSON object");
+    let labels =
+        dataset::load_labels(&repo_root().join("data/smap/labeled_anomalies.csv")).unwrap();
+
+    let channels = figures["channels"].as_array().unwrap();
+    assert_eq!(channels.len(), 2);
+    let mut total_ranges = 0;
+    let mut total_tp = 0;
+    for channel in channels {
+        let id = channel["channel"].as_str().unwrap();
+        let truth = labels.iter().find(|l| l.channel == id).unwrap();
+        assert_eq!(
+            channel["rows"].as_u64(),
+            Some(truth.rows),
+            "{id}: every test row was evaluated"
+        );
+        assert_eq!(
+            channel["labelled_ranges"].as_u64(),
+            Some(truth.ranges.len() as u64),
+            "{id}"
+        );
+        let (tp, fp, fn_) = (
+            channel["events"]["tp"].as_u64().unwrap(),
+            channel["events"]["fp"].as_u64().unwrap(),
+            channel["events"]["fn"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            tp + fn_,
+            truth.ranges.len() as u64,
+            "{id}: each labelled range is a TP or a FN"
+        );
+        assert!(fp <= channel["detected_events"].as_u64().unwrap(), "{id}");
+        // Point-wise: true positives plus false negatives are the labelled points.
+        let labelled_points: u64 = truth.ranges.iter().map(|(s, e)| e - s).sum();
+        let points = &channel["points"];
+        assert_eq!(
+            points["tp"].as_u64().unwrap() + points["fn"].as_u64().unwrap(),
+            labelled_points,
+            "{id}"
+        );
+        // Point adjustment never loses a true positive.
+        assert!(
+            channel["points_adjusted"]["tp"].as_u64() >= points["tp"].as_u64(),
+            "{id}"
+        );
+        assert_eq!(
+            channel["delays"].as_array().unwrap().len() as u64,
+            tp,
+            "{id}: one delay per detected range"
+        );
+        total_ranges += truth.ranges.len() as u64;
+        total_tp += tp;
+    }
+    let totals = &figures["totals"];
+    assert_eq!(totals["labelled_ranges"].as_u64(), Some(total_ranges));
+    assert_eq!(totals["events"]["tp"].as_u64(), Some(total_tp));
+    let samples: u64 = labels
+        .iter()
+        .filter(|l| l.channel == "T-3" || l.channel == "P-4")
+        .map(|l| l.rows)
+        .sum();
+    assert_eq!(totals["samples"].as_u64(), Some(samples));
+}
