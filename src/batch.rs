@@ -19,6 +19,9 @@ pub struct Batcher<T> {
     inputs: Vec<f32>,
     /// One entry per queued window, with its enqueue time for the deadline.
     entries: VecDeque<(T, Instant)>,
+    /// Input buffers of completed batches, reused so that cutting a batch
+    /// does not allocate (and page-fault) a fresh buffer every time.
+    spare: Vec<Vec<f32>>,
 }
 
 /// A cut batch: `entries.len()` windows of `window_len` floats in `inputs`.
@@ -37,10 +40,20 @@ impl<T> Batcher<T> {
             "the repository validated max_batch_size > 0"
         );
         Self {
-            inputs: Vec::with_capacity(window_len * policy.max_batch_size),
+            inputs: Vec::new(),
             policy,
             window_len,
             entries: VecDeque::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Returns a batch's input buffer once the backend is done with it.
+    pub fn recycle(&mut self, mut inputs: Vec<f32>) {
+        // Two spares cover one batch in flight plus one being cut.
+        if self.spare.len() < 2 {
+            inputs.clear();
+            self.spare.push(inputs);
         }
     }
 
@@ -117,13 +130,14 @@ impl<T> Batcher<T> {
             .1;
         let entries: Vec<T> = self.entries.drain(..size).map(|(e, _)| e).collect();
         let floats = size * self.window_len;
-        let inputs = if floats == self.inputs.len() {
-            let capacity = self.inputs.capacity();
-            std::mem::replace(&mut self.inputs, Vec::with_capacity(capacity))
+        let mut inputs = self.spare.pop().unwrap_or_default();
+        if floats == self.inputs.len() {
+            // The common case: the whole queue goes; keep the spare for the queue.
+            std::mem::swap(&mut inputs, &mut self.inputs);
         } else {
-            let rest = self.inputs.split_off(floats);
-            std::mem::replace(&mut self.inputs, rest)
-        };
+            inputs.extend_from_slice(&self.inputs[..floats]);
+            self.inputs.drain(..floats);
+        }
         Batch {
             inputs,
             entries,

@@ -342,6 +342,7 @@ impl Engine {
     pub fn complete(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
         let model = &mut self.models[batch.model];
         model.in_flight = false;
+        model.batcher.recycle(batch.inputs);
         let spec = &model.spec;
         let horizon = spec.horizon;
         assert_eq!(

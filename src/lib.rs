@@ -18,12 +18,13 @@
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`replay`], [`eval`] and [`topics`] are the tools
+//! the service together; [`replay`], [`eval`], [`bench`] and [`topics`] are the tools
 //! around it;
 //! [`http`], [`metrics`] and [`health`] are what operators look at.
 
 pub mod backend;
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod dataset;
 pub mod detect;
@@ -32,6 +33,7 @@ pub mod eval;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod offline;
 pub mod processor;
 pub mod replay;
 pub mod repository;

@@ -89,6 +89,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the pipeline in-process: core throughput through window, batcher,
+    /// backend and detection; the inference ceiling (the same batches called
+    /// directly); and scaling with replicated channels. End-to-end figures over
+    /// the broker and PostgreSQL come from scripts/bench.sh.
+    Bench {
+        #[arg(long)]
+        pipeline: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+        split: String,
+        /// Replica counts to run: each channel repeated under new ids, sharing models.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        replicas: Vec<usize>,
+        /// At most this many rows per channel (keeps large replica runs short).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
     /// forecasts and the dead-letter topic.
     Topics {
@@ -191,6 +212,53 @@ async fn execute(command: Command) -> Result<(), String> {
                 eval::report::write_report(&dir, &summary, &traces)
                     .map_err(|e| format!("cannot write the report to {}: {e}", dir.display()))?;
                 eprintln!("report written to {}", dir.join("README.md").display());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            pipeline,
+            data,
+            split,
+            replicas,
+            limit,
+            json,
+        } => {
+            let pipeline = load_pipeline(&pipeline)?;
+            let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
+            let backend: Arc<dyn satwatch::backend::Backend> =
+                Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| e.to_string())?);
+            let mut base = Vec::with_capacity(pipeline.channels.len());
+            for channel in &pipeline.channels {
+                let features = specs
+                    .iter()
+                    .find(|s| s.name == channel.model)
+                    .map_or(0, |s| s.features);
+                let loaded = satwatch::dataset::load_channel(&data, &split, &channel.id, features)
+                    .map_err(|e| e.to_string())?;
+                let rows = limit.unwrap_or(usize::MAX).min(loaded.values.nrows());
+                base.push(Arc::new(
+                    loaded.values.slice(ndarray::s![..rows, ..]).to_owned(),
+                ));
+            }
+            let mut runs = Vec::new();
+            for &n in &replicas {
+                let replicated = satwatch::bench::replicate(&pipeline, n);
+                let inputs = (0..n.max(1)).flat_map(|_| base.iter().cloned()).collect();
+                let result =
+                    satwatch::bench::measure(&replicated, &specs, backend.clone(), inputs, n)
+                        .await?;
+                if !json {
+                    eprintln!(
+                        "{:>5} channels: {:>9.0} samples/s, {:>9.0} windows/s ({:.0}% of the {:.0} windows/s ceiling), {:.0}% in inference, mean batch {:.1}, {:.0} B/channel, {:.0} samples/s with free models",
+                        result.channels, result.samples_per_s, result.windows_per_s, 100.0 * result.ratio_to_ceiling,
+                        result.ceiling_windows_per_s, 100.0 * result.inference_share, result.mean_batch_size, result.bytes_per_channel,
+                        result.free_model_samples_per_s
+                    );
+                }
+                runs.push(result);
+            }
+            if json {
+                println!("{}", serde_json::json!({ "runs": runs }));
             }
             Ok(())
         }

@@ -6,7 +6,9 @@
 //! taken, which fills the sample channel and pauses the source. When the sink
 //! is slow, `outputs.send` waits, which stalls completions the same way.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
+
+use prometheus::IntCounter;
 
 use tokio::{
     sync::mpsc,
@@ -33,6 +35,42 @@ impl ChannelLabels {
     }
 }
 
+/// Per-channel counters resolved once: a labelled lookup hashes the label
+/// values under a lock, too slow to do per sample.
+struct ChannelCounters {
+    consumed: Vec<IntCounter>,
+    duplicate: Vec<IntCounter>,
+    gap: Vec<IntCounter>,
+    scored: HashMap<Arc<str>, IntCounter>,
+}
+
+impl ChannelCounters {
+    fn new(metrics: &Metrics, labels: &ChannelLabels) -> Self {
+        let per_channel = |vec: &prometheus::IntCounterVec| {
+            labels
+                .subsystem
+                .iter()
+                .map(|s| vec.with_label_values(&[s]))
+                .collect::<Vec<_>>()
+        };
+        Self {
+            consumed: per_channel(&metrics.samples_consumed),
+            duplicate: per_channel(&metrics.samples_duplicate),
+            gap: per_channel(&metrics.samples_gap),
+            scored: labels
+                .subsystem
+                .iter()
+                .map(|s| {
+                    (
+                        Arc::from(s.as_str()),
+                        metrics.samples_scored.with_label_values(&[s]),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error(transparent)]
@@ -53,6 +91,7 @@ pub async fn process(
     metrics: Arc<Metrics>,
     labels: ChannelLabels,
 ) -> Result<Engine, ProcessError> {
+    let counters = ChannelCounters::new(&metrics, &labels);
     let mut input_open = true;
     let mut received = Vec::with_capacity(1024);
     let result = loop {
@@ -74,7 +113,7 @@ pub async fn process(
             biased;
             Some(completion) = completions.recv() => {
                 let mut out = Outputs::default();
-                if let Err(err) = complete(&mut engine, completion, &mut out, &metrics) {
+                if let Err(err) = complete(&mut engine, completion, &mut out, &metrics, &counters) {
                     break Err(err);
                 }
                 metrics.anomalies_open.set(engine.open_events() as i64);
@@ -90,18 +129,18 @@ pub async fn process(
                 let now = std::time::Instant::now();
                 let mut settled = Outputs::default();
                 for sample in received.drain(..) {
-                    let subsystem = &labels.subsystem[sample.channel as usize];
-                    metrics.samples_consumed.with_label_values(&[subsystem]).inc();
+                    let channel = sample.channel as usize;
+                    counters.consumed[channel].inc();
                     let before = engine.counters().gaps;
                     let admission = engine.admit(&sample, now);
                     if engine.counters().gaps != before {
-                        metrics.samples_gap.with_label_values(&[subsystem]).inc();
+                        counters.gap[channel].inc();
                     }
                     match admission {
                         Admission::Queued => {}
                         Admission::Duplicate | Admission::WarmUp => {
                             if admission == Admission::Duplicate {
-                                metrics.samples_duplicate.with_label_values(&[subsystem]).inc();
+                                counters.duplicate[channel].inc();
                             }
                             // Nothing more will come of it: it is done now.
                             settled.done.extend(sample.origin);
@@ -124,6 +163,7 @@ fn complete(
     completion: Completion,
     out: &mut Outputs,
     metrics: &Metrics,
+    counters: &ChannelCounters,
 ) -> Result<(), ProcessError> {
     let spec = engine.model_spec(completion.batch.model).clone();
     let version = spec.version.to_string();
@@ -166,11 +206,19 @@ fn complete(
     let first_score = out.scores.len();
     let first_event = out.events.len();
     engine.complete(completion.batch, &forecasts, out);
-    for row in &out.scores[first_score..] {
-        metrics
-            .samples_scored
-            .with_label_values(&[&row.subsystem])
-            .inc();
+    // Rows of one batch mostly share a subsystem: count runs, not rows.
+    let mut rows = out.scores[first_score..].iter().peekable();
+    while let Some(row) = rows.next() {
+        let mut run = 1;
+        while rows
+            .next_if(|next| Arc::ptr_eq(&next.subsystem, &row.subsystem))
+            .is_some()
+        {
+            run += 1;
+        }
+        if let Some(counter) = counters.scored.get(&row.subsystem) {
+            counter.inc_by(run);
+        }
     }
     for event in &out.events[first_event..] {
         metrics

@@ -15,20 +15,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::{
-    backend::{Backend, BackendPool},
+    backend::Backend,
     config::Pipeline,
     dataset::{self, Labels},
-    engine::{Engine, EventState, Outputs},
-    metrics::Metrics,
-    processor::{self, ChannelLabels},
+    engine::EventState,
+    offline,
     repository::ModelSpec,
-    telemetry::Sample,
 };
 use metrics::{Counts, Scores};
 pub use report::ChannelTrace;
@@ -160,49 +156,6 @@ async fn detect(
     total: u64,
     show_progress: bool,
 ) -> Result<Vec<ChannelRun>, String> {
-    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
-    let (samples_tx, samples_rx) = mpsc::channel(4096);
-    let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
-    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-    let pool = BackendPool::start(
-        backend,
-        pipeline.file.engine.backend_threads,
-        completions_tx,
-    );
-    let processor = tokio::spawn(processor::process(
-        engine,
-        pool,
-        completions_rx,
-        samples_rx,
-        outputs_tx,
-        pipeline.file.engine.max_pending_windows,
-        Arc::new(Metrics::new()),
-        ChannelLabels::new(&pipeline.channels),
-    ));
-
-    // Channels interleaved row by row, as live streams arrive.
-    let feed: Vec<ndarray::Array2<f32>> = inputs.to_vec();
-    let feeder = tokio::spawn(async move {
-        let longest = feed.iter().map(|v| v.nrows()).max().unwrap_or(0);
-        for row in 0..longest {
-            for (channel, values) in feed.iter().enumerate() {
-                if row >= values.nrows() {
-                    continue;
-                }
-                let sample = Sample {
-                    channel: channel as u32,
-                    seq: row as u64,
-                    ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
-                    values: values.row(row).to_vec(),
-                    origin: None,
-                };
-                if samples_tx.send(sample).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-
     let index: HashMap<&str, usize> = pipeline
         .channels
         .iter()
@@ -234,7 +187,8 @@ async fn detect(
         )
         .expect("the template is valid"),
     );
-    while let Some(out) = outputs_rx.recv().await {
+    let feed = inputs.iter().map(|v| Arc::new(v.clone())).collect();
+    offline::stream(pipeline, specs, backend, feed, |out| {
         progress.inc(out.forecasts.len() as u64);
         for row in &out.scores {
             let run = &mut runs[index[&*row.channel]];
@@ -260,13 +214,9 @@ async fn detect(
                 }
             }
         }
-    }
+    })
+    .await?;
     progress.finish_and_clear();
-    feeder.await.map_err(|e| format!("feeder task: {e}"))?;
-    processor
-        .await
-        .map_err(|e| format!("processor task: {e}"))?
-        .map_err(|e| e.to_string())?;
     for run in &mut runs {
         if let Some(start) = run.open_since.take() {
             run.events.push((start, run.values.len() as u64 - 1));

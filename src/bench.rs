@@ -1,0 +1,233 @@
+//! `satwatch bench`: what the pipeline costs next to its models.
+//!
+//! - **core throughput**: the test split streamed in-process through the engine,
+//!   batcher, backend and detector ([`crate::offline::stream`]), with the share
+//!   of the backend threads' time spent inside inference calls;
+//! - **inference ceiling**: the very batches the batcher formed (same models,
+//!   same sizes, same thread count) called directly on the backend: what the
+//!   pipeline would reach if its own work cost nothing;
+//! - **scaling**: the same with every channel replicated under new ids sharing
+//!   the models (27, 270, 2,700 channels), with memory per channel.
+//!
+//! End-to-end and latency figures over the broker and PostgreSQL come from
+//! `scripts/bench.sh`, which runs this command too.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::{
+    backend::{Backend, BackendError},
+    config::Pipeline,
+    offline,
+    repository::ModelSpec,
+};
+
+/// Records every call it forwards: (model, rows), and the time inside them.
+struct RecordingBackend {
+    inner: Arc<dyn Backend>,
+    calls: Mutex<Vec<(usize, usize)>>,
+    inside_ns: AtomicU64,
+}
+
+impl Backend for RecordingBackend {
+    fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.infer(model, inputs, rows);
+        self.inside_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls
+            .lock()
+            .expect("recording never panics")
+            .push((model, rows));
+        result
+    }
+}
+
+/// Returns a zero forecast at once: the pipeline's own cost, with free models.
+struct FreeBackend {
+    horizons: Vec<usize>,
+}
+
+impl Backend for FreeBackend {
+    fn infer(&self, model: usize, _inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; rows * self.horizons[model]])
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRun {
+    pub channels: usize,
+    pub replicas: usize,
+    /// Samples streamed (including each channel's warm-up).
+    pub samples: u64,
+    /// Windows inferred (samples with a full window).
+    pub windows: u64,
+    pub elapsed_s: f64,
+    pub samples_per_s: f64,
+    pub windows_per_s: f64,
+    /// Fraction of the backend threads' wall time spent inside inference calls.
+    pub inference_share: f64,
+    pub batches: usize,
+    pub mean_batch_size: f64,
+    pub ceiling_elapsed_s: f64,
+    pub ceiling_windows_per_s: f64,
+    /// windows_per_s / ceiling_windows_per_s.
+    pub ratio_to_ceiling: f64,
+    /// Samples/s with a backend that costs nothing: the pipeline's own limit.
+    pub free_model_samples_per_s: f64,
+    /// Process CPU seconds during the streamed run.
+    pub cpu_s: f64,
+    pub peak_rss_bytes: u64,
+    /// Window and detector state held per channel (computed, not sampled).
+    pub channel_state_bytes: u64,
+    pub bytes_per_channel: f64,
+}
+
+/// Every channel of `pipeline` repeated `replicas` times under new ids
+/// (`<id>~<r>`, r >= 1), sharing the original's model, subsystem and topic.
+pub fn replicate(pipeline: &Pipeline, replicas: usize) -> Pipeline {
+    let mut replicated = pipeline.clone();
+    replicated.channels = (0..replicas.max(1))
+        .flat_map(|r| {
+            pipeline.channels.iter().map(move |c| {
+                let mut c = c.clone();
+                if r > 0 {
+                    c.id = format!("{}~{r}", c.id);
+                }
+                c
+            })
+        })
+        .collect();
+    replicated
+}
+
+fn cpu_and_peak_rss() -> (Duration, u64) {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
+/// Streams `inputs` (one array per channel of `pipeline`) through the engine,
+/// then replays the same batches directly on the backend.
+pub async fn measure(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    backend: Arc<dyn Backend>,
+    inputs: Vec<Arc<Array2<f32>>>,
+    replicas: usize,
+) -> Result<BenchRun, String> {
+    let recorder = Arc::new(RecordingBackend {
+        inner: backend.clone(),
+        calls: Mutex::new(Vec::new()),
+        inside_ns: AtomicU64::new(0),
+    });
+    let samples: u64 = inputs.iter().map(|v| v.nrows() as u64).sum();
+    let (cpu_before, _) = cpu_and_peak_rss();
+    let started = Instant::now();
+    let mut windows = 0u64;
+    let inputs_again = inputs.clone();
+    let counters = offline::stream(pipeline, specs, recorder.clone(), inputs, |out| {
+        windows += out.forecasts.len() as u64
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let (cpu_after, peak_rss) = cpu_and_peak_rss();
+    debug_assert_eq!(counters.admitted, samples);
+
+    let threads = pipeline.file.engine.backend_threads;
+    let calls = std::mem::take(&mut *recorder.calls.lock().expect("recording never panics"));
+    let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
+    let ceiling = replay_calls(backend, specs, &calls, threads)?;
+
+    let free: Arc<dyn Backend> = Arc::new(FreeBackend {
+        horizons: specs.iter().map(|s| s.horizon).collect(),
+    });
+    let started = Instant::now();
+    offline::stream(pipeline, specs, free, inputs_again, |_| {}).await?;
+    let free_elapsed = started.elapsed();
+
+    let elapsed_s = elapsed.as_secs_f64();
+    let windows_per_s = windows as f64 / elapsed_s;
+    let ceiling_windows_per_s = windows as f64 / ceiling.as_secs_f64();
+    let channel_state_bytes = channel_state_bytes(pipeline, specs)?;
+    Ok(BenchRun {
+        channels: pipeline.channels.len(),
+        replicas,
+        samples,
+        windows,
+        elapsed_s,
+        samples_per_s: samples as f64 / elapsed_s,
+        windows_per_s,
+        inference_share: inside.as_secs_f64() / (elapsed_s * threads as f64),
+        batches: calls.len(),
+        mean_batch_size: windows as f64 / calls.len().max(1) as f64,
+        ceiling_elapsed_s: ceiling.as_secs_f64(),
+        ceiling_windows_per_s,
+        ratio_to_ceiling: windows_per_s / ceiling_windows_per_s,
+        free_model_samples_per_s: samples as f64 / free_elapsed.as_secs_f64(),
+        cpu_s: (cpu_after - cpu_before).as_secs_f64(),
+        peak_rss_bytes: peak_rss,
+        channel_state_bytes: channel_state_bytes as u64,
+        bytes_per_channel: channel_state_bytes as f64 / pipeline.channels.len() as f64,
+    })
+}
+
+fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<usize, String> {
+    let engine = crate::engine::Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    Ok(engine.channel_state_bytes())
+}
+
+/// Calls the backend with exactly `calls` (model, rows) on `threads` threads.
+fn replay_calls(
+    backend: Arc<dyn Backend>,
+    specs: &[Arc<ModelSpec>],
+    calls: &[(usize, usize)],
+    threads: usize,
+) -> Result<Duration, String> {
+    let largest = calls
+        .iter()
+        .map(|(m, rows)| rows * specs[*m].window * specs[*m].features)
+        .max()
+        .unwrap_or(0);
+    // Values do not change an MLP's cost; a plausible constant keeps it honest.
+    let inputs = vec![0.1f32; largest];
+    let next = AtomicUsize::new(0);
+    let failure = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(model, rows)) = calls.get(i) else {
+                    break;
+                };
+                let len = rows * specs[model].window * specs[model].features;
+                if let Err(err) = backend.infer(model, &inputs[..len], rows) {
+                    *failure.lock().expect("no panics here") = Some(err.to_string());
+                    break;
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    match failure.into_inner().expect("no panics here") {
+        Some(err) => Err(err),
+        None => Ok(elapsed),
+    }
+}

@@ -1,0 +1,84 @@
+//! The streaming engine fed from memory instead of Kafka: what `eval` and
+//! `bench` run. Everything from the window on is the code `run` uses (engine,
+//! batcher, backend pool, detector); only the source and sink differ.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use ndarray::Array2;
+use tokio::sync::mpsc;
+
+use crate::{
+    backend::{Backend, BackendPool},
+    config::Pipeline,
+    engine::{Counters, Engine, Outputs},
+    metrics::Metrics,
+    processor::{self, ChannelLabels},
+    repository::ModelSpec,
+    telemetry::Sample,
+};
+
+/// Streams `inputs[i]` (rows of channel `i` of the pipeline) through the
+/// engine, channels interleaved row by row as live streams arrive, and hands
+/// every output batch to `on_outputs`. Returns the engine's counters.
+pub async fn stream(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    backend: Arc<dyn Backend>,
+    inputs: Vec<Arc<Array2<f32>>>,
+    mut on_outputs: impl FnMut(Outputs),
+) -> Result<Counters, String> {
+    assert_eq!(
+        inputs.len(),
+        pipeline.channels.len(),
+        "one input per channel"
+    );
+    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    let (samples_tx, samples_rx) = mpsc::channel(4096);
+    let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
+    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+    let pool = BackendPool::start(
+        backend,
+        pipeline.file.engine.backend_threads,
+        completions_tx,
+    );
+    let processor = tokio::spawn(processor::process(
+        engine,
+        pool,
+        completions_rx,
+        samples_rx,
+        outputs_tx,
+        pipeline.file.engine.max_pending_windows,
+        Arc::new(Metrics::new()),
+        ChannelLabels::new(&pipeline.channels),
+    ));
+    let feeder = tokio::spawn(async move {
+        let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);
+        for row in 0..longest {
+            for (channel, values) in inputs.iter().enumerate() {
+                if row >= values.nrows() {
+                    continue;
+                }
+                let sample = Sample {
+                    channel: channel as u32,
+                    seq: row as u64,
+                    ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
+                    values: values.row(row).to_vec(),
+                    origin: None,
+                };
+                if samples_tx.send(sample).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(outputs) = outputs_rx.recv().await {
+        on_outputs(outputs);
+    }
+    feeder.await.map_err(|e| format!("feeder task: {e}"))?;
+    let engine = processor
+        .await
+        .map_err(|e| format!("processor task: {e}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(engine.counters())
+}
