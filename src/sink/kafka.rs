@@ -8,6 +8,7 @@ use rdkafka::{
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
+    types::RDKafkaErrorCode,
 };
 
 use crate::{config::KafkaSettings, engine::Outputs, telemetry::Rejection};
@@ -21,6 +22,11 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     }
     config
 }
+
+/// The largest record satwatch produces (librdkafka's default is 1,000,000).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// What is kept of a record the broker refuses to take whole as a dead letter.
+const TRUNCATED_DEAD_LETTER_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -37,6 +43,9 @@ impl Publisher {
             .set("acks", "all")
             .set("queue.buffering.max.messages", "1000000")
             .set("message.timeout.ms", "60000")
+            // Dead letters carry the original record, which may be as large as
+            // the telemetry topic allows.
+            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
             .create()?;
         Ok(Self {
             producer,
@@ -72,6 +81,9 @@ impl Publisher {
     }
 
     /// Sends a bad record, unchanged, to the dead-letter topic with its reason.
+    /// A record the broker refuses as too large is dead-lettered truncated,
+    /// with a `satwatch-truncated` header giving its original size, so the
+    /// partition keeps flowing.
     pub async fn dead_letter(
         &self,
         key: Option<&[u8]>,
@@ -79,7 +91,31 @@ impl Publisher {
         rejection: &Rejection,
         source: &str,
     ) -> Result<(), KafkaError> {
-        let headers = OwnedHeaders::new()
+        match self
+            .send_dead_letter(key, payload, rejection, source, None)
+            .await
+        {
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                let payload = payload.unwrap_or_default();
+                let kept = &payload[..payload.len().min(TRUNCATED_DEAD_LETTER_BYTES)];
+                tracing::warn!(%source, bytes = payload.len(), "dead letter too large for the broker; sending it truncated");
+                self.send_dead_letter(key, Some(kept), rejection, source, Some(payload.len()))
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_dead_letter(
+        &self,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        rejection: &Rejection,
+        source: &str,
+        truncated_from: Option<usize>,
+    ) -> Result<(), KafkaError> {
+        let original_size = truncated_from.map(|n| n.to_string());
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "satwatch-error",
                 value: Some(rejection.reason.code()),
@@ -92,6 +128,12 @@ impl Publisher {
                 key: "satwatch-source",
                 value: Some(source),
             });
+        if let Some(size) = &original_size {
+            headers = headers.insert(Header {
+                key: "satwatch-truncated",
+                value: Some(size.as_str()),
+            });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.dlq_topic).headers(headers);
         if let Some(key) = key {

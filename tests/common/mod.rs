@@ -496,6 +496,7 @@ pub fn produce(broker: &Broker, topic: &str, key: &[u8], payload: &[u8]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.addr())
+        .set("message.max.bytes", "4194304")
         .create()
         .unwrap();
     producer

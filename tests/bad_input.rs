@@ -1,0 +1,225 @@
+//! A corpus of bad records mixed into a replay: each one reaches the
+//! dead-letter topic with its reason (duplicates and stale `seq` are counted
+//! and dropped instead), and every good record around them is scored exactly
+//! as in a run without them.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::*;
+
+const ROWS: i64 = 600;
+const WINDOW: i64 = 64;
+
+fn run_replay(
+    with_bad_records: bool,
+) -> (
+    BTreeMap<(String, i64), (f32, f32, bool)>,
+    Vec<Record>,
+    String,
+) {
+    let broker = Broker::start();
+    let pg = Postgres::start();
+    let logs = tempfile::tempdir().unwrap();
+    satwatch(
+        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "1"],
+        &broker,
+    );
+    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let replay = |start: i64, limit: i64| {
+        let (start, limit) = (start.to_string(), limit.to_string());
+        satwatch(
+            &[
+                "replay",
+                "--pipeline",
+                SMAP_PIPELINE,
+                "--data",
+                "data/smap",
+                "--channels",
+                "A-1,T-1",
+            ]
+            .into_iter()
+            .chain(["--start", &start, "--limit", &limit, "--max-rate"])
+            .collect::<Vec<_>>(),
+            &broker,
+        )
+    };
+    replay(0, ROWS / 2);
+    if with_bad_records {
+        let big = format!(
+            r#"{{"channel":"A-1","seq":9999,"values":[{}]}}"#,
+            "0.5,".repeat(262_144)
+        );
+        let corpus: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "telemetry.acs",
+                br#"{"channel": "A-1", "seq": 300, "val"#.to_vec(),
+            ),
+            ("telemetry.acs", b"\xff\xfe{\"channel\":\"A-1\"}".to_vec()),
+            (
+                "telemetry.acs",
+                br#"{"channel":"A-1","values":[1]}"#.to_vec(),
+            ),
+            (
+                "telemetry.acs",
+                br#"{"channel":"A-1","seq":"300","values":[1]}"#.to_vec(),
+            ),
+            (
+                "telemetry.acs",
+                br#"{"channel":"A-1","seq":300,"values":[1,2,3]}"#.to_vec(),
+            ),
+            (
+                "telemetry.acs",
+                format!(
+                    r#"{{"channel":"A-1","seq":300,"values":[NaN{}]}}"#,
+                    ",0".repeat(24)
+                )
+                .into_bytes(),
+            ),
+            (
+                "telemetry.acs",
+                format!(
+                    r#"{{"channel":"A-1","seq":300,"values":[1e39{}]}}"#,
+                    ",0".repeat(24)
+                )
+                .into_bytes(),
+            ),
+            (
+                "telemetry.acs",
+                format!(
+                    r#"{{"channel":"Q-7","seq":300,"values":[0{}]}}"#,
+                    ",0".repeat(24)
+                )
+                .into_bytes(),
+            ),
+            ("telemetry.acs", big.into_bytes()),
+            ("telemetry.acs", Vec::new()),
+            // A duplicate and a stale seq of a real sample: counted and dropped.
+            (
+                "telemetry.acs",
+                format!(
+                    r#"{{"channel":"A-1","seq":299,"values":[0{}]}}"#,
+                    ",0".repeat(24)
+                )
+                .into_bytes(),
+            ),
+            (
+                "telemetry.acs",
+                format!(
+                    r#"{{"channel":"A-1","seq":17,"values":[0{}]}}"#,
+                    ",0".repeat(24)
+                )
+                .into_bytes(),
+            ),
+        ];
+        for (topic, payload) in &corpus {
+            produce(&broker, topic, b"A-1", payload);
+        }
+    }
+    replay(ROWS / 2, ROWS / 2);
+    let expected = 2 * (ROWS - WINDOW);
+    wait_for(
+        "the good samples to be scored",
+        Duration::from_secs(120),
+        || (pg.count("SELECT count(*) FROM scores") == expected).then_some(()),
+    );
+    wait_for(
+        "the dead letters to be counted",
+        Duration::from_secs(30),
+        || {
+            let metrics = service.get("/metrics")?.1;
+            let dead: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("satwatch_dead_letters_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            (!with_bad_records || dead >= 10.0).then_some(())
+        },
+    );
+    let metrics = service.get("/metrics").unwrap().1;
+    assert!(service.terminate(Duration::from_secs(30)).success());
+    let scores = pg
+        .query("SELECT channel, seq, score, threshold, anomalous FROM scores")
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4))))
+        .collect();
+    (scores, read_topic(&broker, "telemetry.dlq"), metrics)
+}
+
+#[test]
+fn bad_records_are_dead_lettered_with_their_reason_and_good_ones_scored_as_without_them() {
+    let (clean, clean_dead, _) = run_replay(false);
+    assert!(clean_dead.is_empty());
+    let (mixed, dead, metrics) = run_replay(true);
+
+    assert_eq!(mixed.len(), clean.len(), "the same samples were scored");
+    for (key, value) in &clean {
+        assert_eq!(
+            mixed.get(key),
+            Some(value),
+            "{key:?} scored the same with bad records around it"
+        );
+    }
+
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "satwatch-error")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let expected = [
+        "malformed_json",
+        "invalid_utf8",
+        "missing_field",
+        "wrong_type",
+        "wrong_arity",
+        "non_finite",
+        "non_finite",
+        "unknown_channel",
+        "too_large",
+        "empty_record",
+    ];
+    assert_eq!(
+        reasons, expected,
+        "each bad record, in order, with its reason"
+    );
+    let big_len = format!(
+        r#"{{"channel":"A-1","seq":9999,"values":[{}]}}"#,
+        "0.5,".repeat(262_144)
+    )
+    .len();
+    assert_eq!(
+        dead[8].payload.as_ref().map(Vec::len),
+        Some(big_len),
+        "the 1 MiB record is dead-lettered whole"
+    );
+    assert!(!dead[8]
+        .headers
+        .iter()
+        .any(|(k, _)| k == "satwatch-truncated"));
+    for record in &dead {
+        assert_eq!(
+            record.key.as_deref(),
+            Some(&b"A-1"[..]),
+            "the original key is kept"
+        );
+        assert!(record
+            .headers
+            .iter()
+            .any(|(k, v)| k == "satwatch-source" && v.starts_with("telemetry.acs/0/")));
+    }
+    let duplicates = metrics
+        .lines()
+        .find(|l| l.starts_with("satwatch_samples_duplicate_total{subsystem=\"acs\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(
+        duplicates,
+        Some(2.0),
+        "the repeated and the stale seq were counted, not dead-lettered"
+    );
+}
