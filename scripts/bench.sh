@@ -651,8 +651,9 @@ def e2e_section(e, settings):
     # What limits it.
     notes = []
     if mach["busy_fraction"] is not None:
-        notes.append(f"The machine's {mach['nproc']} cores were {100*mach['busy_fraction']:.0f} % busy over the span "
-                     f"(plus {mach.get('iowait_cores') or 0:.2f} cores' worth of I/O wait)"
+        iowait = mach.get("iowait_cores") or 0
+        notes.append(f"The machine's {mach['nproc']} cores were {100*mach['busy_fraction']:.0f} % busy over the span"
+                     + (f" (plus {iowait:.2f} cores' worth of I/O wait)" if iowait >= 0.01 else "")
                      + (" — the run is CPU-bound as a whole: every process here competes for the same cores, so the figure is a "
                         "property of this machine as much as of satwatch." if mach["busy_fraction"] > 0.85 else "."))
     for key, label in names.items():
@@ -719,9 +720,10 @@ def latency_section(lats, settings):
             "committed before the replay exited, near 100 % when records flow as they are offered.)", ""]
     if held_back:
         out += ["> **Warning: these latencies are not satwatch's.** At " + ", ".join(f"{r:,}/s only {100*s_:.0f} %" for r, s_ in held_back)
-                + " of the samples were scored before the replay finished, although satwatch keeps up with far higher rates (section 2): "
-                "the load generator held the records back instead of publishing them at the offered rate, and each record's `ts` is "
-                "stamped when it is encoded, so the time it waited inside `satwatch replay` counts as latency.", ""]
+                + " of the samples were scored before the replay finished, while satwatch scored every sample it was given within "
+                "seconds: the load generator held the records back instead of publishing them at the offered rate (it hands "
+                "records to the Kafka client in bursts, up to 20,000 at a time, rather than as it paces them), and each record's "
+                "`ts` is stamped when it is encoded, so the time it waited inside `satwatch replay` counts as latency.", ""]
     at1k = next((l for l in lats if l["rate"] == 1000), None)
     if target is not None:
         if at1k is not None and at1k["metrics"]["latency"]["p99_s"] is not None:

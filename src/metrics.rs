@@ -47,8 +47,10 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let model = &["model", "version"];
+        // Fine around the latency target (max_queue_delay + 20 ms), coarse beyond.
         let latency_buckets = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025,
+            0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ];
         let end_to_end_latency = Histogram::with_opts(
             HistogramOpts::new(

@@ -8,9 +8,14 @@ use std::{
 };
 
 use chrono::Utc;
-use futures::{stream::FuturesUnordered, StreamExt};
+use futures::channel::oneshot::Canceled;
+use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{
+    error::KafkaError,
+    producer::{future_producer::OwnedDeliveryResult, FutureProducer, FutureRecord},
+    types::RDKafkaErrorCode,
+};
 
 use crate::{config::Pipeline, dataset, sink::kafka::client_config, telemetry};
 
@@ -49,8 +54,11 @@ pub async fn replay(
         streams.push((channel, loaded.values, options.start.min(end)..end));
     }
     let total: u64 = streams.iter().map(|(_, _, rows)| rows.len() as u64).sum();
+    // Paced replays measure latency: send each record at once. Flat out,
+    // a short linger fills larger batches.
+    let linger_ms = if options.rate.is_some() { "0" } else { "10" };
     let producer: FutureProducer = client_config(&pipeline.file.kafka)
-        .set("linger.ms", "10")
+        .set("linger.ms", linger_ms)
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("acks", "all")
@@ -94,25 +102,44 @@ pub async fn replay(
                 &Utc::now(),
                 values.row(row).as_slice().expect("standard layout"),
             );
-            let producer = producer.clone();
-            let topic = channel.topic.clone();
-            let key = channel.id.clone();
-            deliveries.push(async move {
-                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                producer
-                    .send(record, Duration::from_secs(60))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(err, _)| err)
-            });
+            // send_result enqueues now (a FutureProducer::send future would only
+            // enqueue when first polled, holding paced records back).
+            let mut record = FutureRecord::to(&channel.topic)
+                .key(channel.id.as_str())
+                .payload(payload.as_str());
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        // The local queue is full: wait for a delivery to make room.
+                        match deliveries.next().await {
+                            Some(result) => settle(result, &mut report, &progress),
+                            None => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    Err((err, _)) => {
+                        return Err(format!("cannot publish to {}: {err}", channel.topic))
+                    }
+                }
+            }
             sent += 1;
+            // Settle what has been delivered already, without waiting.
+            while let Some(Some(result)) = deliveries.next().now_or_never() {
+                settle(result, &mut report, &progress);
+            }
             while deliveries.len() >= MAX_IN_FLIGHT {
-                settle(deliveries.next().await, &mut report, &progress);
+                if let Some(result) = deliveries.next().await {
+                    settle(result, &mut report, &progress);
+                }
             }
         }
     }
     while let Some(result) = deliveries.next().await {
-        settle(Some(result), &mut report, &progress);
+        settle(result, &mut report, &progress);
     }
     progress.finish_and_clear();
     report.elapsed = started.elapsed();
@@ -120,19 +147,19 @@ pub async fn replay(
 }
 
 fn settle(
-    result: Option<Result<(), rdkafka::error::KafkaError>>,
+    result: Result<OwnedDeliveryResult, Canceled>,
     report: &mut ReplayReport,
     progress: &ProgressBar,
 ) {
     match result {
-        Some(Ok(())) => report.published += 1,
-        Some(Err(err)) => {
+        Ok(Ok(_)) => report.published += 1,
+        Ok(Err((err, _))) => {
             if report.failed == 0 {
                 tracing::warn!(error = %err, "a record could not be published");
             }
             report.failed += 1;
         }
-        None => return,
+        Err(Canceled) => report.failed += 1,
     }
     progress.inc(1);
 }

@@ -39,7 +39,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
         let producer: FutureProducer = client_config(settings)
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set("acks", "all")
             .set("queue.buffering.max.messages", "1000000")
             .set("message.timeout.ms", "60000")

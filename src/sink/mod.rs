@@ -63,7 +63,8 @@ pub async fn write_loop(
 }
 
 /// Makes one batch durable, retrying until it is: records are only
-/// acknowledged after this returns, so giving up would lose them.
+/// acknowledged after this returns, so giving up would lose them. PostgreSQL
+/// and Kafka are written concurrently; each retries on its own.
 async fn flush(
     pg: &mut PgWriter,
     publisher: &Publisher,
@@ -71,38 +72,43 @@ async fn flush(
     metrics: &Metrics,
     health: &Health,
 ) {
-    let mut delay = FIRST_RETRY_DELAY;
-    loop {
-        match pg.write(batch).await {
-            Ok(elapsed) => {
-                metrics
-                    .postgres_write_seconds
-                    .observe(elapsed.as_secs_f64());
-                metrics
-                    .rows_written
-                    .with_label_values(&["scores"])
-                    .inc_by(batch.scores.len() as u64);
-                metrics
-                    .rows_written
-                    .with_label_values(&["forecasts"])
-                    .inc_by(batch.forecasts.len() as u64);
-                health.set_postgres(None);
-                break;
-            }
-            Err(err) => {
-                metrics.postgres_write_failures.inc();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "write to PostgreSQL failed");
-                health.set_postgres(Some(err.to_string()));
-                sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+    let rows = async {
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            match pg.write(batch).await {
+                Ok(elapsed) => {
+                    metrics
+                        .postgres_write_seconds
+                        .observe(elapsed.as_secs_f64());
+                    metrics
+                        .rows_written
+                        .with_label_values(&["scores"])
+                        .inc_by(batch.scores.len() as u64);
+                    metrics
+                        .rows_written
+                        .with_label_values(&["forecasts"])
+                        .inc_by(batch.forecasts.len() as u64);
+                    health.set_postgres(None);
+                    break;
+                }
+                Err(err) => {
+                    metrics.postgres_write_failures.inc();
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "write to PostgreSQL failed");
+                    health.set_postgres(Some(err.to_string()));
+                    sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
             }
         }
-    }
-    delay = FIRST_RETRY_DELAY;
-    while let Err(err) = publisher.publish(batch).await {
-        metrics.kafka_publish_failures.inc();
-        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed");
-        sleep(delay).await;
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
-    }
+    };
+    let records = async {
+        let mut delay = FIRST_RETRY_DELAY;
+        while let Err(err) = publisher.publish(batch).await {
+            metrics.kafka_publish_failures.inc();
+            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed");
+            sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    };
+    tokio::join!(rows, records);
 }

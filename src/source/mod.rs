@@ -113,6 +113,11 @@ pub fn subscribe(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // A fetch that finds nothing new returns after this long; the
+        // default (500 ms) would sit in every sample's latency when the
+        // broker answers fetches only at their deadline.
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.error.backoff.ms", "5")
         .create_with_context(SourceContext {
             tracker: tracker.clone(),
             health,
