@@ -105,6 +105,10 @@ pub struct EngineSettings {
     /// Windows waiting in batchers before the consumer is paused.
     #[serde(default = "default_max_pending_windows")]
     pub max_pending_windows: usize,
+    /// After SIGINT/SIGTERM, the longest the drain may take before satwatch
+    /// exits without its final commit (exit status 2).
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for EngineSettings {
@@ -112,7 +116,14 @@ impl Default for EngineSettings {
         Self {
             backend_threads: default_backend_threads(),
             max_pending_windows: default_max_pending_windows(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
         }
+    }
+}
+
+impl EngineSettings {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 }
 
@@ -180,6 +191,9 @@ fn default_backend_threads() -> usize {
 }
 fn default_max_pending_windows() -> usize {
     8192
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
 }
 fn default_max_batch_rows() -> usize {
     4096

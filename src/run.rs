@@ -77,6 +77,11 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, "model loaded");
     }
 
+    // The producer first: its settings (e.g. SASL) are checked and its
+    // connections start while PostgreSQL is being reached.
+    let kafka = &pipeline.file.kafka;
+    let publisher = Publisher::new(kafka).map_err(|e| fail("cannot create Kafka producer")(&e))?;
+
     let url = pipeline.file.postgres.url.clone().ok_or_else(|| {
         RunError(
             "no PostgreSQL URL: set DATABASE_URL or [postgres] url in the pipeline file".into(),
@@ -91,10 +96,8 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     drop(client);
     tracing::info!(schema_version = schema, "PostgreSQL schema ready");
 
-    let kafka = &pipeline.file.kafka;
-    let publisher = Publisher::new(kafka).map_err(|e| fail("cannot create Kafka producer")(&e))?;
     let topics = pipeline.telemetry_topics();
-    let (consumer, tracker) = source::subscribe(kafka, &topics, health.clone())
+    let (consumer, tracker) = source::subscribe(kafka, &topics, health.clone(), metrics.clone())
         .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -129,6 +132,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         metrics.clone(),
         ChannelLabels::new(&pipeline.channels),
     ));
+    let url_for_probe = url.clone();
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,
         PgWriter::new(url),
@@ -159,13 +163,26 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         "satwatch running"
     );
 
+    spawn_postgres_probe(url_for_probe, health.clone(), shutdown_tx.subscribe());
     let signal_health = health.clone();
     let signal_shutdown = shutdown_tx.clone();
+    let shutdown_timeout = pipeline.file.engine.shutdown_timeout();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown requested: draining");
+        tracing::info!(
+            timeout_ms = shutdown_timeout.as_millis() as u64,
+            "shutdown requested: draining"
+        );
         signal_health.set_shutting_down();
         signal_shutdown.send_replace(true);
+        // Draining waits on PostgreSQL and the broker; bound it. What is not
+        // durable by then is not committed either, and is reprocessed after
+        // the restart (the sinks are idempotent).
+        tokio::time::sleep(shutdown_timeout).await;
+        tracing::error!(
+            "shutdown did not finish within the timeout; exiting without the final commit"
+        );
+        std::process::exit(2);
     });
 
     let processed = processor.await.map_err(|e| fail("processor task")(&e))?;
@@ -186,6 +203,30 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         "satwatch stopped"
     );
     Ok(counters)
+}
+
+/// How often readiness checks PostgreSQL, and how long an answer may take.
+const POSTGRES_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const POSTGRES_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn spawn_postgres_probe(url: String, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut probe = postgres::Probe::new(url);
+        let mut tick = tokio::time::interval(POSTGRES_PROBE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {
+                    let verdict = match tokio::time::timeout(POSTGRES_PROBE_TIMEOUT, probe.check()).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(err)) => Some(err.to_string()),
+                        Err(_) => Some(format!("no answer within {POSTGRES_PROBE_TIMEOUT:?}")),
+                    };
+                    health.set_postgres(verdict);
+                }
+            }
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -106,6 +106,31 @@ pub async fn migrate(client: &mut Client) -> Result<u32, PgError> {
     Ok(MIGRATIONS.len() as u32)
 }
 
+/// Answers whether PostgreSQL is reachable, over a connection of its own so
+/// that readiness reflects an outage even while nothing is being written.
+pub struct Probe {
+    url: String,
+    client: Option<Client>,
+}
+
+impl Probe {
+    pub fn new(url: String) -> Self {
+        Self { url, client: None }
+    }
+
+    pub async fn check(&mut self) -> Result<(), PgError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect(&self.url).await?);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        if let Err(err) = client.simple_query("SELECT 1").await {
+            self.client = None;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+}
+
 /// Writes output batches over one connection, reconnecting after failures.
 pub struct PgWriter {
     url: String,
@@ -115,13 +140,6 @@ pub struct PgWriter {
 impl PgWriter {
     pub fn new(url: String) -> Self {
         Self { url, client: None }
-    }
-
-    /// Whether the server answers now.
-    pub async fn ping(&mut self) -> Result<(), PgError> {
-        let client = self.client().await?;
-        client.simple_query("SELECT 1").await?;
-        Ok(())
     }
 
     async fn client(&mut self) -> Result<&mut Client, PgError> {

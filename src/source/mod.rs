@@ -35,9 +35,27 @@ pub use offsets::OffsetTracker;
 pub struct SourceContext {
     tracker: Arc<Mutex<OffsetTracker>>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's periodic statistics carry each assigned partition's lag
+    /// (high watermark minus committed offset), so no extra broker calls.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" queue; -1 lag is unknown.
+                if *partition < 0 || !p.desired || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -104,6 +122,7 @@ pub fn subscribe(
     settings: &KafkaSettings,
     topics: &[String],
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
 ) -> Result<(TelemetryConsumer, Arc<Mutex<OffsetTracker>>), KafkaError> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let consumer: TelemetryConsumer = client_config(settings)
@@ -113,14 +132,17 @@ pub fn subscribe(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        // A fetch that finds nothing new returns after this long; the
-        // default (500 ms) would sit in every sample's latency when the
-        // broker answers fetches only at their deadline.
+        // Latency: librdkafka backs a partition off for fetch.error.backoff.ms
+        // (500 ms) after a fetch answered with an error code, which tansu does
+        // for fetches that find nothing new; at low rates that backoff sat in
+        // every sample's latency (p50 0.7 s at 1,000 samples/s, 49 ms after).
         .set("fetch.wait.max.ms", "5")
         .set("fetch.error.backoff.ms", "5")
+        .set("statistics.interval.ms", "5000")
         .create_with_context(SourceContext {
             tracker: tracker.clone(),
             health,
+            metrics,
         })?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

@@ -1,0 +1,119 @@
+//! PostgreSQL stopped mid-replay: readiness says why, satwatch stops taking
+//! records with bounded memory, resumes by itself when PostgreSQL returns, and
+//! nothing is lost or written twice.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const CHANNELS: &str = "A-1,E-2,T-1";
+const ROWS: i64 = 2000;
+const WINDOW: i64 = 64;
+/// How long PostgreSQL stays down.
+const OUTAGE: Duration = Duration::from_secs(10);
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
+    let broker = Broker::start();
+    let mut pg = Postgres::start();
+    let logs = tempfile::tempdir().unwrap();
+    satwatch(
+        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "3"],
+        &broker,
+    );
+    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let replay = |start: i64, limit: i64| {
+        let (start, limit) = (start.to_string(), limit.to_string());
+        satwatch(
+            &[
+                "replay",
+                "--pipeline",
+                SMAP_PIPELINE,
+                "--data",
+                "data/smap",
+                "--channels",
+                CHANNELS,
+            ]
+            .into_iter()
+            .chain(["--start", &start, "--limit", &limit, "--max-rate"])
+            .collect::<Vec<_>>(),
+            &broker,
+        )
+    };
+
+    replay(0, ROWS / 2);
+    let first = 3 * (ROWS / 2 - WINDOW);
+    wait_for(
+        "the first half to be scored",
+        Duration::from_secs(60),
+        || (pg.count("SELECT count(*) FROM scores") == first).then_some(()),
+    );
+
+    pg.stop();
+    let (status, body) = wait_for(
+        "readiness to report the outage",
+        Duration::from_secs(20),
+        || {
+            service
+                .get("/v2/health/ready")
+                .filter(|(status, _)| *status == 503)
+        },
+    );
+    assert_eq!(status, 503);
+    assert!(body.contains("PostgreSQL"), "the body says why: {body}");
+    replay(ROWS / 2, ROWS / 2);
+    let rss_before = rss_kib(service.pid());
+    std::thread::sleep(OUTAGE);
+    assert!(
+        service
+            .get("/v2/health/live")
+            .is_some_and(|(s, _)| s == 200),
+        "satwatch stays alive"
+    );
+    let rss_after = rss_kib(service.pid());
+    assert!(
+        rss_after < rss_before + 256 * 1024,
+        "memory stays bounded: {rss_before} KiB -> {rss_after} KiB"
+    );
+
+    pg.resume();
+    let total = 3 * (ROWS - WINDOW);
+    wait_for(
+        "everything to be scored after PostgreSQL returns",
+        Duration::from_secs(60),
+        || (pg.count("SELECT count(*) FROM scores") == total).then_some(()),
+    );
+    wait_for("readiness to return", Duration::from_secs(20), || {
+        service
+            .get("/v2/health/ready")
+            .filter(|(status, _)| *status == 200)
+    });
+    assert!(service.terminate(Duration::from_secs(30)).success());
+
+    for channel in CHANNELS.split(',') {
+        let row = &pg.query(&format!(
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
+        ))[0];
+        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            got,
+            (ROWS - WINDOW, ROWS - WINDOW, WINDOW, ROWS - 1),
+            "{channel}: one row per sample"
+        );
+    }
+    assert_eq!(
+        pg.count("SELECT count(*) FROM forecasts"),
+        3 * (ROWS - WINDOW + 1)
+    );
+}
