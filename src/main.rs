@@ -44,6 +44,7 @@ enum Command {
     },
     /// Publish historical samples to the telemetry topics (also a load generator).
     Replay {
+        /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
         pipeline: PathBuf,
         /// Directory holding <split>/<channel>.npy (e.g. data/smap).
@@ -72,6 +73,7 @@ enum Command {
     /// (telemanom's rules) and point-wise precision, recall and F1, and
     /// detection delays, per channel and in total.
     Eval {
+        /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
         pipeline: PathBuf,
         /// Directory holding <split>/<channel>.npy and labeled_anomalies.csv.
@@ -94,6 +96,7 @@ enum Command {
     /// directly); and scaling with replicated channels. End-to-end figures over
     /// the broker and PostgreSQL come from scripts/bench.sh.
     Bench {
+        /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
         pipeline: PathBuf,
         #[arg(long)]
@@ -113,6 +116,7 @@ enum Command {
     /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
     /// forecasts and the dead-letter topic.
     Topics {
+        /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
         pipeline: PathBuf,
         #[arg(long, default_value_t = 3, env = "SATWATCH_PARTITIONS")]
