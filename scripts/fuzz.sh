@@ -28,6 +28,12 @@ for target in "${targets[@]}"; do
     corpus="fuzz/corpus/$target"
     mkdir -p "$corpus"
     cp -n fuzz/corpus-seeds/"$target"/* "$corpus"/ 2>/dev/null || true
+    echo "fuzz: building $target"
+    if ! (cd fuzz && cargo fuzz build "$target"); then
+        echo "fuzz: $target does not build (not a finding)" >&2
+        status=2
+        continue
+    fi
     echo "fuzz: $target for ${seconds}s"
     if ! (cd fuzz && cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" -max_len=131072); then
         echo "fuzz: $target FOUND A FAILURE; see fuzz/artifacts/$target/" >&2

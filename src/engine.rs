@@ -482,6 +482,7 @@ mod tests {
             ewma_alpha: 1.0,
             threshold: 5.0,
             min_event_gap: 1,
+            ..Default::default()
         };
         Engine::new(&[channel], &[spec()], detect).unwrap()
     }

@@ -35,11 +35,16 @@ pub mod http;
 pub mod metrics;
 pub mod offline;
 pub mod processor;
+#[cfg(feature = "kafka")]
 pub mod replay;
 pub mod repository;
+#[cfg(feature = "kafka")]
 pub mod run;
+#[cfg(feature = "kafka")]
 pub mod sink;
+#[cfg(feature = "kafka")]
 pub mod source;
 pub mod telemetry;
+#[cfg(feature = "kafka")]
 pub mod topics;
 pub mod window;

@@ -62,8 +62,11 @@ fn metrics_agree_with_the_replay_and_the_tables() {
     );
     let after = wait_for("the counters to settle", Duration::from_secs(20), || {
         let m = service.get("/metrics")?.1;
-        (sum(&m, "satwatch_rows_written_total", &["table=\"scores\""]) == scored as f64)
-            .then_some(m)
+        // Rows are counted inside the flush, latencies just after it.
+        let settled = sum(&m, "satwatch_rows_written_total", &["table=\"scores\""])
+            == scored as f64
+            && sum(&m, "satwatch_end_to_end_latency_seconds_count", &[]) == scored as f64;
+        settled.then_some(m)
     });
     assert!(
         sum(&after, "satwatch_samples_consumed_total", &[])

@@ -30,6 +30,14 @@ pub struct DetectSettings {
     /// Normal samples in a row that close an open event.
     #[serde(default = "default_min_event_gap")]
     pub min_event_gap: u64,
+    /// Scored samples that establish a channel's baseline value range (0 turns
+    /// the level score off).
+    #[serde(default)]
+    pub baseline_samples: u64,
+    /// A value this far outside the baseline range, in units of the range's
+    /// width, is anomalous whatever its forecast error.
+    #[serde(default = "default_level_threshold")]
+    pub level_threshold: f32,
 }
 
 fn default_ewma_alpha() -> f32 {
@@ -41,6 +49,9 @@ fn default_threshold() -> f32 {
 fn default_min_event_gap() -> u64 {
     50
 }
+fn default_level_threshold() -> f32 {
+    0.5
+}
 
 impl Default for DetectSettings {
     fn default() -> Self {
@@ -48,6 +59,8 @@ impl Default for DetectSettings {
             ewma_alpha: default_ewma_alpha(),
             threshold: default_threshold(),
             min_event_gap: default_min_event_gap(),
+            baseline_samples: 0,
+            level_threshold: default_level_threshold(),
         }
     }
 }
@@ -62,6 +75,12 @@ impl DetectSettings {
         }
         if !self.threshold.is_finite() {
             return Err("detect.threshold must be finite".into());
+        }
+        if !(self.level_threshold > 0.0 && self.level_threshold.is_finite()) {
+            return Err(format!(
+                "detect.level_threshold = {} must be > 0",
+                self.level_threshold
+            ));
         }
         if self.min_event_gap == 0 {
             return Err("detect.min_event_gap must be >= 1".into());
@@ -115,7 +134,21 @@ pub struct ChannelDetector {
     last_forecast: Option<(u64, Vec<f32>)>,
     smoothed_error: Option<f32>,
     open: Option<OpenEvent>,
+    baseline: Baseline,
 }
+
+/// The range of values a channel showed over its first scored samples.
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    seen: u64,
+    low: f32,
+    high: f32,
+}
+
+/// A baseline range is at least this wide (the data is scaled to [-1, 1]),
+/// so a channel that was constant during its baseline is not flagged for
+/// moving a hair.
+const MIN_BASELINE_WIDTH: f32 = 0.05;
 
 impl ChannelDetector {
     pub fn new(settings: DetectSettings, calibration: ErrorCalibration) -> Self {
@@ -125,7 +158,31 @@ impl ChannelDetector {
             last_forecast: None,
             smoothed_error: None,
             open: None,
+            baseline: Baseline {
+                seen: 0,
+                low: f32::INFINITY,
+                high: f32::NEG_INFINITY,
+            },
         }
+    }
+
+    /// How far `value` lies outside the baseline range, in range widths;
+    /// None while the baseline is still being established (or the level
+    /// score is off).
+    fn level_novelty(&mut self, value: f32) -> Option<f32> {
+        let wanted = self.settings.baseline_samples;
+        let b = &mut self.baseline;
+        if b.seen < wanted {
+            b.seen += 1;
+            b.low = b.low.min(value);
+            b.high = b.high.max(value);
+            return None;
+        }
+        if wanted == 0 {
+            return None;
+        }
+        let width = (b.high - b.low).max(MIN_BASELINE_WIDTH);
+        Some((value - b.high).max(b.low - value).max(0.0) / width)
     }
 
     /// Takes the sample `seq` (its target `value`) and the forecast the model
@@ -162,8 +219,14 @@ impl ChannelDetector {
             None => error,
         };
         self.smoothed_error = Some(smoothed);
-        let score = (smoothed - self.calibration.mean) / self.calibration.std;
+        let surprise = (smoothed - self.calibration.mean) / self.calibration.std;
         let threshold = self.settings.threshold;
+        // One score: the level novelty is scaled so that reaching its own
+        // threshold means reaching the score threshold.
+        let level = self
+            .level_novelty(value)
+            .map(|l| l / self.settings.level_threshold * threshold);
+        let score = level.map_or(surprise, |l| surprise.max(l));
         let anomalous = score > threshold;
         let scored = Scored {
             score,
@@ -225,6 +288,7 @@ mod tests {
                 ewma_alpha: 1.0,
                 threshold: 3.0,
                 min_event_gap: gap,
+                ..Default::default()
             },
             ErrorCalibration {
                 mean: 0.0,
@@ -258,12 +322,50 @@ mod tests {
     }
 
     #[test]
+    fn level_novelty_scores_values_outside_the_baseline_range() {
+        let settings = DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 10.0,
+            min_event_gap: 1,
+            baseline_samples: 3,
+            level_threshold: 0.5,
+        };
+        let mut d = ChannelDetector::new(
+            settings,
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        d.step(0, ts(), 0.0, &[0.0]);
+        // Baseline: values 0.0, 0.2, 0.4 (range width 0.4), forecast exact.
+        for (seq, v) in [(1, 0.0), (2, 0.2), (3, 0.4)] {
+            let (scored, _) = d.step(seq, ts(), v, &[if seq < 3 { v + 0.2 } else { 0.4 }]);
+            assert_eq!(
+                scored.unwrap().score,
+                0.0,
+                "no level score during the baseline"
+            );
+        }
+        // Inside the range: no level score. 0.2 above it: 0.5 widths = the threshold.
+        assert_eq!(d.step(4, ts(), 0.4, &[0.6]).0.unwrap().score, 0.0);
+        let scored = d.step(5, ts(), 0.6, &[0.6]).0.unwrap();
+        assert!((scored.score - 10.0).abs() < 1e-4, "{scored:?}");
+        let scored = d.step(6, ts(), 1.0, &[1.0]).0.unwrap();
+        assert!(
+            scored.anomalous && scored.score > 10.0,
+            "persists while the level stays out: {scored:?}"
+        );
+    }
+
+    #[test]
     fn ewma_smooths_errors() {
         let mut d = ChannelDetector::new(
             DetectSettings {
                 ewma_alpha: 0.5,
                 threshold: 3.0,
                 min_event_gap: 1,
+                ..Default::default()
             },
             ErrorCalibration {
                 mean: 1.0,
