@@ -233,10 +233,7 @@ async fn execute(command: Command) -> Result<(), String> {
                 Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| e.to_string())?);
             let mut base = Vec::with_capacity(pipeline.channels.len());
             for channel in &pipeline.channels {
-                let features = specs
-                    .iter()
-                    .find(|s| s.name == channel.model)
-                    .map_or(0, |s| s.features);
+                let features = satwatch::repository::model_features(&specs, &channel.model);
                 let loaded = satwatch::dataset::load_channel(&data, &split, &channel.id, features)
                     .map_err(|e| e.to_string())?;
                 let rows = limit.unwrap_or(usize::MAX).min(loaded.values.nrows());

@@ -9,11 +9,11 @@ use ndarray::Array2;
 use tokio::sync::mpsc;
 
 use crate::{
-    backend::{Backend, BackendPool},
+    backend::Backend,
     config::Pipeline,
-    engine::{Counters, Engine, Outputs},
+    engine::{Counters, Outputs},
     metrics::Metrics,
-    processor::{self, ChannelLabels},
+    processor,
     repository::ModelSpec,
     telemetry::Sample,
 };
@@ -33,25 +33,16 @@ pub async fn stream(
         pipeline.channels.len(),
         "one input per channel"
     );
-    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
     let (samples_tx, samples_rx) = mpsc::channel(4096);
     let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
-    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-    let pool = BackendPool::start(
+    let processor = processor::spawn(
+        pipeline,
+        specs,
         backend,
-        pipeline.file.engine.backend_threads,
-        completions_tx,
-    );
-    let processor = tokio::spawn(processor::process(
-        engine,
-        pool,
-        completions_rx,
         samples_rx,
         outputs_tx,
-        pipeline.file.engine.max_pending_windows,
         Arc::new(Metrics::new()),
-        ChannelLabels::new(&pipeline.channels),
-    ));
+    )?;
     let feeder = tokio::spawn(async move {
         let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);
         for row in 0..longest {

@@ -79,6 +79,35 @@ pub enum ProcessError {
     SinkGone,
 }
 
+/// Builds the engine and the backend pool for `pipeline` and spawns
+/// [`process`] on them: what `run`, `eval` and `bench` share.
+pub fn spawn(
+    pipeline: &crate::config::Pipeline,
+    specs: &[Arc<crate::repository::ModelSpec>],
+    backend: Arc<dyn crate::backend::Backend>,
+    samples: mpsc::Receiver<Sample>,
+    outputs: mpsc::Sender<Outputs>,
+    metrics: Arc<Metrics>,
+) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
+    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+    let pool = BackendPool::start(
+        backend,
+        pipeline.file.engine.backend_threads,
+        completions_tx,
+    );
+    Ok(tokio::spawn(process(
+        engine,
+        pool,
+        completions_rx,
+        samples,
+        outputs,
+        pipeline.file.engine.max_pending_windows,
+        metrics,
+        ChannelLabels::new(&pipeline.channels),
+    )))
+}
+
 /// Processes samples until the sample channel closes and every queued window
 /// has been scored; returns the engine for its counters.
 pub async fn process(

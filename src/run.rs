@@ -7,13 +7,13 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    backend::{onnx::OnnxBackend, Backend, BackendPool},
+    backend::{onnx::OnnxBackend, Backend},
     config::Pipeline,
-    engine::{Counters, Engine},
+    engine::Counters,
     health::Health,
     http,
     metrics::Metrics,
-    processor::{self, ChannelLabels},
+    processor,
     repository::{self, ModelSpec},
     sink::{self, postgres, PgWriter, Publisher},
     source::{self, SourceParts},
@@ -48,10 +48,7 @@ pub fn decoder(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Decoder {
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let features = specs
-                .iter()
-                .find(|s| s.name == c.model)
-                .map_or(0, |s| s.features);
+            let features = repository::model_features(specs, &c.model);
             (
                 c.id.clone(),
                 ChannelShape {
@@ -114,24 +111,15 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
     let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-    let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-
-    let engine = Engine::new(&pipeline.channels, &specs, pipeline.file.detect).map_err(RunError)?;
-    let pool = BackendPool::start(
+    let processor = processor::spawn(
+        &pipeline,
+        &specs,
         backend,
-        pipeline.file.engine.backend_threads,
-        completions_tx,
-    );
-    let processor = tokio::spawn(processor::process(
-        engine,
-        pool,
-        completions_rx,
         samples_rx,
         outputs_tx,
-        pipeline.file.engine.max_pending_windows,
         metrics.clone(),
-        ChannelLabels::new(&pipeline.channels),
-    ));
+    )
+    .map_err(RunError)?;
     let url_for_probe = url.clone();
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,

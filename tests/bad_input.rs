@@ -27,25 +27,7 @@ fn run_replay(
         &broker,
     );
     let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
-    let replay = |start: i64, limit: i64| {
-        let (start, limit) = (start.to_string(), limit.to_string());
-        satwatch(
-            &[
-                "replay",
-                "--pipeline",
-                SMAP_PIPELINE,
-                "--data",
-                "data/smap",
-                "--channels",
-                "A-1,T-1",
-            ]
-            .into_iter()
-            .chain(["--start", &start, "--limit", &limit, "--max-rate"])
-            .collect::<Vec<_>>(),
-            &broker,
-        )
-    };
-    replay(0, ROWS / 2);
+    replay(&broker, "A-1,T-1", 0, ROWS / 2);
     if with_bad_records {
         let big = format!(
             r#"{{"channel":"A-1","seq":9999,"values":[{}]}}"#,
@@ -117,7 +99,7 @@ fn run_replay(
             produce(&broker, topic, b"A-1", payload);
         }
     }
-    replay(ROWS / 2, ROWS / 2);
+    replay(&broker, "A-1,T-1", ROWS / 2, ROWS / 2);
     let expected = 2 * (ROWS - WINDOW);
     wait_for(
         "the good samples to be scored",

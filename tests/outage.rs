@@ -33,26 +33,8 @@ fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
         &broker,
     );
     let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
-    let replay = |start: i64, limit: i64| {
-        let (start, limit) = (start.to_string(), limit.to_string());
-        satwatch(
-            &[
-                "replay",
-                "--pipeline",
-                SMAP_PIPELINE,
-                "--data",
-                "data/smap",
-                "--channels",
-                CHANNELS,
-            ]
-            .into_iter()
-            .chain(["--start", &start, "--limit", &limit, "--max-rate"])
-            .collect::<Vec<_>>(),
-            &broker,
-        )
-    };
 
-    replay(0, ROWS / 2);
+    replay(&broker, CHANNELS, 0, ROWS / 2);
     let first = 3 * (ROWS / 2 - WINDOW);
     wait_for(
         "the first half to be scored",
@@ -72,7 +54,7 @@ fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
     );
     assert_eq!(status, 503);
     assert!(body.contains("PostgreSQL"), "the body says why: {body}");
-    replay(ROWS / 2, ROWS / 2);
+    replay(&broker, CHANNELS, ROWS / 2, ROWS / 2);
     let rss_before = rss_kib(service.pid());
     std::thread::sleep(OUTAGE);
     assert!(

@@ -27,28 +27,10 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
     // First half of each channel, one malformed record, then the second half:
     // the records around the bad one must be scored as if it were not there.
     let channels = CHANNELS.join(",");
-    let half = (ROWS / 2).to_string();
-    let replay = |start: &str| {
-        satwatch(
-            &[
-                "replay",
-                "--pipeline",
-                SMAP_PIPELINE,
-                "--data",
-                "data/smap",
-                "--channels",
-                &channels,
-            ]
-            .into_iter()
-            .chain(["--limit", &half, "--start", start, "--max-rate"])
-            .collect::<Vec<_>>(),
-            &broker,
-        )
-    };
-    replay("0");
+    replay(&broker, &channels, 0, ROWS / 2);
     let malformed = br#"{"channel": "A-1", "seq": 1500, "values": [0.5,"#;
     produce(&broker, "telemetry.acs", b"A-1", malformed);
-    replay(&half);
+    replay(&broker, &channels, ROWS / 2, ROWS / 2);
 
     let expected_per_channel = ROWS - WINDOW;
     let expected = expected_per_channel * CHANNELS.len() as i64;

@@ -98,10 +98,7 @@ pub async fn evaluate(
     let labels: HashMap<&str, &Labels> = labels.iter().map(|l| (l.channel.as_str(), l)).collect();
     let mut inputs = Vec::with_capacity(pipeline.channels.len());
     for channel in &pipeline.channels {
-        let features = specs
-            .iter()
-            .find(|s| s.name == channel.model)
-            .map_or(0, |s| s.features);
+        let features = crate::repository::model_features(specs, &channel.model);
         let loaded =
             dataset::load_channel(data, split, &channel.id, features).map_err(|e| e.to_string())?;
         if split == "test" && !labels.contains_key(channel.id.as_str()) {

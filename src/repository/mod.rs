@@ -105,6 +105,14 @@ pub struct ModelSpec {
     pub parameters: BTreeMap<String, String>,
 }
 
+/// Values per sample that `model` takes (0 when it is not among `specs`).
+pub fn model_features(specs: &[std::sync::Arc<ModelSpec>], model: &str) -> usize {
+    specs
+        .iter()
+        .find(|s| s.name == model)
+        .map_or(0, |s| s.features)
+}
+
 /// Loads every model directory under `root` whose name is in `wanted`.
 pub fn load_models(root: &Path, wanted: &[String]) -> Result<Vec<ModelSpec>, RepositoryError> {
     wanted

@@ -414,6 +414,29 @@ pub fn satwatch(args: &[&str], broker: &Broker) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Replays rows `start..start + limit` of each of `channels` (comma-separated)
+/// from the SMAP test split, as fast as the broker takes them.
+pub fn replay(broker: &Broker, channels: &str, start: i64, limit: i64) -> String {
+    let (start, limit) = (start.to_string(), limit.to_string());
+    satwatch(
+        &[
+            "replay",
+            "--pipeline",
+            SMAP_PIPELINE,
+            "--data",
+            "data/smap",
+            "--channels",
+            channels,
+            "--start",
+            &start,
+            "--limit",
+            &limit,
+            "--max-rate",
+        ],
+        broker,
+    )
+}
+
 /// One record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Record {
