@@ -8,7 +8,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Err(err) = parse_model_config(text) {
             if let Some(line) = err.line {
-                assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "the line is inside the text");
+                assert!(
+                    line >= 1 && line <= text.lines().count().max(1) + 1,
+                    "the line is inside the text"
+                );
             }
         }
     }

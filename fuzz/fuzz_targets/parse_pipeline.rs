@@ -9,7 +9,10 @@ use satwatch::config::Pipeline;
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(pipeline) = Pipeline::parse(text, Path::new("fuzz.toml")) {
-            assert!(!pipeline.channels.is_empty(), "a valid pipeline has channels");
+            assert!(
+                !pipeline.channels.is_empty(),
+                "a valid pipeline has channels"
+            );
         }
     }
 });
