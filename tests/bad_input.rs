@@ -19,14 +19,12 @@ fn run_replay(
     Vec<Record>,
     String,
 ) {
-    let broker = Broker::start();
-    let pg = Postgres::start();
-    let logs = tempfile::tempdir().unwrap();
-    satwatch(
-        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "1"],
-        &broker,
-    );
-    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let Stack {
+        broker,
+        pg,
+        service,
+        logs: _logs,
+    } = Stack::start(1);
     replay(&broker, "A-1,T-1", 0, ROWS / 2);
     if with_bad_records {
         let big = format!(

@@ -13,14 +13,12 @@ const WINDOW: i64 = 64;
 
 #[test]
 fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
-    let mut broker = Broker::start();
-    let pg = Postgres::start();
-    let logs = tempfile::tempdir().unwrap();
-    satwatch(
-        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "3"],
-        &broker,
-    );
-    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let Stack {
+        mut broker,
+        pg,
+        service,
+        logs: _logs,
+    } = Stack::start(3);
 
     replay(&broker, CHANNELS, 0, ROWS / 2);
     let first = 3 * (ROWS / 2 - WINDOW);
@@ -77,17 +75,7 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     );
     assert!(service.terminate(Duration::from_secs(30)).success());
 
-    for channel in CHANNELS.split(',') {
-        let row = &pg.query(&format!(
-            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
-        ))[0];
-        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        assert_eq!(
-            got,
-            (ROWS - WINDOW, ROWS - WINDOW, WINDOW, ROWS - 1),
-            "{channel}: one row per sample"
-        );
-    }
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
     let forecasts = read_topic(&broker, "forecasts");
     let mut keys: Vec<(String, i64)> = forecasts
         .iter()

@@ -24,14 +24,12 @@ fn sum(metrics: &str, name: &str, with: &[&str]) -> f64 {
 
 #[test]
 fn metrics_agree_with_the_replay_and_the_tables() {
-    let broker = Broker::start();
-    let pg = Postgres::start();
-    let logs = tempfile::tempdir().unwrap();
-    satwatch(
-        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "3"],
-        &broker,
-    );
-    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let Stack {
+        broker,
+        pg,
+        service,
+        logs: _logs,
+    } = Stack::start(3);
     produce(&broker, "telemetry.eps", b"E-2", b"{\"channel\": \"E-2\"");
     let limit = ROWS.to_string();
     satwatch(

@@ -25,14 +25,12 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
-    let broker = Broker::start();
-    let mut pg = Postgres::start();
-    let logs = tempfile::tempdir().unwrap();
-    satwatch(
-        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "3"],
-        &broker,
-    );
-    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let Stack {
+        broker,
+        mut pg,
+        service,
+        logs: _logs,
+    } = Stack::start(3);
 
     replay(&broker, CHANNELS, 0, ROWS / 2);
     let first = 3 * (ROWS / 2 - WINDOW);
@@ -83,17 +81,7 @@ fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
     });
     assert!(service.terminate(Duration::from_secs(30)).success());
 
-    for channel in CHANNELS.split(',') {
-        let row = &pg.query(&format!(
-            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
-        ))[0];
-        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        assert_eq!(
-            got,
-            (ROWS - WINDOW, ROWS - WINDOW, WINDOW, ROWS - 1),
-            "{channel}: one row per sample"
-        );
-    }
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
     assert_eq!(
         pg.count("SELECT count(*) FROM forecasts"),
         3 * (ROWS - WINDOW + 1)

@@ -15,14 +15,12 @@ const WINDOW: i64 = 64;
 
 #[test]
 fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commits() {
-    let broker = Broker::start();
-    let pg = Postgres::start();
-    let logs = tempfile::tempdir().unwrap();
-    satwatch(
-        &["topics", "--pipeline", SMAP_PIPELINE, "--partitions", "3"],
-        &broker,
-    );
-    let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+    let Stack {
+        broker,
+        pg,
+        service,
+        logs: _logs,
+    } = Stack::start(3);
 
     // First half of each channel, one malformed record, then the second half:
     // the records around the bad one must be scored as if it were not there.

@@ -414,6 +414,58 @@ pub fn satwatch(args: &[&str], broker: &Broker) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// What most integration tests start with: a broker with satwatch's topics
+/// (`partitions` each), a database, and `satwatch run` on them, ready.
+pub struct Stack {
+    pub broker: Broker,
+    pub pg: Postgres,
+    pub service: Satwatch,
+    /// Holds satwatch's log file for the test's lifetime.
+    pub logs: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn start(partitions: u32) -> Self {
+        let broker = Broker::start();
+        let pg = Postgres::start();
+        let logs = tempfile::tempdir().expect("temp dir");
+        let partitions = partitions.to_string();
+        satwatch(
+            &[
+                "topics",
+                "--pipeline",
+                SMAP_PIPELINE,
+                "--partitions",
+                &partitions,
+            ],
+            &broker,
+        );
+        let service = Satwatch::start(&broker, &pg, logs.path(), &[]);
+        Self {
+            broker,
+            pg,
+            service,
+            logs,
+        }
+    }
+}
+
+/// Each of `channels` (comma-separated) holds exactly one `scores` row for
+/// every seq from `window` to `rows - 1`, and no other.
+pub fn assert_one_score_per_sample(pg: &Postgres, channels: &str, rows: i64, window: i64) {
+    for channel in channels.split(',') {
+        let row = &pg.query(&format!(
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
+        ))[0];
+        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            got,
+            (rows - window, rows - window, window, rows - 1),
+            "{channel}: one row per sample"
+        );
+    }
+}
+
 /// Replays rows `start..start + limit` of each of `channels` (comma-separated)
 /// from the SMAP test split, as fast as the broker takes them.
 pub fn replay(broker: &Broker, channels: &str, start: i64, limit: i64) -> String {
