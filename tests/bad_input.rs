@@ -99,10 +99,11 @@ fn run_replay(
     }
     replay(&broker, "A-1,T-1", ROWS / 2, ROWS / 2);
     let expected = 2 * (ROWS - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        expected,
         "the good samples to be scored",
         Duration::from_secs(120),
-        || (pg.count("SELECT count(*) FROM scores") == expected).then_some(()),
     );
     wait_for(
         "the dead letters to be counted",

@@ -22,39 +22,19 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
 
     replay(&broker, CHANNELS, 0, ROWS / 2);
     let first = 3 * (ROWS / 2 - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        first,
         "the first half to be scored",
         Duration::from_secs(60),
-        || (pg.count("SELECT count(*) FROM scores") == first).then_some(()),
     );
 
     // The second half goes out paced (about 1.5 s) while the broker dies
     // 0.5 s in: the replay's producer buffers and retries, satwatch's
     // consumer and producers reconnect.
     let addr = broker.addr();
-    let second_half = std::thread::spawn(move || {
-        let (start, limit) = ((ROWS / 2).to_string(), (ROWS / 2).to_string());
-        let output = std::process::Command::new(satwatch_bin())
-            .args([
-                "replay",
-                "--pipeline",
-                SMAP_PIPELINE,
-                "--data",
-                "data/smap",
-                "--channels",
-                CHANNELS,
-            ])
-            .args(["--start", &start, "--limit", &limit, "--rate", "2000"])
-            .current_dir(repo_root())
-            .env("SATWATCH_BROKERS", addr)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    });
+    let second_half =
+        std::thread::spawn(move || replay_paced(&addr, CHANNELS, ROWS / 2, ROWS / 2, Some(2000)));
     std::thread::sleep(Duration::from_millis(500));
     broker.stop();
     std::thread::sleep(Duration::from_secs(5));
@@ -68,10 +48,11 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     second_half.join().unwrap();
 
     let total = 3 * (ROWS - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        total,
         "everything to be scored after the restart",
         Duration::from_secs(120),
-        || (pg.count("SELECT count(*) FROM scores") == total).then_some(()),
     );
     assert!(service.terminate(Duration::from_secs(30)).success());
 

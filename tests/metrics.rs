@@ -31,32 +31,17 @@ fn metrics_agree_with_the_replay_and_the_tables() {
         logs: _logs,
     } = Stack::start(3);
     produce(&broker, "telemetry.eps", b"E-2", b"{\"channel\": \"E-2\"");
-    let limit = ROWS.to_string();
-    satwatch(
-        &[
-            "replay",
-            "--pipeline",
-            SMAP_PIPELINE,
-            "--data",
-            "data/smap",
-            "--channels",
-            CHANNELS,
-            "--limit",
-            &limit,
-            "--rate",
-            "3000",
-        ],
-        &broker,
-    );
+    replay_paced(&broker.addr(), CHANNELS, 0, ROWS, Some(3000));
     // One scrape while samples are still flowing: a valid exposition whose counters only grow.
     let during = service.get("/metrics").expect("metrics answer").1;
     assert!(during.contains("# TYPE satwatch_samples_consumed_total counter"));
 
     let scored = 3 * (ROWS - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        scored,
         "every sample past warm-up to be scored",
         Duration::from_secs(60),
-        || (pg.count("SELECT count(*) FROM scores") == scored).then_some(()),
     );
     let after = wait_for("the counters to settle", Duration::from_secs(20), || {
         let m = service.get("/metrics")?.1;

@@ -34,10 +34,11 @@ fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
 
     replay(&broker, CHANNELS, 0, ROWS / 2);
     let first = 3 * (ROWS / 2 - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        first,
         "the first half to be scored",
         Duration::from_secs(60),
-        || (pg.count("SELECT count(*) FROM scores") == first).then_some(()),
     );
 
     pg.stop();
@@ -69,10 +70,11 @@ fn a_postgres_outage_turns_readiness_503_and_loses_nothing() {
 
     pg.resume();
     let total = 3 * (ROWS - WINDOW);
-    wait_for(
+    wait_for_scores(
+        &pg,
+        total,
         "everything to be scored after PostgreSQL returns",
         Duration::from_secs(60),
-        || (pg.count("SELECT count(*) FROM scores") == total).then_some(()),
     );
     wait_for("readiness to return", Duration::from_secs(20), || {
         service

@@ -32,10 +32,11 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
 
     let expected_per_channel = ROWS - WINDOW;
     let expected = expected_per_channel * CHANNELS.len() as i64;
-    wait_for(
+    wait_for_scores(
+        &pg,
+        expected,
         "every sample past warm-up to be scored",
         Duration::from_secs(120),
-        || (pg.count("SELECT count(*) FROM scores") == expected).then_some(()),
     );
     let status = service.terminate(Duration::from_secs(30));
     assert!(

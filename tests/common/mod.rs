@@ -399,10 +399,15 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// Runs a satwatch subcommand to completion, asserting success; returns stdout.
 pub fn satwatch(args: &[&str], broker: &Broker) -> String {
+    satwatch_with_brokers(args, &broker.addr())
+}
+
+/// Runs a satwatch subcommand against the brokers at `brokers`, asserting success; returns stdout.
+pub fn satwatch_with_brokers(args: &[&str], brokers: &str) -> String {
     let output = Command::new(satwatch_bin())
         .args(args)
         .current_dir(repo_root())
-        .env("SATWATCH_BROKERS", broker.addr())
+        .env("SATWATCH_BROKERS", brokers)
         .output()
         .expect("satwatch runs");
     assert!(
@@ -469,24 +474,44 @@ pub fn assert_one_score_per_sample(pg: &Postgres, channels: &str, rows: i64, win
 /// Replays rows `start..start + limit` of each of `channels` (comma-separated)
 /// from the SMAP test split, as fast as the broker takes them.
 pub fn replay(broker: &Broker, channels: &str, start: i64, limit: i64) -> String {
+    replay_paced(&broker.addr(), channels, start, limit, None)
+}
+
+/// The same against the brokers at `brokers`, at `rate` samples/s when given.
+pub fn replay_paced(
+    brokers: &str,
+    channels: &str,
+    start: i64,
+    limit: i64,
+    rate: Option<u32>,
+) -> String {
     let (start, limit) = (start.to_string(), limit.to_string());
-    satwatch(
-        &[
-            "replay",
-            "--pipeline",
-            SMAP_PIPELINE,
-            "--data",
-            "data/smap",
-            "--channels",
-            channels,
-            "--start",
-            &start,
-            "--limit",
-            &limit,
-            "--max-rate",
-        ],
-        broker,
-    )
+    let rate = rate.map(|r| r.to_string());
+    let mut args = vec![
+        "replay",
+        "--pipeline",
+        SMAP_PIPELINE,
+        "--data",
+        "data/smap",
+        "--channels",
+        channels,
+        "--start",
+        &start,
+        "--limit",
+        &limit,
+    ];
+    match &rate {
+        Some(rate) => args.extend(["--rate", rate.as_str()]),
+        None => args.push("--max-rate"),
+    }
+    satwatch_with_brokers(&args, brokers)
+}
+
+/// Waits until `scores` holds exactly `expected` rows.
+pub fn wait_for_scores(pg: &Postgres, expected: i64, what: &str, deadline: Duration) {
+    wait_for(what, deadline, || {
+        (pg.count("SELECT count(*) FROM scores") == expected).then_some(())
+    });
 }
 
 /// One record read back from a topic.
