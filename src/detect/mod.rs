@@ -13,7 +13,7 @@
 //! follow its last anomalous one.
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::repository::ErrorCalibration;
 
@@ -98,7 +98,7 @@ pub struct Scored {
 }
 
 /// An anomaly event as the detector knows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventSpan {
     pub start_seq: u64,
     pub start_ts: DateTime<Utc>,
@@ -116,7 +116,7 @@ pub enum EventChange {
     Closed(EventSpan),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenEvent {
     span: EventSpan,
     last_anomalous: (u64, DateTime<Utc>),
@@ -124,11 +124,19 @@ struct OpenEvent {
     normal_run: u64,
 }
 
-/// One channel's detection state.
+/// One channel's detector: its settings and its state.
 #[derive(Debug, Clone)]
 pub struct ChannelDetector {
     settings: DetectSettings,
     calibration: ErrorCalibration,
+    state: DetectorState,
+}
+
+/// Everything a channel's detector carries from one sample to the next, and
+/// nothing else: crash recovery checkpoints it (as JSON) and restores it, so
+/// it stays small and serialisable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectorState {
     /// The forecast made at the previous sample: the seq it was made at, and
     /// the horizon in the input's units.
     last_forecast: Option<(u64, Vec<f32>)>,
@@ -137,8 +145,25 @@ pub struct ChannelDetector {
     baseline: Baseline,
 }
 
+impl Default for DetectorState {
+    fn default() -> Self {
+        Self {
+            last_forecast: None,
+            smoothed_error: None,
+            open: None,
+            // Finite placeholders (JSON has no infinities): the first
+            // baseline sample replaces both.
+            baseline: Baseline {
+                seen: 0,
+                low: 0.0,
+                high: 0.0,
+            },
+        }
+    }
+}
+
 /// The range of values a channel showed over its first scored samples.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Baseline {
     seen: u64,
     low: f32,
@@ -152,18 +177,25 @@ const MIN_BASELINE_WIDTH: f32 = 0.05;
 
 impl ChannelDetector {
     pub fn new(settings: DetectSettings, calibration: ErrorCalibration) -> Self {
+        Self::restore(settings, calibration, DetectorState::default())
+    }
+
+    /// A detector that goes on from a checkpointed `state`.
+    pub fn restore(
+        settings: DetectSettings,
+        calibration: ErrorCalibration,
+        state: DetectorState,
+    ) -> Self {
         Self {
             settings,
             calibration,
-            last_forecast: None,
-            smoothed_error: None,
-            open: None,
-            baseline: Baseline {
-                seen: 0,
-                low: f32::INFINITY,
-                high: f32::NEG_INFINITY,
-            },
+            state,
         }
+    }
+
+    /// The state to checkpoint.
+    pub fn state(&self) -> &DetectorState {
+        &self.state
     }
 
     /// How far `value` lies outside the baseline range, in range widths;
@@ -171,8 +203,11 @@ impl ChannelDetector {
     /// score is off).
     fn level_novelty(&mut self, value: f32) -> Option<f32> {
         let wanted = self.settings.baseline_samples;
-        let b = &mut self.baseline;
+        let b = &mut self.state.baseline;
         if b.seen < wanted {
+            if b.seen == 0 {
+                (b.low, b.high) = (value, value);
+            }
             b.seen += 1;
             b.low = b.low.min(value);
             b.high = b.high.max(value);
@@ -196,17 +231,21 @@ impl ChannelDetector {
         value: f32,
         forecast: &[f32],
     ) -> (Option<Scored>, Option<EventChange>) {
-        let predicted = self.last_forecast.as_ref().and_then(|(made_at, horizon)| {
-            let step = seq.checked_sub(*made_at)?.checked_sub(1)?;
-            horizon.get(usize::try_from(step).ok()?).copied()
-        });
-        match &mut self.last_forecast {
+        let predicted = self
+            .state
+            .last_forecast
+            .as_ref()
+            .and_then(|(made_at, horizon)| {
+                let step = seq.checked_sub(*made_at)?.checked_sub(1)?;
+                horizon.get(usize::try_from(step).ok()?).copied()
+            });
+        match &mut self.state.last_forecast {
             Some((made_at, horizon)) => {
                 *made_at = seq;
                 horizon.clear();
                 horizon.extend_from_slice(forecast);
             }
-            None => self.last_forecast = Some((seq, forecast.to_vec())),
+            None => self.state.last_forecast = Some((seq, forecast.to_vec())),
         }
         let Some(predicted) = predicted else {
             return (None, None);
@@ -214,11 +253,11 @@ impl ChannelDetector {
 
         let error = (value - predicted).abs();
         let alpha = self.settings.ewma_alpha;
-        let smoothed = match self.smoothed_error {
+        let smoothed = match self.state.smoothed_error {
             Some(previous) => alpha * error + (1.0 - alpha) * previous,
             None => error,
         };
-        self.smoothed_error = Some(smoothed);
+        self.state.smoothed_error = Some(smoothed);
         let surprise = (smoothed - self.calibration.mean) / self.calibration.std;
         let threshold = self.settings.threshold;
         // One score: the level novelty is scaled so that reaching its own
@@ -237,7 +276,7 @@ impl ChannelDetector {
     }
 
     fn track_event(&mut self, seq: u64, ts: DateTime<Utc>, scored: Scored) -> Option<EventChange> {
-        match (&mut self.open, scored.anomalous) {
+        match (&mut self.state.open, scored.anomalous) {
             (None, false) => None,
             (None, true) => {
                 let span = EventSpan {
@@ -247,7 +286,7 @@ impl ChannelDetector {
                     peak_score: scored.score,
                     threshold: scored.threshold,
                 };
-                self.open = Some(OpenEvent {
+                self.state.open = Some(OpenEvent {
                     span: span.clone(),
                     last_anomalous: (seq, ts),
                     normal_run: 0,
@@ -265,7 +304,7 @@ impl ChannelDetector {
                 if open.normal_run < self.settings.min_event_gap {
                     return None;
                 }
-                let mut open = self.open.take().expect("matched Some above");
+                let mut open = self.state.open.take().expect("matched Some above");
                 open.span.end = Some(open.last_anomalous);
                 Some(EventChange::Closed(open.span))
             }
@@ -274,7 +313,7 @@ impl ChannelDetector {
 
     /// The event open on this channel, if any.
     pub fn open_event(&self) -> Option<&EventSpan> {
-        self.open.as_ref().map(|o| &o.span)
+        self.state.open.as_ref().map(|o| &o.span)
     }
 }
 
@@ -407,5 +446,40 @@ mod tests {
         assert_eq!(closed.end.map(|(s, _)| s), Some(4));
         assert_eq!(closed.peak_score, 9.0);
         assert!(d.open_event().is_none());
+    }
+
+    #[test]
+    fn a_restored_detector_goes_on_exactly_as_the_original() {
+        let settings = DetectSettings {
+            ewma_alpha: 0.3,
+            threshold: 2.0,
+            min_event_gap: 3,
+            baseline_samples: 4,
+            level_threshold: 0.5,
+        };
+        let calibration = ErrorCalibration {
+            mean: 0.1,
+            std: 0.5,
+        };
+        let values = [0.0, 0.1, 0.3, 2.0, 2.5, 0.2, 0.1, 0.0, 0.1, 0.0, 3.0];
+        let mut original = ChannelDetector::new(settings, calibration);
+        let mut resumed: Option<ChannelDetector> = None;
+        for (seq, v) in values.iter().enumerate() {
+            let step = original.step(seq as u64, ts(), *v, &[0.0, 0.0]);
+            if let Some(r) = resumed.as_mut() {
+                assert_eq!(step, r.step(seq as u64, ts(), *v, &[0.0, 0.0]));
+            }
+            if seq == 4 {
+                // Mid-event, through JSON as the checkpoint stores it.
+                let json = serde_json::to_string(original.state()).unwrap();
+                let state = serde_json::from_str(&json).unwrap();
+                resumed = Some(ChannelDetector::restore(settings, calibration, state));
+                assert!(
+                    original.open_event().is_some(),
+                    "the checkpoint carries an open event"
+                );
+            }
+        }
+        assert_eq!(resumed.unwrap().state(), original.state());
     }
 }
