@@ -231,3 +231,114 @@ fn replay_calls(
         None => Ok(elapsed),
     }
 }
+
+/// One batch size of the backend micro-benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchFigure {
+    pub batch_size: usize,
+    pub calls: usize,
+    /// Windows forecast per second by back-to-back calls on one thread.
+    pub windows_per_s: f64,
+    /// Latency of one call, milliseconds.
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// `count` real windows of one channel, normalised as the pipeline does
+/// (`(x - center) / scale` with the model's train statistics), ending at rows
+/// spread evenly over `values`: `[count, window * features]` row-major.
+pub fn real_windows(
+    values: &Array2<f32>,
+    spec: &ModelSpec,
+    count: usize,
+) -> Result<Vec<f32>, String> {
+    let (rows, window) = (values.nrows(), spec.window);
+    if rows < window || values.ncols() != spec.features {
+        return Err(format!(
+            "{}: the data has {rows} rows of {} values; a window needs {window} rows of {}",
+            spec.name,
+            values.ncols(),
+            spec.features
+        ));
+    }
+    let norm = &spec.normalisation;
+    let last_start = rows - window;
+    let mut out = Vec::with_capacity(count * window * spec.features);
+    for i in 0..count {
+        let start = if count > 1 {
+            i * last_start / (count - 1)
+        } else {
+            last_start
+        };
+        for row in values.slice(ndarray::s![start..start + window, ..]).rows() {
+            out.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(f, x)| (x - norm.center[f]) / norm.scale[f]),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Calls `backend` for `model` back to back at each batch size, on one
+/// thread, for at least `min_time` (and at least 5 calls) after 3 warm-up
+/// calls. Batches are cut from `windows` (`[n, per_row]`), repeated when a
+/// batch is larger than `n`.
+pub fn sweep(
+    backend: &dyn Backend,
+    model: usize,
+    windows: &[f32],
+    per_row: usize,
+    batch_sizes: &[usize],
+    min_time: Duration,
+) -> Result<Vec<BatchFigure>, String> {
+    let pool = windows.len() / per_row.max(1);
+    if pool == 0 {
+        return Err("no windows to benchmark with".into());
+    }
+    let mut figures = Vec::with_capacity(batch_sizes.len());
+    for &rows in batch_sizes {
+        if rows == 0 {
+            return Err("batch sizes must be >= 1".into());
+        }
+        let inputs: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                let w = r % pool;
+                windows[w * per_row..(w + 1) * per_row].iter().copied()
+            })
+            .collect();
+        let call = || {
+            backend
+                .infer(model, &inputs, rows)
+                .map_err(|e| e.to_string())
+        };
+        for _ in 0..3 {
+            call()?;
+        }
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < min_time || latencies.len() < 5 {
+            let t = Instant::now();
+            let out = call()?;
+            latencies.push(t.elapsed());
+            std::hint::black_box(out);
+        }
+        let total = started.elapsed();
+        latencies.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        figures.push(BatchFigure {
+            batch_size: rows,
+            calls: latencies.len(),
+            windows_per_s: (rows * latencies.len()) as f64 / total.as_secs_f64(),
+            mean_ms: ms(latencies.iter().sum::<Duration>()) / latencies.len() as f64,
+            p50_ms: ms(at(0.5)),
+            p99_ms: ms(at(0.99)),
+            max_ms: ms(*latencies.last().expect("at least 5 calls")),
+        });
+    }
+    Ok(figures)
+}

@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::detect::DetectSettings;
+use crate::{
+    backend::{BackendChoice, GpuFallback},
+    detect::DetectSettings,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +112,28 @@ pub struct EngineSettings {
     /// exits without its final commit (exit status 2).
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Which backend runs the models: `"auto"` (default: each model where its
+    /// config.pbtxt's `instance_group` puts it, KIND_CPU on ONNX Runtime and
+    /// KIND_GPU on the GPU backend built in), or `"onnx"`, `"native"`,
+    /// `"cuda"`, `"onnx-tensorrt"` for every model.
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// A model that asks for a GPU when none is usable: `"cpu"` (default) runs
+    /// it on ONNX Runtime's CPU backend after one warning; `"refuse"` stops
+    /// satwatch with the reason.
+    #[serde(default)]
+    pub gpu_fallback: GpuFallback,
+    /// CUDA device ordinal the GPU backends use.
+    #[serde(default)]
+    pub gpu_device: usize,
+    /// Where the TensorRT execution provider keeps built engines and timing
+    /// caches (backend `"onnx-tensorrt"`); default `~/.cache/satwatch/tensorrt`
+    /// (`$SATWATCH_CACHE/tensorrt` when set).
+    #[serde(default)]
+    pub tensorrt_cache_dir: Option<PathBuf>,
+    /// TensorRT may build FP16 kernels (default true).
+    #[serde(default = "default_tensorrt_fp16")]
+    pub tensorrt_fp16: bool,
 }
 
 impl Default for EngineSettings {
@@ -117,6 +142,11 @@ impl Default for EngineSettings {
             backend_threads: default_backend_threads(),
             max_pending_windows: default_max_pending_windows(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            backend: BackendChoice::default(),
+            gpu_fallback: GpuFallback::default(),
+            gpu_device: 0,
+            tensorrt_cache_dir: None,
+            tensorrt_fp16: default_tensorrt_fp16(),
         }
     }
 }
@@ -194,6 +224,9 @@ fn default_max_pending_windows() -> usize {
 }
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
+}
+fn default_tensorrt_fp16() -> bool {
+    true
 }
 fn default_max_batch_rows() -> usize {
     4096

@@ -5,7 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
-use satwatch::{backend::onnx::OnnxBackend, config::Pipeline, eval, replay, run, topics};
+use satwatch::{
+    backend::{self, BackendChoice, GpuFallback},
+    config::Pipeline,
+    eval, replay, run, topics,
+};
 
 #[derive(Parser)]
 #[command(
@@ -94,7 +98,9 @@ enum Command {
     /// Measure the pipeline in-process: core throughput through window, batcher,
     /// backend and detection; the inference ceiling (the same batches called
     /// directly); and scaling with replicated channels. End-to-end figures over
-    /// the broker and PostgreSQL come from scripts/bench.sh.
+    /// the broker and PostgreSQL come from scripts/bench.sh. With
+    /// --batch-sizes, instead a backend micro-benchmark: one model called
+    /// directly at each batch size (throughput and latency).
     Bench {
         /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
@@ -112,6 +118,21 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run every model on this backend (auto, onnx, native, cuda,
+        /// onnx-tensorrt) instead of the pipeline's [engine] backend; a GPU
+        /// backend with no usable GPU is refused, never replaced.
+        #[arg(long)]
+        backend: Option<BackendChoice>,
+        /// Backend micro-benchmark at these batch sizes (e.g.
+        /// 1,4,16,64,256,1024,4096) instead of the pipeline runs.
+        #[arg(long, value_delimiter = ',')]
+        batch_sizes: Option<Vec<usize>>,
+        /// Channel whose model and test windows the micro-benchmark uses.
+        #[arg(long, default_value = "T-1")]
+        channel: String,
+        /// Micro-benchmark: measure each batch size for at least this long.
+        #[arg(long, default_value_t = 1000)]
+        min_time_ms: u64,
     },
     /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
     /// forecasts and the dead-letter topic.
@@ -198,7 +219,9 @@ async fn execute(command: Command) -> Result<(), String> {
             let mut pipeline = load_pipeline(&pipeline)?;
             pipeline.select_channels(&channels)?;
             let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-            let backend = Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| e.to_string())?);
+            let backend = backend::select(&specs, &pipeline.file.engine)
+                .map_err(|e| e.to_string())?
+                .backend;
             let show_progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let (evaluation, traces) =
                 eval::evaluate(&pipeline, &specs, backend, &data, &split, show_progress).await?;
@@ -226,11 +249,25 @@ async fn execute(command: Command) -> Result<(), String> {
             replicas,
             limit,
             json,
+            backend: choice,
+            batch_sizes,
+            channel,
+            min_time_ms,
         } => {
-            let pipeline = load_pipeline(&pipeline)?;
+            let mut pipeline = load_pipeline(&pipeline)?;
+            if let Some(choice) = choice {
+                pipeline.file.engine.backend = choice;
+                // A benchmark of a GPU backend must not quietly measure the CPU.
+                pipeline.file.engine.gpu_fallback = GpuFallback::Refuse;
+            }
+            if let Some(sizes) = batch_sizes {
+                pipeline.select_channels(&channel)?;
+                return micro_bench(&pipeline, &data, &split, &sizes, min_time_ms, json);
+            }
             let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-            let backend: Arc<dyn satwatch::backend::Backend> =
-                Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| e.to_string())?);
+            let backend = backend::select(&specs, &pipeline.file.engine)
+                .map_err(|e| e.to_string())?
+                .backend;
             let mut base = Vec::with_capacity(pipeline.channels.len());
             for channel in &pipeline.channels {
                 let features = satwatch::repository::model_features(&specs, &channel.model);
@@ -287,6 +324,55 @@ async fn execute(command: Command) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `satwatch bench --batch-sizes ...`: one model on its selected backend.
+fn micro_bench(
+    pipeline: &Pipeline,
+    data: &std::path::Path,
+    split: &str,
+    sizes: &[usize],
+    min_time_ms: u64,
+    json: bool,
+) -> Result<(), String> {
+    let specs = run::load_models(pipeline).map_err(|e| e.to_string())?;
+    let selection = backend::select(&specs, &pipeline.file.engine).map_err(|e| e.to_string())?;
+    let spec = &specs[0];
+    let placement = &selection.placements[0];
+    let loaded =
+        satwatch::dataset::load_channel(data, split, &pipeline.channels[0].id, spec.features)
+            .map_err(|e| e.to_string())?;
+    let windows = satwatch::bench::real_windows(&loaded.values, spec, 1024)?;
+    let figures = satwatch::bench::sweep(
+        selection.backend.as_ref(),
+        0,
+        &windows,
+        spec.window * spec.features,
+        sizes,
+        std::time::Duration::from_millis(min_time_ms),
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "model": spec.name, "backend": placement.backend, "batches": figures })
+        );
+        return Ok(());
+    }
+    println!(
+        "backend {} · model {} · one thread, back-to-back calls, real {split} windows",
+        placement.backend, spec.name
+    );
+    println!(
+        "{:>6} {:>8} {:>14} {:>10} {:>10} {:>10} {:>10}",
+        "batch", "calls", "windows/s", "mean ms", "p50 ms", "p99 ms", "max ms"
+    );
+    for f in &figures {
+        println!(
+            "{:>6} {:>8} {:>14.0} {:>10.4} {:>10.4} {:>10.4} {:>10.4}",
+            f.batch_size, f.calls, f.windows_per_s, f.mean_ms, f.p50_ms, f.p99_ms, f.max_ms
+        );
+    }
+    Ok(())
 }
 
 fn list(topics: &[String]) -> String {

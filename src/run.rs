@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    backend::{onnx::OnnxBackend, Backend},
+    backend::{self, Backend},
     config::Pipeline,
     engine::Counters,
     health::Health,
@@ -67,11 +67,12 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let specs = load_models(&pipeline)?;
-    let backend: Arc<dyn Backend> =
-        Arc::new(OnnxBackend::load(&specs, 1).map_err(|e| RunError(e.to_string()))?);
+    let selection =
+        backend::select(&specs, &pipeline.file.engine).map_err(|e| RunError(e.to_string()))?;
+    let backend: Arc<dyn Backend> = selection.backend;
     health.set_models_loaded(true);
-    for spec in &specs {
-        tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, "model loaded");
+    for (spec, placement) in specs.iter().zip(&selection.placements) {
+        tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, backend = %placement.backend, "model loaded");
     }
 
     // The producer first: its settings (e.g. SASL) are checked and its

@@ -1,20 +1,39 @@
-//! Inference backends: a synchronous [`Backend`] trait and a pool of threads
-//! that runs batches on it, replying by channel.
+//! Inference backends: a synchronous [`Backend`] trait, the backends, the
+//! choice of backend per model ([`select`]), and a pool of threads that runs
+//! batches on it, replying by channel.
 //!
 //! Backends are synchronous on purpose: an inference call is CPU- or
 //! device-bound work that must not run on the async runtime's threads.
+//!
+//! - [`onnx`]: ONNX Runtime on the CPU; with the `onnx-gpu` feature also its
+//!   TensorRT and CUDA execution providers (`onnx-tensorrt`).
+//! - [`native`]: the shipped model family in plain Rust on the CPU.
+//! - `cuda` (feature `cuda`): the same family on the GPU through cudarc
+//!   (driver, cuBLAS, NVRTC), needing neither TensorRT nor onnxruntime-gpu.
+//! - [`graph`]: reads an ONNX file into the plan `native` and `cuda` run.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod graph;
+pub mod native;
 pub mod onnx;
 
 use std::{
+    fmt,
+    str::FromStr,
     sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::engine::ModelBatch;
+use crate::{
+    config::EngineSettings,
+    engine::ModelBatch,
+    repository::{DeviceKind, ModelSpec},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -30,6 +49,9 @@ pub enum BackendError {
     },
     #[error("model {model}: inference failed: {reason}")]
     Inference { model: String, reason: String },
+    /// A GPU backend was asked for and no GPU can be used: why.
+    #[error("{0}")]
+    NoGpu(String),
 }
 
 /// Runs models on batches of windows.
@@ -111,5 +133,304 @@ impl BackendPool {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// `[engine] backend` in the pipeline file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendChoice {
+    /// Each model where its `config.pbtxt` puts it: `KIND_CPU` on ONNX
+    /// Runtime (CPU), `KIND_GPU` on the GPU backend this build has (`cuda`,
+    /// else `onnx-tensorrt`).
+    #[default]
+    Auto,
+    /// ONNX Runtime on the CPU.
+    Onnx,
+    /// The model family in plain Rust on the CPU.
+    Native,
+    /// The model family on the GPU through cudarc (feature `cuda`).
+    Cuda,
+    /// ONNX Runtime with the TensorRT execution provider, CUDA's as fallback
+    /// (feature `onnx-gpu`, onnxruntime-gpu and TensorRT installed).
+    OnnxTensorrt,
+}
+
+impl BackendChoice {
+    pub const NAMES: &'static str = "auto, onnx, native, cuda, onnx-tensorrt";
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "onnx" => Ok(Self::Onnx),
+            "native" => Ok(Self::Native),
+            "cuda" => Ok(Self::Cuda),
+            "onnx-tensorrt" => Ok(Self::OnnxTensorrt),
+            other => Err(format!(
+                "unknown backend \"{other}\" (one of {})",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+/// `[engine] gpu_fallback`: what happens to a model that asks for a GPU when
+/// none can be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuFallback {
+    /// Run it on ONNX Runtime's CPU backend, after one warning line.
+    #[default]
+    Cpu,
+    /// Refuse to start, saying why.
+    Refuse,
+}
+
+/// The backend a model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Onnx,
+    Native,
+    Cuda,
+    OnnxTensorrt,
+}
+
+impl BackendKind {
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Self::Cuda | Self::OnnxTensorrt)
+    }
+
+    /// The GPU backend `auto` gives a `KIND_GPU` model: the one this build has.
+    pub fn default_gpu() -> Self {
+        if cfg!(feature = "cuda") || !cfg!(feature = "onnx-gpu") {
+            Self::Cuda
+        } else {
+            Self::OnnxTensorrt
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Onnx => "onnx",
+            Self::Native => "native",
+            Self::Cuda => "cuda",
+            Self::OnnxTensorrt => "onnx-tensorrt",
+        })
+    }
+}
+
+/// Where one model ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub model: String,
+    pub backend: BackendKind,
+    /// Set when the model asked for a GPU and fell back to the CPU: why.
+    pub fell_back: Option<String>,
+}
+
+/// The backend for a set of models, and where each one runs.
+pub struct Selection {
+    pub backend: Arc<dyn Backend>,
+    pub placements: Vec<Placement>,
+}
+
+/// Chooses and loads the backend of every model: `[engine] backend` when it
+/// names one, else each model's `instance_group` kind. A model that asks for
+/// a GPU when none is usable runs on ONNX Runtime's CPU backend after one
+/// warning (`gpu_fallback = "cpu"`), or stops the load with the reason
+/// (`"refuse"`).
+pub fn select(
+    specs: &[Arc<ModelSpec>],
+    engine: &EngineSettings,
+) -> Result<Selection, BackendError> {
+    let wanted: Vec<BackendKind> = specs
+        .iter()
+        .map(|spec| match engine.backend {
+            BackendChoice::Auto if spec.device == DeviceKind::Gpu => BackendKind::default_gpu(),
+            BackendChoice::Auto | BackendChoice::Onnx => BackendKind::Onnx,
+            BackendChoice::Native => BackendKind::Native,
+            BackendChoice::Cuda => BackendKind::Cuda,
+            BackendChoice::OnnxTensorrt => BackendKind::OnnxTensorrt,
+        })
+        .collect();
+    let mut placements: Vec<Placement> = specs
+        .iter()
+        .zip(&wanted)
+        .map(|(spec, &backend)| Placement {
+            model: spec.name.clone(),
+            backend,
+            fell_back: None,
+        })
+        .collect();
+
+    // Load each kind's models together; GPU kinds first, so that what falls
+    // back joins the CPU group.
+    let mut loaded: Vec<(Arc<dyn Backend>, Vec<usize>)> = Vec::new();
+    for kind in [
+        BackendKind::Cuda,
+        BackendKind::OnnxTensorrt,
+        BackendKind::Native,
+        BackendKind::Onnx,
+    ] {
+        let members: Vec<usize> = (0..specs.len())
+            .filter(|&i| placements[i].backend == kind)
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        let group: Vec<Arc<ModelSpec>> = members.iter().map(|&i| specs[i].clone()).collect();
+        match load_kind(kind, &group, engine) {
+            Ok(backend) => loaded.push((backend, members)),
+            Err(BackendError::NoGpu(reason)) => {
+                let names: Vec<&str> = members.iter().map(|&i| specs[i].name.as_str()).collect();
+                let asked = match engine.backend {
+                    BackendChoice::Auto => "instance_group KIND_GPU in its config.pbtxt".to_owned(),
+                    _ => format!("[engine] backend = \"{kind}\""),
+                };
+                match engine.gpu_fallback {
+                    GpuFallback::Refuse => {
+                        return Err(BackendError::NoGpu(format!(
+                            "{} asked for a GPU ({asked}) but none can be used: {reason}; \
+                             [engine] gpu_fallback = \"refuse\" stops here (\"cpu\" would run on the CPU instead)",
+                            list_models(&names)
+                        )))
+                    }
+                    GpuFallback::Cpu => {
+                        tracing::warn!(
+                            "no GPU for {} ({asked}): {reason}; running on the CPU (onnx backend) as [engine] gpu_fallback = \"cpu\" allows",
+                            list_models(&names)
+                        );
+                        for &i in &members {
+                            placements[i].backend = BackendKind::Onnx;
+                            placements[i].fell_back = Some(reason.clone());
+                        }
+                    }
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+
+    let backend: Arc<dyn Backend> = match loaded.as_slice() {
+        [(only, _)] => only.clone(),
+        _ => {
+            let mut route = vec![(0, 0); specs.len()];
+            for (b, (_, members)) in loaded.iter().enumerate() {
+                for (within, &model) in members.iter().enumerate() {
+                    route[model] = (b, within);
+                }
+            }
+            Arc::new(Routed {
+                backends: loaded.into_iter().map(|(backend, _)| backend).collect(),
+                route,
+            })
+        }
+    };
+    Ok(Selection {
+        backend,
+        placements,
+    })
+}
+
+fn list_models(names: &[&str]) -> String {
+    match names {
+        [one] => format!("model {one}"),
+        many => format!("models {}", many.join(", ")),
+    }
+}
+
+/// Loads `specs` on one backend.
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "onnx-gpu")),
+    allow(unused_variables)
+)]
+pub fn load_kind(
+    kind: BackendKind,
+    specs: &[Arc<ModelSpec>],
+    engine: &EngineSettings,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(match kind {
+        BackendKind::Onnx => Arc::new(onnx::OnnxBackend::load(specs, 1)?),
+        BackendKind::Native => Arc::new(native::NativeBackend::load(specs)?),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Arc::new(cuda::CudaBackend::load(specs, engine.gpu_device)?),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => {
+            return Err(BackendError::NoGpu(
+                "this satwatch was built without the `cuda` cargo feature (cargo build --release --features cuda)".into(),
+            ))
+        }
+        #[cfg(feature = "onnx-gpu")]
+        BackendKind::OnnxTensorrt => Arc::new(onnx::OnnxBackend::load_gpu(
+            specs,
+            1,
+            &onnx::GpuOptions::from_engine(engine),
+        )?),
+        #[cfg(not(feature = "onnx-gpu"))]
+        BackendKind::OnnxTensorrt => {
+            return Err(BackendError::NoGpu(
+                "this satwatch was built without the `onnx-gpu` cargo feature (cargo build --release --features onnx-gpu)".into(),
+            ))
+        }
+    })
+}
+
+/// Models split over several backends: each call goes to its model's.
+struct Routed {
+    backends: Vec<Arc<dyn Backend>>,
+    /// Per model (load order): (backend, the model's index within it).
+    route: Vec<(usize, usize)>,
+}
+
+impl Backend for Routed {
+    fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+        let (backend, within) = self.route[model];
+        self.backends[backend].infer(within, inputs, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every row with `tag + model`.
+    struct Tagged(f32);
+
+    impl Backend for Tagged {
+        fn infer(&self, model: usize, _: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+            Ok(vec![self.0 + model as f32; rows])
+        }
+    }
+
+    #[test]
+    fn routed_calls_reach_the_models_own_backend_by_its_index_there() {
+        // Models 0 and 2 on backend A (as its 0 and 1), model 1 on B (its 0).
+        let routed = Routed {
+            backends: vec![Arc::new(Tagged(100.0)), Arc::new(Tagged(200.0))],
+            route: vec![(0, 0), (1, 0), (0, 1)],
+        };
+        let answers: Vec<f32> = (0..3)
+            .map(|m| routed.infer(m, &[], 1).unwrap()[0])
+            .collect();
+        assert_eq!(answers, [100.0, 200.0, 101.0]);
+    }
+
+    #[test]
+    fn backend_names_parse_as_the_pipeline_file_spells_them() {
+        for name in BackendChoice::NAMES.split(", ") {
+            let choice: BackendChoice = name.parse().unwrap();
+            let via_serde: BackendChoice = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            assert_eq!(choice, via_serde, "{name}");
+        }
+        assert!("gpu"
+            .parse::<BackendChoice>()
+            .unwrap_err()
+            .contains("onnx-tensorrt"));
     }
 }

@@ -1,8 +1,12 @@
-//! ONNX Runtime on CPU through `ort`, with the library loaded at run time.
+//! ONNX Runtime through `ort`, with the library loaded at run time: on the CPU,
+//! and with the `onnx-gpu` feature on TensorRT's and CUDA's execution providers.
 //!
 //! The library comes from PyPI's `onnxruntime` wheel (scripts/setup.sh installs
 //! it); `ORT_DYLIB_PATH` points at it. A missing library is reported in one
-//! line that says what to install, instead of ort's panic.
+//! line that says what to install, instead of ort's panic. The GPU providers
+//! need `onnxruntime-gpu`'s library instead, plus CUDA, cuDNN and TensorRT;
+//! where the loaded library lacks them, or they cannot register, the load
+//! reports [`BackendError::NoGpu`] and [`super::select`] falls back or refuses.
 
 use std::{
     path::{Path, PathBuf},
@@ -113,6 +117,21 @@ fn open_session(
         path: spec.model_path.display().to_string(),
         reason,
     };
+    configured(env, spec, intra_threads)?
+        .commit_from_file(&spec.model_path)
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// A session builder with satwatch's threading and optimisation settings.
+fn configured(
+    env: &ort::environment::Environment,
+    spec: &ModelSpec,
+    intra_threads: usize,
+) -> Result<ort::session::builder::SessionBuilder, BackendError> {
+    let fail = |reason: String| BackendError::Load {
+        path: spec.model_path.display().to_string(),
+        reason,
+    };
     // Builder errors carry the builder and are not Send: flatten them to text here.
     Session::builder(env)
         .map_err(|e| fail(e.to_string()))?
@@ -121,9 +140,190 @@ fn open_session(
         .with_intra_threads(intra_threads)
         .map_err(|e| fail(e.to_string()))?
         .with_inter_threads(1)
-        .map_err(|e| fail(e.to_string()))?
-        .commit_from_file(&spec.model_path)
         .map_err(|e| fail(e.to_string()))
+}
+
+/// Settings of the TensorRT and CUDA execution providers.
+#[cfg(feature = "onnx-gpu")]
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    pub device: usize,
+    /// TensorRT engine and timing caches.
+    pub cache_dir: PathBuf,
+    pub fp16: bool,
+}
+
+#[cfg(feature = "onnx-gpu")]
+impl GpuOptions {
+    pub fn from_engine(engine: &crate::config::EngineSettings) -> Self {
+        let cache_dir = engine.tensorrt_cache_dir.clone().unwrap_or_else(|| {
+            std::env::var("SATWATCH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cache/satwatch")))
+                .unwrap_or_else(|_| PathBuf::from(".cache/satwatch"))
+                .join("tensorrt")
+        });
+        Self {
+            device: engine.gpu_device,
+            cache_dir,
+            fp16: engine.tensorrt_fp16,
+        }
+    }
+}
+
+#[cfg(feature = "onnx-gpu")]
+impl OnnxBackend {
+    /// Loads every model on the TensorRT execution provider (FP16 when
+    /// allowed, engines cached in `options.cache_dir`, one optimisation
+    /// profile from 1 to `max_batch_size` rows), with the CUDA provider for
+    /// what TensorRT does not take; then runs each model once at every batch
+    /// size the batcher prefers and at `max_batch_size`, so that no live batch
+    /// waits for an engine build or a first-use tactic. Without TensorRT the
+    /// CUDA provider alone serves (one warning). [`BackendError::NoGpu`] when
+    /// neither is usable.
+    pub fn load_gpu(
+        specs: &[std::sync::Arc<ModelSpec>],
+        intra_threads: usize,
+        options: &GpuOptions,
+    ) -> Result<Self, BackendError> {
+        use ort::ep::ExecutionProvider;
+
+        let env = environment()?;
+        let library = library_path()?.display().to_string();
+        let no_gpu = |what: &str, err: &dyn std::fmt::Display| {
+            BackendError::NoGpu(format!("ONNX Runtime ({library}): {what}: {err}"))
+        };
+        let has_tensorrt =
+            ort::ep::TensorRT::is_available().map_err(|e| no_gpu("listing providers", &e))?;
+        let has_cuda =
+            ort::ep::CUDA::is_available().map_err(|e| no_gpu("listing providers", &e))?;
+        if !has_cuda {
+            return Err(BackendError::NoGpu(format!(
+                "the ONNX Runtime library {library} has no CUDA{} execution provider (a CPU-only build): \
+                 install onnxruntime-gpu=={ORT_VERSION} with CUDA 12, cuDNN 9 and TensorRT 10, and point ORT_DYLIB_PATH at its library",
+                if has_tensorrt { "" } else { " or TensorRT" }
+            )));
+        }
+        std::fs::create_dir_all(&options.cache_dir).map_err(|err| BackendError::Load {
+            path: options.cache_dir.display().to_string(),
+            reason: format!("cannot create the TensorRT engine cache directory: {err}"),
+        })?;
+        let mut sessions = Vec::with_capacity(specs.len());
+        let mut warned = !has_tensorrt;
+        if !has_tensorrt {
+            tracing::warn!(library = %library, "ONNX Runtime has no TensorRT execution provider; using its CUDA provider alone");
+        }
+        for spec in specs {
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(options.device as i32)
+                .build()
+                .error_on_failure();
+            let session = if has_tensorrt {
+                match gpu_session(
+                    env,
+                    spec,
+                    intra_threads,
+                    &[tensorrt(spec, options), cuda.clone()],
+                ) {
+                    Ok(session) => session,
+                    Err(err) => {
+                        if !warned {
+                            tracing::warn!("TensorRT execution provider could not register ({err}); using the CUDA provider alone");
+                            warned = true;
+                        }
+                        gpu_session(env, spec, intra_threads, &[cuda]).map_err(|e| {
+                            no_gpu("the CUDA execution provider could not register", &e)
+                        })?
+                    }
+                }
+            } else {
+                gpu_session(env, spec, intra_threads, &[cuda])
+                    .map_err(|e| no_gpu("the CUDA execution provider could not register", &e))?
+            };
+            let mut session = session;
+            check_tensors(&session, spec)?;
+            warm_up(&mut session, spec)?;
+            sessions.push(Mutex::new(session));
+        }
+        Ok(Self {
+            sessions,
+            names: specs.iter().map(|s| s.name.clone()).collect(),
+            output_names: specs.iter().map(|s| s.output_name.clone()).collect(),
+        })
+    }
+}
+
+/// TensorRT with one optimisation profile covering every batch the batcher forms.
+#[cfg(feature = "onnx-gpu")]
+fn tensorrt(spec: &ModelSpec, options: &GpuOptions) -> ort::ep::ExecutionProviderDispatch {
+    let shape = |rows: usize| {
+        format!(
+            "{}:{rows}x{}x{}",
+            spec.input_name, spec.window, spec.features
+        )
+    };
+    let max = spec.batching.max_batch_size.max(1);
+    let opt = spec
+        .batching
+        .preferred_batch_sizes
+        .last()
+        .copied()
+        .unwrap_or(max);
+    let cache = options.cache_dir.display().to_string();
+    ort::ep::TensorRT::default()
+        .with_device_id(options.device as i32)
+        .with_fp16(options.fp16)
+        .with_engine_cache(true)
+        .with_engine_cache_path(&cache)
+        .with_engine_cache_prefix(format!("{}_v{}", spec.name, spec.version))
+        .with_timing_cache(true)
+        .with_timing_cache_path(&cache)
+        .with_profile_min_shapes(shape(1))
+        .with_profile_opt_shapes(shape(opt))
+        .with_profile_max_shapes(shape(max))
+        .build()
+        .error_on_failure()
+}
+
+/// A session on the given providers; the error says why they did not register.
+#[cfg(feature = "onnx-gpu")]
+fn gpu_session(
+    env: &ort::environment::Environment,
+    spec: &ModelSpec,
+    intra_threads: usize,
+    providers: &[ort::ep::ExecutionProviderDispatch],
+) -> Result<Session, String> {
+    configured(env, spec, intra_threads)
+        .map_err(|e| e.to_string())?
+        .with_execution_providers(providers)
+        .map_err(|e| e.to_string())?
+        .commit_from_file(&spec.model_path)
+        .map_err(|e| e.to_string())
+}
+
+/// One run at 1 row, every preferred batch size and `max_batch_size`.
+#[cfg(feature = "onnx-gpu")]
+fn warm_up(session: &mut Session, spec: &ModelSpec) -> Result<(), BackendError> {
+    let mut sizes = spec.batching.preferred_batch_sizes.clone();
+    sizes.extend([1, spec.batching.max_batch_size.max(1)]);
+    sizes.sort_unstable();
+    sizes.dedup();
+    let largest = sizes.last().copied().unwrap_or(1);
+    let zeros = vec![0.0f32; largest * spec.window * spec.features];
+    for rows in sizes {
+        let fail = |reason: String| BackendError::Inference {
+            model: spec.name.clone(),
+            reason: format!("warm-up at batch size {rows}: {reason}"),
+        };
+        let len = rows * spec.window * spec.features;
+        let tensor =
+            TensorRef::from_array_view(([rows, spec.window, spec.features], &zeros[..len]))
+                .map_err(|e| fail(e.to_string()))?;
+        session
+            .run(ort::inputs![tensor])
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The ONNX file must take `[batch, window, features]` and give `[batch, horizon]`
