@@ -3,7 +3,7 @@
 //! inference results in and takes batches and outputs out, so `run`, `eval`
 //! and `bench` share every line of it.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     batch::Batcher,
     config::ChannelConfig,
-    detect::{ChannelDetector, DetectSettings, EventChange, EventSpan},
+    detect::{ChannelDetector, DetectSettings, DetectorState, EventChange, EventSpan},
     repository::ModelSpec,
     telemetry::{Origin, Sample},
     window::Window,
@@ -26,6 +26,12 @@ pub struct Entry {
     /// The sample's target value in the input's units.
     pub value: f32,
     pub origin: Option<Origin>,
+    /// Kafka offset of the oldest sample in this window: where a restored
+    /// channel starts refilling it.
+    pub window_start: Option<i64>,
+    /// The channel's restore generation when the window was queued; a
+    /// restore in between makes the entry stale.
+    pub epoch: u32,
 }
 
 /// A batch of windows for one model, ready for a backend.
@@ -96,6 +102,33 @@ impl EventState {
     }
 }
 
+/// Where a channel resumes after a crash, restart or rebalance: its detector
+/// state after its sample `last_seq`, and the Kafka offset its window refills
+/// from. Written once the outputs up to `last_seq` are durable, so samples up
+/// to `last_seq` are never scored twice, and later ones are scored exactly as
+/// if nothing had happened (same window, same detector state).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub channel: Arc<str>,
+    /// The partition the channel's samples come from ([`Origin::partition`]).
+    pub partition: u32,
+    pub last_seq: u64,
+    /// Offset of the oldest sample in the window that ends at `last_seq`.
+    pub refill_from: i64,
+    pub detector: DetectorState,
+}
+
+/// A partition was assigned: the channels it carries start over from their
+/// checkpoints. Sent ahead of the partition's first record.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub partition: u32,
+    /// The group's committed offset: records below it had durable effects
+    /// before, so a channel with no checkpoint only refills from them.
+    pub committed: Option<i64>,
+    pub checkpoints: Vec<Checkpoint>,
+}
+
 /// What processing some records produced, and which records are then fully
 /// accounted for once these outputs are durable.
 #[derive(Debug, Default)]
@@ -103,6 +136,8 @@ pub struct Outputs {
     pub scores: Vec<ScoreRow>,
     pub forecasts: Vec<Forecast>,
     pub events: Vec<AnomalyEvent>,
+    /// To be written after everything above (and before the acks).
+    pub checkpoints: Vec<Checkpoint>,
     pub done: Vec<Origin>,
 }
 
@@ -111,6 +146,7 @@ impl Outputs {
         self.scores.is_empty()
             && self.forecasts.is_empty()
             && self.events.is_empty()
+            && self.checkpoints.is_empty()
             && self.done.is_empty()
     }
 
@@ -118,6 +154,7 @@ impl Outputs {
         self.scores.append(&mut other.scores);
         self.forecasts.append(&mut other.forecasts);
         self.events.append(&mut other.events);
+        self.checkpoints.append(&mut other.checkpoints);
         self.done.append(&mut other.done);
     }
 }
@@ -131,6 +168,8 @@ pub enum Admission {
     WarmUp,
     /// Its window was queued for inference.
     Queued,
+    /// Already scored before a restore: it only refills the window.
+    Refill,
 }
 
 /// Running totals, for metrics and summaries.
@@ -141,6 +180,8 @@ pub struct Counters {
     /// Samples that arrived after a jump in `seq`.
     pub gaps: u64,
     pub warm_up: u64,
+    /// Samples that only refilled a restored channel's window.
+    pub refilled: u64,
     pub scored: u64,
     pub events_opened: u64,
     pub events_closed: u64,
@@ -151,8 +192,39 @@ struct ChannelState {
     subsystem: Arc<str>,
     model: usize,
     window: Window,
+    /// Kafka offsets of the samples in `window`, oldest first (empty offline).
+    offsets: VecDeque<i64>,
+    /// The partition the channel's samples last came from.
+    partition: Option<u32>,
     last_seq: Option<u64>,
     detector: ChannelDetector,
+    /// After a restore from a checkpoint: samples up to this seq only refill
+    /// the window.
+    refill_to: Option<u64>,
+    /// Restores so far; entries queued before the latest are stale.
+    epoch: u32,
+}
+
+impl ChannelState {
+    /// Forgets the channel's stream position, window and detector state, and
+    /// takes `checkpoint`'s if there is one.
+    fn restore(
+        &mut self,
+        settings: DetectSettings,
+        spec: &ModelSpec,
+        checkpoint: Option<Checkpoint>,
+    ) {
+        self.window.clear();
+        self.offsets.clear();
+        self.last_seq = None;
+        self.epoch = self.epoch.wrapping_add(1);
+        let state = checkpoint
+            .as_ref()
+            .map(|c| c.detector.clone())
+            .unwrap_or_default();
+        self.detector = ChannelDetector::restore(settings, spec.calibration, state);
+        self.refill_to = checkpoint.map(|c| c.last_seq);
+    }
 }
 
 struct ModelState {
@@ -174,6 +246,9 @@ pub struct Engine {
     counters: Counters,
     /// Reused for denormalising one forecast.
     scratch: Vec<f32>,
+    detect: DetectSettings,
+    /// Per partition: the committed offset at its last restore (see [`Restore`]).
+    replay_below: Vec<Option<i64>>,
 }
 
 impl Engine {
@@ -209,8 +284,12 @@ impl Engine {
                 subsystem: Arc::from(channel.subsystem.as_str()),
                 model,
                 window: Window::new(spec.window, &spec.normalisation),
+                offsets: VecDeque::with_capacity(spec.window),
+                partition: None,
                 last_seq: None,
                 detector: ChannelDetector::new(detect, spec.calibration),
+                refill_to: None,
+                epoch: 0,
             });
         }
         Ok(Self {
@@ -220,6 +299,48 @@ impl Engine {
             next_model: 0,
             counters: Counters::default(),
             scratch: Vec::new(),
+            detect,
+            replay_below: Vec::new(),
+        })
+    }
+
+    /// Restarts the channels that `restore.partition` carries from their
+    /// checkpoints (or from nothing). Their windows queued before now are
+    /// dropped when they complete: the partition's records come again.
+    pub fn restore(&mut self, restore: Restore) {
+        let p = restore.partition as usize;
+        if self.replay_below.len() <= p {
+            self.replay_below.resize(p + 1, None);
+        }
+        self.replay_below[p] = restore.committed;
+        let mut checkpoints = restore.checkpoints;
+        for channel in &mut self.channels {
+            let checkpoint = checkpoints
+                .iter()
+                .position(|c| c.channel == channel.id)
+                .map(|i| checkpoints.swap_remove(i));
+            if checkpoint.is_none() && channel.partition != Some(restore.partition) {
+                continue;
+            }
+            channel.partition = Some(restore.partition);
+            let spec = &self.models[channel.model].spec;
+            channel.restore(self.detect, spec, checkpoint);
+        }
+        for unknown in checkpoints {
+            tracing::warn!(channel = %unknown.channel, "checkpoint for a channel this pipeline does not have; ignored");
+        }
+    }
+
+    /// The checkpoint for a channel still filling its window, whose detector
+    /// has not moved yet (None offline, where samples have no offsets).
+    pub fn warm_up_checkpoint(&self, channel: u32) -> Option<Checkpoint> {
+        let c = &self.channels[channel as usize];
+        Some(Checkpoint {
+            channel: c.id.clone(),
+            partition: c.partition?,
+            last_seq: c.last_seq?,
+            refill_from: *c.offsets.front()?,
+            detector: c.detector.state().clone(),
         })
     }
 
@@ -275,6 +396,31 @@ impl Engine {
         }
         channel.last_seq = Some(sample.seq);
         channel.window.push(&sample.values);
+        if let Some(origin) = sample.origin {
+            if channel.offsets.len() == self.models[channel.model].spec.window {
+                channel.offsets.pop_front();
+            }
+            channel.offsets.push_back(origin.offset);
+            channel.partition = Some(origin.partition);
+        }
+        let refill = match channel.refill_to {
+            Some(to) if sample.seq <= to => true,
+            Some(_) => {
+                channel.refill_to = None;
+                false
+            }
+            None => sample.origin.is_some_and(|o| {
+                self.replay_below
+                    .get(o.partition as usize)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|committed| o.offset < committed)
+            }),
+        };
+        if refill {
+            self.counters.refilled += 1;
+            return Admission::Refill;
+        }
         if !channel.window.is_full() {
             self.counters.warm_up += 1;
             return Admission::WarmUp;
@@ -286,6 +432,8 @@ impl Engine {
             ts: sample.ts,
             value: sample.values[model.spec.target_feature],
             origin: sample.origin,
+            window_start: channel.offsets.front().copied(),
+            epoch: channel.epoch,
         };
         model.batcher.push(channel.window.as_slice(), entry, now);
         self.pending += 1;
@@ -352,11 +500,24 @@ impl Engine {
         );
         let scale = spec.normalisation.scale[spec.target_feature];
         let center = spec.normalisation.center[spec.target_feature];
+        // (channel, seq, window start) of each channel's last entry.
+        let mut progressed: Vec<(u32, u64, i64)> = Vec::new();
         for (entry, normalised) in batch
             .entries
             .into_iter()
             .zip(forecasts.chunks_exact(horizon))
         {
+            if entry.epoch != self.channels[entry.channel as usize].epoch {
+                // Queued before its partition was restored: the record comes
+                // again from Kafka and is scored then.
+                continue;
+            }
+            if let Some(start) = entry.window_start {
+                match progressed.iter_mut().find(|(c, ..)| *c == entry.channel) {
+                    Some(last) => *last = (entry.channel, entry.seq, start),
+                    None => progressed.push((entry.channel, entry.seq, start)),
+                }
+            }
             self.scratch.clear();
             self.scratch
                 .extend(normalised.iter().map(|f| f * scale + center));
@@ -405,6 +566,18 @@ impl Engine {
                 ));
             }
             out.done.extend(entry.origin);
+        }
+        for (channel, last_seq, refill_from) in progressed {
+            let c = &self.channels[channel as usize];
+            if let Some(partition) = c.partition {
+                out.checkpoints.push(Checkpoint {
+                    channel: c.id.clone(),
+                    partition,
+                    last_seq,
+                    refill_from,
+                    detector: c.detector.state().clone(),
+                });
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     config::Pipeline,
     engine::{Counters, Outputs},
     metrics::Metrics,
-    processor,
+    processor::{self, Input},
     repository::ModelSpec,
     telemetry::Sample,
 };
@@ -57,7 +57,7 @@ pub async fn stream(
                     values: values.row(row).to_vec(),
                     origin: None,
                 };
-                if samples_tx.send(sample).await.is_err() {
+                if samples_tx.send(Input::Sample(sample)).await.is_err() {
                     return;
                 }
             }

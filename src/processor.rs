@@ -17,10 +17,18 @@ use tokio::{
 
 use crate::{
     backend::{BackendError, BackendPool, Completion},
-    engine::{Admission, Engine, Outputs},
+    engine::{Admission, Engine, Outputs, Restore},
     metrics::Metrics,
     telemetry::Sample,
 };
+
+/// What the source hands the processor, in order.
+#[derive(Debug)]
+pub enum Input {
+    Sample(Sample),
+    /// A partition was assigned; its records follow.
+    Restore(Restore),
+}
 
 /// Per-channel label values for metrics, indexed like the engine's channels.
 pub struct ChannelLabels {
@@ -85,7 +93,7 @@ pub fn spawn(
     pipeline: &crate::config::Pipeline,
     specs: &[Arc<crate::repository::ModelSpec>],
     backend: Arc<dyn crate::backend::Backend>,
-    samples: mpsc::Receiver<Sample>,
+    samples: mpsc::Receiver<Input>,
     outputs: mpsc::Sender<Outputs>,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
@@ -114,7 +122,7 @@ pub async fn process(
     mut engine: Engine,
     pool: BackendPool,
     mut completions: mpsc::UnboundedReceiver<Completion>,
-    mut samples: mpsc::Receiver<Sample>,
+    mut samples: mpsc::Receiver<Input>,
     outputs: mpsc::Sender<Outputs>,
     max_pending_windows: usize,
     metrics: Arc<Metrics>,
@@ -157,7 +165,15 @@ pub async fn process(
                 }
                 let now = std::time::Instant::now();
                 let mut settled = Outputs::default();
-                for sample in received.drain(..) {
+                for input in received.drain(..) {
+                    let sample = match input {
+                        Input::Sample(sample) => sample,
+                        Input::Restore(restore) => {
+                            tracing::debug!(partition = restore.partition, checkpoints = restore.checkpoints.len(), "channels restored");
+                            engine.restore(restore);
+                            continue;
+                        }
+                    };
                     let channel = sample.channel as usize;
                     counters.consumed[channel].inc();
                     let before = engine.counters().gaps;
@@ -167,9 +183,13 @@ pub async fn process(
                     }
                     match admission {
                         Admission::Queued => {}
-                        Admission::Duplicate | Admission::WarmUp => {
-                            if admission == Admission::Duplicate {
-                                counters.duplicate[channel].inc();
+                        Admission::Duplicate | Admission::WarmUp | Admission::Refill => {
+                            match admission {
+                                Admission::Duplicate => counters.duplicate[channel].inc(),
+                                Admission::WarmUp => settled
+                                    .checkpoints
+                                    .extend(engine.warm_up_checkpoint(sample.channel)),
+                                _ => {}
                             }
                             // Nothing more will come of it: it is done now.
                             settled.done.extend(sample.origin);

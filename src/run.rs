@@ -95,8 +95,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     tracing::info!(schema_version = schema, "PostgreSQL schema ready");
 
     let topics = pipeline.telemetry_topics();
-    let (consumer, tracker) = source::subscribe(kafka, &topics, health.clone(), metrics.clone())
+    let subscription = source::subscribe(kafka, &topics, &url, health.clone(), metrics.clone())
         .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
+    let tracker = subscription.tracker.clone();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
@@ -130,10 +131,10 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         pipeline.file.sink.clone(),
         metrics.clone(),
         health.clone(),
+        tracker,
     ));
     let source = tokio::spawn(source::consume(
-        consumer,
-        tracker,
+        subscription,
         SourceParts {
             decoder: decoder(&pipeline, &specs),
             publisher,

@@ -54,6 +54,12 @@ impl Window {
         self.filled = (self.filled + 1).min(self.len);
     }
 
+    /// Forgets every sample (a restored channel refills from Kafka).
+    pub fn clear(&mut self) {
+        self.next = 0;
+        self.filled = 0;
+    }
+
     pub fn is_full(&self) -> bool {
         self.filled == self.len
     }

@@ -5,7 +5,11 @@
 pub mod kafka;
 pub mod postgres;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::Utc;
 use tokio::{
@@ -14,7 +18,12 @@ use tokio::{
 };
 
 use crate::{
-    config::SinkSettings, engine::Outputs, health::Health, metrics::Metrics, telemetry::Origin,
+    config::SinkSettings,
+    engine::{Checkpoint, Outputs},
+    health::Health,
+    metrics::Metrics,
+    source::OffsetTracker,
+    telemetry::Origin,
 };
 
 pub use kafka::Publisher;
@@ -33,6 +42,7 @@ pub async fn write_loop(
     settings: SinkSettings,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    partitions: Arc<Mutex<OffsetTracker>>,
 ) {
     let mut open = true;
     while open {
@@ -51,6 +61,7 @@ pub async fn write_loop(
             }
         }
         flush(&mut pg, &publisher, &batch, &metrics, &health).await;
+        write_checkpoints(&mut pg, &batch.checkpoints, &partitions, &metrics, &health).await;
         let now = Utc::now();
         for row in &batch.scores {
             let latency = (now - row.ts).to_std().unwrap_or_default();
@@ -111,4 +122,57 @@ async fn flush(
         }
     };
     tokio::join!(rows, records);
+}
+
+/// Records each channel's latest checkpoint in the batch, once the batch's
+/// rows and records are durable (a checkpoint ahead of them would skip
+/// outputs that never landed), retrying until it is written.
+async fn write_checkpoints(
+    pg: &mut PgWriter,
+    checkpoints: &[Checkpoint],
+    partitions: &Mutex<OffsetTracker>,
+    metrics: &Metrics,
+    health: &Health,
+) {
+    if checkpoints.is_empty() {
+        return;
+    }
+    let mut latest: HashMap<&str, &Checkpoint> = HashMap::new();
+    for c in checkpoints {
+        let slot = latest.entry(&c.channel).or_insert(c);
+        if c.last_seq > slot.last_seq {
+            *slot = c;
+        }
+    }
+    let names: Vec<(String, i32)> = {
+        let tracker = partitions.lock().expect("tracker updates never panic");
+        latest
+            .values()
+            .map(|c| {
+                tracker
+                    .partition_name(c.partition)
+                    .map(|(t, p)| (t.to_owned(), p))
+                    .expect("checkpoints come from consumed partitions")
+            })
+            .collect()
+    };
+    let rows: Vec<postgres::StoredCheckpoint> = latest
+        .values()
+        .zip(&names)
+        .map(
+            |(checkpoint, (topic, partition))| postgres::StoredCheckpoint {
+                topic,
+                partition: *partition,
+                checkpoint,
+            },
+        )
+        .collect();
+    let mut delay = FIRST_RETRY_DELAY;
+    while let Err(err) = pg.write_checkpoints(&rows).await {
+        metrics.postgres_write_failures.inc();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "writing checkpoints to PostgreSQL failed");
+        health.set_postgres(Some(err.to_string()));
+        sleep(delay).await;
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
 }

@@ -11,10 +11,11 @@ use std::time::Instant;
 use futures::pin_mut;
 use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type, Client, NoTls};
 
-use crate::engine::Outputs;
+use crate::engine::{Checkpoint, Outputs};
 
 /// Ordered migrations; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE IF NOT EXISTS scores (
     channel text NOT NULL,
     seq bigint NOT NULL,
@@ -48,7 +49,20 @@ CREATE TABLE IF NOT EXISTS anomaly_events (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS anomaly_events_channel_start ON anomaly_events (channel, start_seq);
-"#];
+"#,
+    r#"
+CREATE TABLE IF NOT EXISTS channel_checkpoints (
+    channel text PRIMARY KEY,
+    topic text NOT NULL,
+    partition int NOT NULL,
+    last_seq bigint NOT NULL,
+    refill_from bigint NOT NULL,
+    detector jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS channel_checkpoints_partition ON channel_checkpoints (topic, partition);
+"#,
+];
 
 /// Serialises concurrent migrations from instances starting together.
 const MIGRATION_LOCK: i64 = 0x5a7_3a7c;
@@ -281,4 +295,112 @@ impl PgWriter {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A checkpoint with its partition named, as stored.
+pub struct StoredCheckpoint<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub checkpoint: &'a Checkpoint,
+}
+
+impl PgWriter {
+    /// Upserts channel checkpoints. A checkpoint never replaces a later one:
+    /// an instance that lost a partition may still be finishing its older
+    /// work while the new owner has moved on.
+    pub async fn write_checkpoints(
+        &mut self,
+        checkpoints: &[StoredCheckpoint<'_>],
+    ) -> Result<(), PgError> {
+        if checkpoints.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_checkpoints_once(checkpoints).await;
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+
+    async fn write_checkpoints_once(
+        &mut self,
+        checkpoints: &[StoredCheckpoint<'_>],
+    ) -> Result<(), PgError> {
+        let mut channels = Vec::with_capacity(checkpoints.len());
+        let mut topics = Vec::with_capacity(checkpoints.len());
+        let mut partitions = Vec::with_capacity(checkpoints.len());
+        let mut seqs = Vec::with_capacity(checkpoints.len());
+        let mut refills = Vec::with_capacity(checkpoints.len());
+        let mut states = Vec::with_capacity(checkpoints.len());
+        for c in checkpoints {
+            channels.push(&*c.checkpoint.channel);
+            topics.push(c.topic);
+            partitions.push(c.partition);
+            seqs.push(c.checkpoint.last_seq as i64);
+            refills.push(c.checkpoint.refill_from);
+            states.push(
+                serde_json::to_string(&c.checkpoint.detector)
+                    .map_err(|e| PgError(format!("detector state to JSON: {e}")))?,
+            );
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO channel_checkpoints (channel, topic, partition, last_seq, refill_from, detector, updated_at)
+                 SELECT c, t, p, s, r, d::jsonb, now()
+                 FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::text[]) AS u(c, t, p, s, r, d)
+                 ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, partition = excluded.partition,
+                     last_seq = excluded.last_seq, refill_from = excluded.refill_from,
+                     detector = excluded.detector, updated_at = now()
+                 WHERE channel_checkpoints.last_seq < excluded.last_seq",
+                &[&channels, &topics, &partitions, &seqs, &refills, &states],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The checkpoints of the channels that the `partitions` (topic, partition,
+/// [`Origin::partition`] index) carry, over a connection of its own (this
+/// runs while partitions are being assigned).
+///
+/// [`Origin::partition`]: crate::telemetry::Origin
+pub async fn load_checkpoints(
+    url: &str,
+    partitions: &[(String, i32, u32)],
+) -> Result<Vec<Checkpoint>, PgError> {
+    let client = connect(url).await?;
+    let topics: Vec<&str> = partitions.iter().map(|(t, ..)| t.as_str()).collect();
+    let numbers: Vec<i32> = partitions.iter().map(|(_, p, _)| *p).collect();
+    let rows = client
+        .query(
+            "SELECT channel, topic, partition, last_seq, refill_from, detector::text FROM channel_checkpoints
+             WHERE (topic, partition) IN (SELECT * FROM unnest($1::text[], $2::int4[]))",
+            &[&topics, &numbers],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let channel: String = row.get(0);
+            let (topic, partition): (String, i32) = (row.get(1), row.get(2));
+            let index = partitions
+                .iter()
+                .find(|(t, p, _)| *t == topic && *p == partition)
+                .map(|(.., i)| *i)
+                .expect("the query selects assigned partitions only");
+            let detector: String = row.get(5);
+            let detector = serde_json::from_str(&detector).map_err(|e| {
+                PgError(format!(
+                    "channel_checkpoints row for {channel} does not hold a detector state this version reads: {e}"
+                ))
+            })?;
+            Ok(Checkpoint {
+                channel: channel.as_str().into(),
+                partition: index,
+                last_seq: row.get::<_, i64>(3) as u64,
+                refill_from: row.get(4),
+                detector,
+            })
+        })
+        .collect()
 }

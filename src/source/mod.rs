@@ -14,28 +14,155 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use rdkafka::{
-    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    consumer::{
+        BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+        StreamConsumer,
+    },
     error::KafkaError,
     message::Message,
+    types::RDKafkaRespErr,
     ClientContext, Offset, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::KafkaSettings,
+    engine::Restore,
     health::Health,
     metrics::Metrics,
-    sink::{kafka::client_config, Publisher},
-    telemetry::{Decoder, Origin, Sample},
+    processor::Input,
+    sink::{kafka::client_config, postgres, Publisher},
+    telemetry::{Decoder, Origin},
 };
 pub use offsets::OffsetTracker;
 
-/// Rebalance hooks: commit what is durable before partitions go, and keep
+/// Rebalance hooks: commit what is durable before partitions go, start
+/// assigned partitions where their channels' checkpoints say, and keep
 /// readiness up to date.
 pub struct SourceContext {
     tracker: Arc<Mutex<OffsetTracker>>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    checkpoints: CheckpointSource,
+}
+
+/// Where assigned partitions' checkpoints come from, and where the restores
+/// wait for the consume loop to pass them on ahead of the partitions' records.
+struct CheckpointSource {
+    postgres_url: String,
+    runtime: tokio::runtime::Handle,
+    restores: Arc<Mutex<Vec<Restore>>>,
+}
+
+/// How long to wait for the group's committed offsets while assigning.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SourceContext {
+    /// Sets each assigned partition's start offset: the earliest sample that
+    /// any of its channels needs to refill its window, or the group's
+    /// committed offset if that is earlier; and queues its channels' restore.
+    fn resume_from_checkpoints(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &mut TopicPartitionList,
+    ) {
+        let committed = match consumer.committed_offsets(assigned.clone(), COMMITTED_TIMEOUT) {
+            Ok(list) => list,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read committed offsets; starting from the checkpoints alone");
+                TopicPartitionList::new()
+            }
+        };
+        let partitions: Vec<(String, i32, u32)> = {
+            let mut tracker = self.tracker.lock().expect("tracker updates never panic");
+            assigned
+                .elements()
+                .iter()
+                .map(|e| {
+                    let index = tracker.partition_index(e.topic(), e.partition());
+                    (e.topic().to_owned(), e.partition(), index)
+                })
+                .collect()
+        };
+        let mut checkpoints = self.load_checkpoints(&partitions);
+        let mut restores = Vec::with_capacity(partitions.len());
+        for (topic, partition, index) in partitions {
+            let committed =
+                committed
+                    .find_partition(&topic, partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+            self.tracker
+                .lock()
+                .expect("tracker updates never panic")
+                .assigned(index, committed);
+            let (mine, others) = checkpoints.into_iter().partition(|c| c.partition == index);
+            checkpoints = others;
+            let restore = Restore {
+                partition: index,
+                committed,
+                checkpoints: mine,
+            };
+            let refill_from = restore.checkpoints.iter().map(|c| c.refill_from).min();
+            // With no committed offset every record may be unprocessed: start
+            // at the beginning (checkpointed channels skip what they covered).
+            let start = match committed {
+                Some(c) => Offset::Offset(refill_from.map_or(c, |r| r.min(c))),
+                None => Offset::Beginning,
+            };
+            if let Err(err) = assigned.set_partition_offset(&topic, partition, start) {
+                tracing::warn!(error = %err, %topic, partition, "cannot set the start offset");
+            }
+            tracing::debug!(%topic, partition, ?committed, ?start, channels = restore.checkpoints.len(), "partition resumes");
+            restores.push(restore);
+        }
+        let restored: usize = restores.iter().map(|r| r.checkpoints.len()).sum();
+        tracing::info!(
+            partitions = restores.len(),
+            channels = restored,
+            "resuming from channel checkpoints"
+        );
+        self.checkpoints
+            .restores
+            .lock()
+            .expect("restore queue updates never panic")
+            .extend(restores);
+    }
+
+    /// Blocks until the checkpoints are read, retrying through outages: a
+    /// partition must not start without them.
+    fn load_checkpoints(
+        &self,
+        partitions: &[(String, i32, u32)],
+    ) -> Vec<crate::engine::Checkpoint> {
+        let load = async {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match postgres::load_checkpoints(&self.checkpoints.postgres_url, partitions).await {
+                    Ok(checkpoints) => break checkpoints,
+                    Err(err) => {
+                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read channel checkpoints");
+                        self.health.set_postgres(Some(err.to_string()));
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        };
+        let runtime = &self.checkpoints.runtime;
+        // Rebalance callbacks run inside the consumer's poll, on a runtime
+        // worker: let the runtime move its other tasks elsewhere meanwhile.
+        match tokio::runtime::Handle::try_current() {
+            Ok(current)
+                if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+            {
+                tokio::task::block_in_place(|| runtime.block_on(load))
+            }
+            _ => runtime.block_on(load),
+        }
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -58,6 +185,54 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    /// librdkafka's rebalance, with the assigned partitions' start offsets set
+    /// from the checkpoints before they are assigned (so nothing is fetched
+    /// from anywhere else first).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resume_from_checkpoints(consumer, partitions);
+                let result = if cooperative {
+                    consumer.incremental_assign(partitions)
+                } else {
+                    consumer.assign(partitions)
+                };
+                if let Err(err) = result {
+                    tracing::error!(error = %err, "assigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(partitions));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(partitions));
+                let result = if cooperative {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(err) = result {
+                    tracing::error!(error = %err, "unassigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(partitions));
+            }
+            other => {
+                let err = KafkaError::Rebalance(other.into());
+                if let Err(err) = consumer.unassign() {
+                    tracing::error!(error = %err, "unassigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Error(err));
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             let mut tracker = self.tracker.lock().expect("tracker updates never panic");
@@ -118,14 +293,26 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
 pub type TelemetryConsumer = StreamConsumer<SourceContext>;
 
 /// Creates the group consumer and subscribes it to `topics`.
+/// The consumer and what the consume loop shares with its rebalance hooks.
+pub struct Subscription {
+    pub consumer: TelemetryConsumer,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub restores: Arc<Mutex<Vec<Restore>>>,
+}
+
+/// Creates the group consumer and subscribes it to `topics`. Partitions start
+/// from the channel checkpoints in the database at `postgres_url`.
 pub fn subscribe(
     settings: &KafkaSettings,
     topics: &[String],
+    postgres_url: &str,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-) -> Result<(TelemetryConsumer, Arc<Mutex<OffsetTracker>>), KafkaError> {
+) -> Result<Subscription, KafkaError> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let consumer: TelemetryConsumer = client_config(settings)
+    let restores = Arc::new(Mutex::new(Vec::new()));
+    let mut config = client_config(settings);
+    config
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -138,22 +325,35 @@ pub fn subscribe(
         // every sample's latency (p50 0.7 s at 1,000 samples/s, 49 ms after).
         .set("fetch.wait.max.ms", "5")
         .set("fetch.error.backoff.ms", "5")
-        .set("statistics.interval.ms", "5000")
-        .create_with_context(SourceContext {
-            tracker: tracker.clone(),
-            health,
-            metrics,
-        })?;
+        .set("statistics.interval.ms", "5000");
+    // The pipeline's `[kafka.client]` settings win over the defaults above.
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    let consumer: TelemetryConsumer = config.create_with_context(SourceContext {
+        tracker: tracker.clone(),
+        health,
+        metrics,
+        checkpoints: CheckpointSource {
+            postgres_url: postgres_url.to_owned(),
+            runtime: tokio::runtime::Handle::current(),
+            restores: restores.clone(),
+        },
+    })?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    Ok((consumer, tracker))
+    Ok(Subscription {
+        consumer,
+        tracker,
+        restores,
+    })
 }
 
 /// What the source needs besides the consumer.
 pub struct SourceParts {
     pub decoder: Decoder,
     pub publisher: Publisher,
-    pub samples: mpsc::Sender<Sample>,
+    pub samples: mpsc::Sender<Input>,
     pub acks: mpsc::UnboundedReceiver<Vec<Origin>>,
     pub shutdown: watch::Receiver<bool>,
     pub commit_interval: Duration,
@@ -163,11 +363,15 @@ pub struct SourceParts {
 /// Consumes until shutdown is announced, then waits for every outstanding
 /// record to become durable (the sink closes the ack channel when it is done)
 /// and commits once more.
-pub async fn consume(
-    consumer: TelemetryConsumer,
-    tracker: Arc<Mutex<OffsetTracker>>,
-    parts: SourceParts,
-) {
+pub async fn consume(subscription: Subscription, parts: SourceParts) {
+    let Subscription {
+        consumer,
+        tracker,
+        restores,
+    } = subscription;
+    // Per partition index: the committed offset at its assignment. Records
+    // below it were dealt with before, dead letters included.
+    let mut replay_below: Vec<Option<i64>> = Vec::new();
     let SourceParts {
         decoder,
         publisher,
@@ -203,6 +407,19 @@ pub async fn consume(
                         continue;
                     }
                 };
+                // Restores queued by this poll's rebalance go ahead of the
+                // assigned partitions' first records.
+                let queued = std::mem::take(&mut *restores.lock().expect("restore queue updates never panic"));
+                for restore in queued {
+                    let p = restore.partition as usize;
+                    if replay_below.len() <= p {
+                        replay_below.resize(p + 1, None);
+                    }
+                    replay_below[p] = restore.committed;
+                    if samples.send(Input::Restore(restore)).await.is_err() {
+                        break;
+                    }
+                }
                 let origin = {
                     let mut tracker = lock();
                     let partition = tracker.partition_index(message.topic(), message.partition());
@@ -218,9 +435,18 @@ pub async fn consume(
                 match decoder.decode(message.payload(), Some(message.topic()), fallback_ts) {
                     Ok(mut sample) => {
                         sample.origin = Some(origin);
-                        if samples.send(sample).await.is_err() {
+                        if samples.send(Input::Sample(sample)).await.is_err() {
                             break; // The processor stopped; shut down.
                         }
+                    }
+                    Err(_) if replay_below
+                        .get(origin.partition as usize)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|committed| origin.offset < committed) =>
+                    {
+                        // Dead-lettered before the restart.
+                        lock().done(origin);
                     }
                     Err(rejection) => {
                         let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
@@ -249,7 +475,8 @@ pub async fn consume(
             tracker.done(origin);
         }
     }
-    match commit(&consumer, &mut lock(), CommitMode::Sync) {
+    let committed = commit(&consumer, &mut lock(), CommitMode::Sync);
+    match committed {
         Ok(n) => tracing::info!(partitions = n, "final offsets committed"),
         Err(err) => {
             tracing::warn!(error = %err, "final offset commit failed; records since the last commit will be reprocessed")

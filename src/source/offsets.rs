@@ -47,6 +47,23 @@ impl OffsetTracker {
         (self.partitions.len() - 1) as u32
     }
 
+    /// The (topic, partition) behind an [`Origin::partition`] index.
+    pub fn partition_name(&self, index: u32) -> Option<(&str, i32)> {
+        self.partitions
+            .get(index as usize)
+            .map(|p| (p.topic.as_str(), p.partition))
+    }
+
+    /// A partition was assigned with the group's `committed` offset: commits
+    /// only move forward from it, even while records below it are consumed
+    /// again to refill windows.
+    pub fn assigned(&mut self, index: u32, committed: Option<i64>) {
+        let p = &mut self.partitions[index as usize];
+        p.in_flight.clear();
+        p.consumed_to = None;
+        p.committed = committed;
+    }
+
     /// Registers a consumed record.
     pub fn consumed(&mut self, origin: Origin) {
         let p = &mut self.partitions[origin.partition as usize];
@@ -94,7 +111,7 @@ impl OffsetTracker {
         let mut commits = Vec::new();
         for p in &mut self.partitions {
             let position = Self::position(p);
-            if position.is_some() && position != p.committed {
+            if position > p.committed {
                 p.committed = position;
                 commits.push((
                     p.topic.clone(),
@@ -188,5 +205,36 @@ mod tests {
         commits.sort();
         assert_eq!(commits, vec![("t".into(), 0, 0), ("t".into(), 1, 6)]);
         assert_eq!(t.outstanding(), 1);
+    }
+
+    #[test]
+    fn commits_never_go_below_the_offset_committed_at_assignment() {
+        let mut t = OffsetTracker::default();
+        let p = t.partition_index("t", 0);
+        t.assigned(p, Some(20));
+        for offset in 10..25 {
+            t.consumed(Origin {
+                partition: p,
+                offset,
+            });
+        }
+        for offset in 10..22 {
+            t.done(Origin {
+                partition: p,
+                offset,
+            });
+        }
+        assert_eq!(t.take_commits(), vec![("t".into(), 0, 22)]);
+        t.assigned(p, Some(22));
+        t.consumed(Origin {
+            partition: p,
+            offset: 15,
+        });
+        assert_eq!(
+            t.take_commits(),
+            vec![],
+            "refilling from 15 commits nothing"
+        );
+        assert_eq!(t.partition_name(p), Some(("t", 0)));
     }
 }

@@ -225,7 +225,17 @@ impl Postgres {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/satwatch", self.port)
+        self.url_of("satwatch")
+    }
+
+    pub fn url_of(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates another database on this server; returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.query(&format!("CREATE DATABASE \"{name}\""));
+        self.url_of(name)
     }
 
     pub fn resume(&mut self) {
@@ -264,7 +274,12 @@ impl Postgres {
     /// A synchronous query helper: runs `sql` through tokio-postgres on a
     /// throwaway runtime and returns the rows.
     pub fn query(&self, sql: &str) -> Vec<tokio_postgres::Row> {
-        let url = self.url();
+        self.query_in("satwatch", sql)
+    }
+
+    /// [`Postgres::query`] in another database of this server.
+    pub fn query_in(&self, database: &str, sql: &str) -> Vec<tokio_postgres::Row> {
+        let url = self.url_of(database);
         let sql = sql.to_owned();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -285,6 +300,10 @@ impl Postgres {
 
     pub fn count(&self, sql: &str) -> i64 {
         self.query(sql)[0].get(0)
+    }
+
+    pub fn count_in(&self, database: &str, sql: &str) -> i64 {
+        self.query_in(database, sql)[0].get(0)
     }
 }
 
@@ -310,15 +329,34 @@ impl Satwatch {
         log_dir: &Path,
         extra_env: &[(&str, &str)],
     ) -> Self {
+        Self::start_with(
+            broker,
+            &pg.url(),
+            Path::new(SMAP_PIPELINE),
+            log_dir,
+            extra_env,
+        )
+    }
+
+    /// [`Satwatch::start`] with another pipeline file and database.
+    pub fn start_with(
+        broker: &Broker,
+        database_url: &str,
+        pipeline: &Path,
+        log_dir: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let http = format!("127.0.0.1:{}", free_port());
         let log = log_dir.join(format!("satwatch-{}.log", free_port()));
         let file = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(satwatch_bin());
         command
-            .args(["run", "--pipeline", SMAP_PIPELINE])
+            .arg("run")
+            .arg("--pipeline")
+            .arg(pipeline)
             .current_dir(repo_root())
             .env("SATWATCH_BROKERS", broker.addr())
-            .env("DATABASE_URL", pg.url())
+            .env("DATABASE_URL", database_url)
             .env("SATWATCH_HTTP_ADDR", &http)
             .stdout(file.try_clone().unwrap())
             .stderr(file);
@@ -417,6 +455,30 @@ pub fn satwatch_with_brokers(args: &[&str], brokers: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Writes a copy of the SMAP pipeline into `dir` as `name`, changed by
+/// `edit` (the model repository path made absolute so the copy works from
+/// anywhere); returns its path.
+pub fn pipeline_variant(dir: &Path, name: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join(SMAP_PIPELINE)).unwrap();
+    let mut table: toml::Table = text.parse().unwrap();
+    table["repository"]["path"] =
+        toml::Value::String(repo_root().join("model_repository").display().to_string());
+    edit(&mut table);
+    let path = dir.join(name);
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    path
+}
+
+/// Sets `[section] key = value` in a pipeline table.
+pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.to_owned(), value.into());
 }
 
 /// What most integration tests start with: a broker with satwatch's topics
