@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run satwatch's whole test suite: install what is missing (scripts/setup.sh),
 # point the build and the tests at ONNX Runtime, then
-# `cargo test --release --all-targets`. The integration tests start their own
-# tansu broker and PostgreSQL on free ports, so no services are started here.
+# `cargo test --release --all-targets --features cuda,onnx-gpu`: one build that
+# also compiles the GPU backends (they load CUDA and ONNX Runtime's GPU
+# providers at run time, so this needs no CUDA) and runs their tests, which
+# skip, saying so, where there is no GPU. The integration tests start their
+# own tansu broker and PostgreSQL on free ports, so no services are started here.
 #
 # Usage: scripts/test.sh [CARGO TEST ARGS...]
 #   e.g. scripts/test.sh -- --nocapture
@@ -48,7 +51,7 @@ fi
 
 log "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
 log "SATWATCH_TANSU_BIN=$SATWATCH_TANSU_BIN SATWATCH_PG_BINDIR=$SATWATCH_PG_BINDIR"
-cmd=(cargo test --release --all-targets "$@")
+cmd=(cargo test --release --all-targets --features cuda,onnx-gpu "$@")
 log "running: ${cmd[*]}"
 start=$SECONDS
 rc=0

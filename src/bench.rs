@@ -239,6 +239,9 @@ pub struct BatchFigure {
     pub calls: usize,
     /// Windows forecast per second by back-to-back calls on one thread.
     pub windows_per_s: f64,
+    /// The same at the median call's latency: steadier than the mean where
+    /// other processes share the cores.
+    pub p50_windows_per_s: f64,
     /// Latency of one call, milliseconds.
     pub mean_ms: f64,
     pub p50_ms: f64,
@@ -334,6 +337,7 @@ pub fn sweep(
             batch_size: rows,
             calls: latencies.len(),
             windows_per_s: (rows * latencies.len()) as f64 / total.as_secs_f64(),
+            p50_windows_per_s: rows as f64 / at(0.5).as_secs_f64(),
             mean_ms: ms(latencies.iter().sum::<Duration>()) / latencies.len() as f64,
             p50_ms: ms(at(0.5)),
             p99_ms: ms(at(0.99)),

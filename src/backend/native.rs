@@ -83,8 +83,14 @@ impl Backend for NativeBackend {
 
 /// Runs `plan` on `rows` rows of `inputs` (`[rows, window * features]`).
 pub fn run(plan: &MlpPlan, inputs: &[f32], rows: usize) -> Vec<f32> {
-    let mut activations = inputs.to_vec();
-    for layer in &plan.layers {
+    // The first layer reads the batch in place: copying it would cost as much
+    // as the layer at large batches.
+    let mut layers = plan.layers.iter();
+    let mut activations = match layers.next() {
+        Some(first) => dense(first, inputs, rows),
+        None => inputs.to_vec(),
+    };
+    for layer in layers {
         activations = dense(layer, &activations, rows);
     }
     if let Some(offset) = plan.residual {
