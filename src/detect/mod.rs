@@ -8,14 +8,19 @@
 //!
 //! `score = (ewma(|value - forecast|) - error_mean) / error_std`
 //!
-//! A sample is anomalous when its score exceeds the threshold. An event opens
-//! at the first anomalous sample and closes once `min_event_gap` normal samples
-//! follow its last anomalous one.
+//! A sample is anomalous when its score exceeds the threshold in force: the
+//! fixed `threshold` until the stream has a history, then a threshold fitted
+//! to the stream's own score tail (peaks over threshold, `threshold.rs`),
+//! never below `min_threshold`. An event opens at the first anomalous sample
+//! and closes once `min_event_gap` normal samples follow its last anomalous one.
+
+pub mod threshold;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::repository::ErrorCalibration;
+use threshold::{DynamicThreshold, SpotSettings};
 
 /// Detection settings: one set for every channel (`[detect]` in the pipeline file).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -24,7 +29,9 @@ pub struct DetectSettings {
     /// Weight of the newest error in the moving average (0 < alpha <= 1).
     #[serde(default = "default_ewma_alpha")]
     pub ewma_alpha: f32,
-    /// Anomalous above this score (error standard deviations above the mean).
+    /// Anomalous above this score (error standard deviations above the mean)
+    /// until the dynamic threshold is fitted; the only threshold when
+    /// `calibration_samples` is 0.
     #[serde(default = "default_threshold")]
     pub threshold: f32,
     /// Normal samples in a row that close an open event.
@@ -38,6 +45,23 @@ pub struct DetectSettings {
     /// width, is anomalous whatever its forecast error.
     #[serde(default = "default_level_threshold")]
     pub level_threshold: f32,
+    /// Scores that set the dynamic threshold's initial level (0 turns the
+    /// dynamic threshold off: `threshold` alone is used).
+    #[serde(default)]
+    pub calibration_samples: u64,
+    /// The initial level is this quantile of the calibration scores.
+    #[serde(default = "default_initial_quantile")]
+    pub initial_quantile: f64,
+    /// The dynamic threshold is the score exceeded with this probability
+    /// under the fitted tail (false alarms per normal sample).
+    #[serde(default = "default_risk")]
+    pub risk: f64,
+    /// Peaks above the initial level needed before the tail is fitted.
+    #[serde(default = "default_min_peaks")]
+    pub min_peaks: u64,
+    /// The dynamic threshold never goes below this score.
+    #[serde(default = "default_min_threshold")]
+    pub min_threshold: f32,
 }
 
 fn default_ewma_alpha() -> f32 {
@@ -52,6 +76,18 @@ fn default_min_event_gap() -> u64 {
 fn default_level_threshold() -> f32 {
     0.5
 }
+fn default_initial_quantile() -> f64 {
+    0.98
+}
+fn default_risk() -> f64 {
+    1e-3
+}
+fn default_min_peaks() -> u64 {
+    10
+}
+fn default_min_threshold() -> f32 {
+    2.5
+}
 
 impl Default for DetectSettings {
     fn default() -> Self {
@@ -61,6 +97,11 @@ impl Default for DetectSettings {
             min_event_gap: default_min_event_gap(),
             baseline_samples: 0,
             level_threshold: default_level_threshold(),
+            calibration_samples: 0,
+            initial_quantile: default_initial_quantile(),
+            risk: default_risk(),
+            min_peaks: default_min_peaks(),
+            min_threshold: default_min_threshold(),
         }
     }
 }
@@ -85,7 +126,50 @@ impl DetectSettings {
         if self.min_event_gap == 0 {
             return Err("detect.min_event_gap must be >= 1".into());
         }
+        if (1..5).contains(&self.calibration_samples) {
+            return Err(format!(
+                "detect.calibration_samples = {} must be 0 (dynamic threshold off) or >= 5",
+                self.calibration_samples
+            ));
+        }
+        if !(self.initial_quantile > 0.0 && self.initial_quantile < 1.0) {
+            return Err(format!(
+                "detect.initial_quantile = {} must be in (0, 1)",
+                self.initial_quantile
+            ));
+        }
+        let above = 1.0 - self.initial_quantile;
+        if !(self.risk > 0.0 && self.risk < above) {
+            return Err(format!(
+                "detect.risk = {} must be in (0, {above}): below 1 - detect.initial_quantile, \
+                 so that the alarm level lies above the initial level",
+                self.risk
+            ));
+        }
+        if self.min_peaks < 3 {
+            return Err(format!(
+                "detect.min_peaks = {} must be >= 3 (the tail fit needs a spread of peaks)",
+                self.min_peaks
+            ));
+        }
+        if !(self.min_threshold.is_finite() && self.min_threshold < threshold::MAX_THRESHOLD) {
+            return Err(format!(
+                "detect.min_threshold = {} must be finite and below {}",
+                self.min_threshold,
+                threshold::MAX_THRESHOLD
+            ));
+        }
         Ok(())
+    }
+
+    fn spot(&self) -> SpotSettings {
+        SpotSettings {
+            calibration_samples: self.calibration_samples,
+            initial_quantile: self.initial_quantile,
+            risk: self.risk,
+            min_peaks: self.min_peaks,
+            min_threshold: self.min_threshold,
+        }
     }
 }
 
@@ -143,6 +227,9 @@ pub struct DetectorState {
     smoothed_error: Option<f32>,
     open: Option<OpenEvent>,
     baseline: Baseline,
+    /// Absent from checkpoints written before the dynamic threshold existed.
+    #[serde(default)]
+    threshold: Option<DynamicThreshold>,
 }
 
 impl Default for DetectorState {
@@ -151,6 +238,7 @@ impl Default for DetectorState {
             last_forecast: None,
             smoothed_error: None,
             open: None,
+            threshold: None,
             // Finite placeholders (JSON has no infinities): the first
             // baseline sample replaces both.
             baseline: Baseline {
@@ -259,7 +347,15 @@ impl ChannelDetector {
         };
         self.state.smoothed_error = Some(smoothed);
         let surprise = (smoothed - self.calibration.mean) / self.calibration.std;
-        let threshold = self.settings.threshold;
+        let spot = self.settings.spot();
+        let dynamic = self
+            .state
+            .threshold
+            .get_or_insert_with(|| DynamicThreshold::new(&spot));
+        let threshold = dynamic.current(self.settings.threshold);
+        // The threshold learns from the surprise alone, before this sample's
+        // verdict is known to anyone, and only from surprises below it.
+        dynamic.update(&spot, surprise, surprise > threshold);
         // One score: the level novelty is scaled so that reaching its own
         // threshold means reaching the score threshold.
         let level = self
@@ -368,6 +464,7 @@ mod tests {
             min_event_gap: 1,
             baseline_samples: 3,
             level_threshold: 0.5,
+            ..Default::default()
         };
         let mut d = ChannelDetector::new(
             settings,
@@ -449,6 +546,93 @@ mod tests {
     }
 
     #[test]
+    fn the_dynamic_threshold_takes_over_from_the_fixed_one_and_adapts_to_the_stream() {
+        let settings = DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 100.0,
+            min_event_gap: 1,
+            calibration_samples: 20,
+            initial_quantile: 0.8,
+            risk: 0.001,
+            min_peaks: 10,
+            min_threshold: 0.5,
+            ..Default::default()
+        };
+        let mut d = ChannelDetector::new(
+            settings,
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        d.step(0, ts(), 0.0, &[0.0]);
+        // A stream whose normal errors have an exponential tail (the 50
+        // quantiles -ln((k + 1/2) / 50), scrambled; at most ln 100 = 4.6),
+        // all far below the fixed 100.
+        let error = |i: u64| -((((i * 37) % 50) as f32 + 0.5) / 50.0).ln();
+        let mut thresholds = Vec::new();
+        let mut seq = 1;
+        while seq <= 200 {
+            let (scored, _) = d.step(seq, ts(), error(seq), &[0.0]);
+            let scored = scored.unwrap();
+            assert!(!scored.anomalous, "normal error at seq {seq}: {scored:?}");
+            thresholds.push(scored.threshold);
+            seq += 1;
+        }
+        assert_eq!(
+            thresholds[0], 100.0,
+            "the fixed threshold while calibrating"
+        );
+        let fitted = *thresholds.last().unwrap();
+        assert!(
+            (4.7..20.0).contains(&fitted),
+            "fitted above the normal errors, far below the fixed threshold: {fitted}"
+        );
+        // An error the fixed threshold would have missed is now an anomaly.
+        let (scored, change) = d.step(seq, ts(), 30.0, &[0.0]);
+        assert!(scored.unwrap().anomalous, "{scored:?}");
+        assert!(matches!(change, Some(EventChange::Opened(_))));
+    }
+
+    #[test]
+    fn settings_outside_their_ranges_are_refused_with_the_key() {
+        let bad = [
+            DetectSettings {
+                calibration_samples: 3,
+                ..Default::default()
+            },
+            DetectSettings {
+                initial_quantile: 1.0,
+                ..Default::default()
+            },
+            DetectSettings {
+                risk: 0.05,
+                ..Default::default()
+            },
+            DetectSettings {
+                min_peaks: 1,
+                ..Default::default()
+            },
+            DetectSettings {
+                min_threshold: f32::INFINITY,
+                ..Default::default()
+            },
+        ];
+        let keys = [
+            "calibration_samples",
+            "initial_quantile",
+            "risk",
+            "min_peaks",
+            "min_threshold",
+        ];
+        for (settings, key) in bad.iter().zip(keys) {
+            let err = settings.validate().unwrap_err();
+            assert!(err.contains(&format!("detect.{key}")), "{key}: {err}");
+        }
+        assert_eq!(DetectSettings::default().validate(), Ok(()));
+    }
+
+    #[test]
     fn a_restored_detector_goes_on_exactly_as_the_original() {
         let settings = DetectSettings {
             ewma_alpha: 0.3,
@@ -456,30 +640,66 @@ mod tests {
             min_event_gap: 3,
             baseline_samples: 4,
             level_threshold: 0.5,
+            calibration_samples: 20,
+            initial_quantile: 0.5,
+            risk: 0.1,
+            min_peaks: 3,
+            min_threshold: 0.2,
         };
         let calibration = ErrorCalibration {
             mean: 0.1,
             std: 0.5,
         };
-        let values = [0.0, 0.1, 0.3, 2.0, 2.5, 0.2, 0.1, 0.0, 0.1, 0.0, 3.0];
-        let mut original = ChannelDetector::new(settings, calibration);
-        let mut resumed: Option<ChannelDetector> = None;
-        for (seq, v) in values.iter().enumerate() {
-            let step = original.step(seq as u64, ts(), *v, &[0.0, 0.0]);
-            if let Some(r) = resumed.as_mut() {
-                assert_eq!(step, r.step(seq as u64, ts(), *v, &[0.0, 0.0]));
+        // Small errors with two bursts (seqs 3-4 and 40-41).
+        let values: Vec<f32> = (0..60u64)
+            .map(|i| match i {
+                3 | 4 | 40 | 41 => 2.5,
+                _ => 0.1 * ((i * 7) % 5) as f32,
+            })
+            .collect();
+        for checkpoint_at in [4, 9, 45] {
+            let mut original = ChannelDetector::new(settings, calibration);
+            let mut resumed: Option<ChannelDetector> = None;
+            for (seq, v) in values.iter().enumerate() {
+                let forecast = [0.1 * (seq % 3) as f32, 0.0];
+                let step = original.step(seq as u64, ts(), *v, &forecast);
+                if let Some(r) = resumed.as_mut() {
+                    assert_eq!(
+                        step,
+                        r.step(seq as u64, ts(), *v, &forecast),
+                        "seq {seq}, resumed after {checkpoint_at}"
+                    );
+                }
+                if seq == checkpoint_at {
+                    // Through JSON as the checkpoint stores it.
+                    let json = serde_json::to_string(original.state()).unwrap();
+                    assert!(json.len() < 4096, "{} bytes", json.len());
+                    let state = serde_json::from_str(&json).unwrap();
+                    resumed = Some(ChannelDetector::restore(settings, calibration, state));
+                }
             }
+            let resumed = resumed.unwrap();
+            assert_eq!(resumed.state(), original.state());
+            assert_eq!(
+                serde_json::to_string(resumed.state()).unwrap(),
+                serde_json::to_string(original.state()).unwrap(),
+                "bitwise the same state, resumed after {checkpoint_at}"
+            );
+        }
+        // The checkpoints covered an open event, calibration and a fitted threshold.
+        let mut d = ChannelDetector::new(settings, calibration);
+        let mut opened_by_4 = false;
+        for (seq, v) in values.iter().enumerate().take(46) {
+            d.step(seq as u64, ts(), *v, &[0.1 * (seq % 3) as f32, 0.0]);
             if seq == 4 {
-                // Mid-event, through JSON as the checkpoint stores it.
-                let json = serde_json::to_string(original.state()).unwrap();
-                let state = serde_json::from_str(&json).unwrap();
-                resumed = Some(ChannelDetector::restore(settings, calibration, state));
-                assert!(
-                    original.open_event().is_some(),
-                    "the checkpoint carries an open event"
-                );
+                opened_by_4 = d.open_event().is_some();
             }
         }
-        assert_eq!(resumed.unwrap().state(), original.state());
+        assert!(opened_by_4, "the seq-4 checkpoint carries an open event");
+        let json = serde_json::to_value(d.state()).unwrap();
+        assert!(
+            json["threshold"]["fitted"].is_number(),
+            "the seq-45 checkpoint carries a fitted threshold: {json}"
+        );
     }
 }
