@@ -208,8 +208,8 @@ impl DynamicThreshold {
         self.fitted.unwrap_or(fixed)
     }
 
-    /// Learns from `score` (a finite number). `anomalous` scores (at or
-    /// above the threshold in force) teach nothing once calibration is over.
+    /// Learns from `score` (a finite number). `anomalous` scores (above the
+    /// threshold in force) teach nothing once the tail is fitted.
     pub fn update(&mut self, settings: &SpotSettings, score: f32, anomalous: bool) {
         if settings.calibration_samples == 0 {
             return;
@@ -233,7 +233,10 @@ impl DynamicThreshold {
             }
             return;
         }
-        if anomalous {
+        // Until the tail is fitted every score teaches, as SPOT's calibration
+        // batch does: a stream whose normal scores all lie above the fixed
+        // threshold must still get a threshold of its own.
+        if anomalous && self.fitted.is_some() {
             return;
         }
         let peaks = self
@@ -442,6 +445,22 @@ mod tests {
         assert!(
             serde_json::from_str::<DynamicThreshold>(&bad).is_err(),
             "{bad}"
+        );
+    }
+
+    #[test]
+    fn scores_above_the_fixed_threshold_still_teach_until_the_tail_is_fitted() {
+        let s = settings();
+        let mut d = DynamicThreshold::new(&s);
+        // A stream whose every score is "anomalous" against a fixed 5.
+        for x in scrambled(100).chain(scrambled(100)) {
+            let score = (x + 10.0) as f32;
+            d.update(&s, score, score > d.current(5.0));
+        }
+        let fitted = d.current(5.0);
+        assert!(
+            fitted > 100.0,
+            "its own threshold, above its scores: {fitted}"
         );
     }
 
