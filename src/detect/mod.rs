@@ -138,8 +138,9 @@ impl DetectSettings {
                 self.initial_quantile
             ));
         }
-        let above = 1.0 - self.initial_quantile;
-        if !(self.risk > 0.0 && self.risk < above) {
+        // As f32 for the message: 0.02, not 0.020000000000000018.
+        let above = (1.0 - self.initial_quantile) as f32;
+        if !(self.risk > 0.0 && self.risk < 1.0 - self.initial_quantile) {
             return Err(format!(
                 "detect.risk = {} must be in (0, {above}): below 1 - detect.initial_quantile, \
                  so that the alarm level lies above the initial level",
