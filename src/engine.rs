@@ -323,6 +323,7 @@ impl Engine {
                 continue;
             }
             channel.partition = Some(restore.partition);
+            tracing::debug!(channel = %channel.id, partition = restore.partition, resume_after = ?checkpoint.as_ref().map(|c| c.last_seq), refill_from = ?checkpoint.as_ref().map(|c| c.refill_from), "channel restored");
             let spec = &self.models[channel.model].spec;
             channel.restore(self.detect, spec, checkpoint);
         }

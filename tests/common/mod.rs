@@ -8,6 +8,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -571,9 +572,17 @@ pub fn replay_paced(
 
 /// Waits until `scores` holds exactly `expected` rows.
 pub fn wait_for_scores(pg: &Postgres, expected: i64, what: &str, deadline: Duration) {
-    wait_for(what, deadline, || {
-        (pg.count("SELECT count(*) FROM scores") == expected).then_some(())
-    });
+    let started = Instant::now();
+    while pg.count("SELECT count(*) FROM scores") != expected {
+        if started.elapsed() > deadline {
+            panic!(
+                "timed out after {deadline:?} waiting for {what}: {} of {expected} scores rows\n{}",
+                pg.count("SELECT count(*) FROM scores"),
+                describe_scores(pg, "satwatch")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// One record read back from a topic.
@@ -712,4 +721,216 @@ pub fn committed_vs_end(
             (topic, partition, offset, high)
         })
         .collect()
+}
+
+// ---- Comparing a disturbed run with an undisturbed reference ----
+//
+// Both consume the same records at the same time, each with its own consumer
+// group, database and output topics, so their outputs must agree exactly
+// (within float tolerance where batches of different sizes ran the models).
+
+/// A pipeline for group `group` writing to `<prefix>anomalies` and
+/// `<prefix>forecasts`. A short session timeout lets a killed member's
+/// partitions go to its successor in seconds rather than the default ten.
+pub fn group_pipeline(
+    dir: &Path,
+    group: &str,
+    prefix: &str,
+    session_timeout_ms: u32,
+) -> std::path::PathBuf {
+    pipeline_variant(dir, &format!("{group}.toml"), |t| {
+        set(t, "kafka", "group_id", group);
+        set(t, "kafka", "anomalies_topic", format!("{prefix}anomalies"));
+        set(t, "kafka", "forecasts_topic", format!("{prefix}forecasts"));
+        set(t, "kafka", "dlq_topic", format!("{prefix}telemetry.dlq"));
+        let mut client = toml::Table::new();
+        client.insert(
+            "session.timeout.ms".into(),
+            session_timeout_ms.to_string().into(),
+        );
+        client.insert(
+            "heartbeat.interval.ms".into(),
+            (session_timeout_ms / 5).to_string().into(),
+        );
+        set(t, "kafka", "client", client);
+    })
+}
+
+pub type ScoreRow = (String, i64, String, f32, f32, bool, i32);
+
+pub fn scores(pg: &Postgres, db: &str) -> BTreeMap<(String, i64), ScoreRow> {
+    pg.query_in(
+        db,
+        "SELECT channel, seq, ts::text, score, threshold, anomalous, model_version FROM scores",
+    )
+    .iter()
+    .map(|r| {
+        let row: ScoreRow = (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+        );
+        ((row.0.clone(), row.1), row)
+    })
+    .collect()
+}
+
+pub fn forecasts(pg: &Postgres, db: &str) -> BTreeMap<(String, i64), Vec<f32>> {
+    pg.query_in(db, "SELECT channel, seq, horizon FROM forecasts")
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect()
+}
+
+/// Event rows without `updated_at` (wall-clock time of the write).
+pub fn events(pg: &Postgres, db: &str) -> Vec<String> {
+    pg.query_in(
+        db,
+        "SELECT concat_ws('|', event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
+                end_ts, peak_score, threshold, model, model_version)
+         FROM anomaly_events ORDER BY event_id",
+    )
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// (event_id, state) -> the distinct payloads published for it.
+pub fn published_events(
+    broker: &Broker,
+    topic: &str,
+) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut events: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for record in read_topic(broker, topic) {
+        let payload = record.payload.expect("event records have payloads");
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        let key = (
+            v["event_id"].as_str().unwrap().to_owned(),
+            v["state"].as_str().unwrap().to_owned(),
+        );
+        events
+            .entry(key)
+            .or_default()
+            .insert(String::from_utf8(payload).unwrap());
+    }
+    events
+}
+
+pub fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// Each channel's scored seq ranges and the gaps between them, for failure
+/// messages.
+pub fn describe_scores(pg: &Postgres, database: &str) -> String {
+    pg.query_in(
+        database,
+        "SELECT channel, count(*), min(seq), max(seq),
+                (SELECT string_agg(g::text, ',') FROM (
+                    SELECT seq + 1 AS g FROM scores s2 WHERE s2.channel = s.channel
+                    AND NOT EXISTS (SELECT 1 FROM scores s3 WHERE s3.channel = s2.channel AND s3.seq = s2.seq + 1)
+                    ORDER BY seq LIMIT 5) gaps)
+         FROM scores s GROUP BY channel ORDER BY channel",
+    )
+    .iter()
+    .map(|r| {
+        let (c, n, lo, hi, gaps): (String, i64, i64, i64, Option<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        format!("{c}: {n} rows, seq {lo}..={hi}, first missing after runs: {}", gaps.unwrap_or_default())
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// What [`assert_same_outputs_as_reference`] checked.
+#[derive(Debug)]
+pub struct Compared {
+    pub scores: i64,
+    pub forecasts: i64,
+    pub event_rows: usize,
+    pub event_records: usize,
+}
+
+/// The `satwatch` database and the `anomalies` topic hold exactly what the
+/// reference (database `reference`, topic `reference.anomalies`) holds for
+/// rows `start..start + rows` of `channels`, with one score per sample past
+/// warm-up and no gap.
+pub fn assert_same_outputs_as_reference(
+    pg: &Postgres,
+    broker: &Broker,
+    channels: &str,
+    start: i64,
+    rows: i64,
+    window: i64,
+) -> Compared {
+    let n = channels.split(',').count() as i64;
+    // Scores: one row per sample past warm-up, and the reference's values.
+    for channel in channels.split(',') {
+        let row = &pg.query(&format!(
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
+        ))[0];
+        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            got,
+            (
+                rows - window,
+                rows - window,
+                start + window,
+                start + rows - 1
+            ),
+            "{channel}: one row per sample past warm-up, no gap"
+        );
+    }
+    let (got, want) = (scores(&pg, "satwatch"), scores(&pg, "reference"));
+    assert_eq!(got.len(), want.len());
+    for (key, w) in &want {
+        let g = got.get(key).unwrap_or_else(|| panic!("{key:?} not scored"));
+        assert!(
+            g.2 == w.2 && close(g.3, w.3) && close(g.4, w.4) && g.5 == w.5 && g.6 == w.6,
+            "{key:?}: {g:?} != reference {w:?}"
+        );
+    }
+
+    // Forecasts likewise (the first window of each channel has one too).
+    let (got, want) = (forecasts(&pg, "satwatch"), forecasts(&pg, "reference"));
+    assert_eq!(got.len() as i64, n * (rows - window + 1));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (key, w) in &want {
+        let g = &got[key];
+        assert!(
+            g.len() == w.len() && g.iter().zip(w).all(|(a, b)| close(*a, *b)),
+            "{key:?}: forecast {g:?} != reference {w:?}"
+        );
+    }
+
+    // Events: the same rows, closed where the reference's closed.
+    let (got, want) = (events(&pg, "satwatch"), events(&pg, "reference"));
+    assert!(!want.is_empty(), "the replayed stretch has anomalies");
+    assert_eq!(got, want, "anomaly_events");
+    let event_rows = want.len();
+
+    // The topic: each (event_id, state) published, repeats identical.
+    let got = published_events(&broker, "anomalies");
+    let want = published_events(&broker, "reference.anomalies");
+    for ((event, state), payloads) in &got {
+        assert_eq!(
+            payloads.len(),
+            1,
+            "{event} {state}: repeats differ: {payloads:?}"
+        );
+    }
+    assert_eq!(got, want, "anomalies topic");
+    Compared {
+        scores: n * (rows - window),
+        forecasts: n * (rows - window + 1),
+        event_rows,
+        event_records: got.len(),
+    }
 }
