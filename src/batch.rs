@@ -67,6 +67,16 @@ impl<T> Batcher<T> {
         self.entries.len()
     }
 
+    /// Rewrites every queued input value as `f(position within its window,
+    /// value)`: for re-normalising queued windows when a model version with
+    /// other normalisation parameters is swapped in.
+    pub fn map_queued(&mut self, mut f: impl FnMut(usize, f32) -> f32) {
+        let len = self.window_len;
+        for (i, x) in self.inputs.iter_mut().enumerate() {
+            *x = f(i % len, *x);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

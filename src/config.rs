@@ -88,6 +88,37 @@ impl Default for HttpSettings {
 pub struct RepositorySettings {
     /// Relative paths are taken from the pipeline file's directory.
     pub path: PathBuf,
+    /// How models change while running, after Triton's model control modes:
+    /// `explicit` (the load/unload endpoints, which need `control_token`),
+    /// `poll` (the directory is watched every `poll_interval_ms`), or `none`.
+    #[serde(default)]
+    pub mode: ControlMode,
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Bearer token for the load and unload endpoints; without one they are
+    /// disabled. `SATWATCH_REPOSITORY_TOKEN` overrides it (prefer that: it
+    /// keeps the secret out of the file).
+    #[serde(default)]
+    pub control_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlMode {
+    None,
+    #[default]
+    Explicit,
+    Poll,
+}
+
+fn default_poll_interval_ms() -> u64 {
+    2000
+}
+
+impl RepositorySettings {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(100))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +335,9 @@ impl Pipeline {
         }
         if let Ok(addr) = std::env::var("SATWATCH_HTTP_ADDR") {
             file.http.addr = addr;
+        }
+        if let Ok(token) = std::env::var("SATWATCH_REPOSITORY_TOKEN") {
+            file.repository.control_token = Some(token).filter(|t| !t.is_empty());
         }
         let at = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
 

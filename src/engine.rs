@@ -34,10 +34,29 @@ pub struct Entry {
     pub epoch: u32,
 }
 
+/// Where a model version runs: a backend and the model's index there.
+#[derive(Clone)]
+pub struct Runner {
+    pub backend: Arc<dyn crate::backend::Backend>,
+    pub index: usize,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runner {{ index: {} }}", self.index)
+    }
+}
+
 /// A batch of windows for one model, ready for a backend.
 #[derive(Debug)]
 pub struct ModelBatch {
     pub model: usize,
+    /// The version the batch was cut for: its outputs carry this version,
+    /// even if a newer one is swapped in while it runs.
+    pub spec: Arc<ModelSpec>,
+    /// Set once a version was loaded at run time; otherwise the pool's
+    /// backend runs model `model`.
+    pub runner: Option<Runner>,
     /// `[entries.len(), window, features]`, row-major.
     pub inputs: Vec<f32>,
     pub entries: Vec<Entry>,
@@ -229,6 +248,9 @@ impl ChannelState {
 
 struct ModelState {
     spec: Arc<ModelSpec>,
+    runner: Option<Runner>,
+    /// A version waiting for the batch in flight to complete.
+    next: Option<(Arc<ModelSpec>, Runner)>,
     name: Arc<str>,
     batcher: Batcher<Entry>,
     /// One batch per model is in flight at a time, so a channel's windows are
@@ -264,6 +286,8 @@ impl Engine {
                 batcher: Batcher::new(spec.batching.clone(), spec.window * spec.features),
                 name: Arc::from(spec.name.as_str()),
                 spec: spec.clone(),
+                runner: None,
+                next: None,
                 in_flight: false,
             })
             .collect();
@@ -468,6 +492,8 @@ impl Engine {
                 self.next_model = (index + 1) % n;
                 return Some(ModelBatch {
                     model: index,
+                    spec: model.spec.clone(),
+                    runner: model.runner.clone(),
                     inputs: batch.inputs,
                     entries: batch.entries,
                     oldest_enqueued: batch.oldest_enqueued,
@@ -489,10 +515,69 @@ impl Engine {
     /// Applies a batch's forecasts (`[entries, horizon]`, normalised units) in
     /// order, appending what they produce to `out`.
     pub fn complete(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
+        let model_index = batch.model;
+        self.complete_batch(batch, forecasts, out);
+        if let Some((spec, runner)) = self.models[model_index].next.take() {
+            self.swap_now(model_index, spec, runner);
+        }
+    }
+
+    /// Serves `spec` (a new version of a loaded model, run by `runner`) from
+    /// the next batch on: windows already queued are re-normalised for it, and
+    /// a batch in flight completes under its own version first. So each
+    /// channel switches version at one sample, and no sample is dropped or
+    /// scored twice. Refused if the input or output shape changed.
+    pub fn swap_model(&mut self, spec: Arc<ModelSpec>, runner: Runner) -> Result<(), String> {
+        let index = self
+            .models
+            .iter()
+            .position(|m| m.spec.name == spec.name)
+            .ok_or_else(|| format!("model {} serves no channel of this pipeline", spec.name))?;
+        let old = &self.models[index].spec;
+        let shape = |s: &ModelSpec| (s.window, s.features, s.horizon, s.target_feature);
+        if shape(old) != shape(&spec) {
+            return Err(format!(
+                "version {} of {} changes the window, features, horizon or target feature \
+                 (from {:?} to {:?}); a live swap needs the same shapes",
+                spec.version,
+                spec.name,
+                shape(old),
+                shape(&spec)
+            ));
+        }
+        if self.models[index].in_flight {
+            self.models[index].next = Some((spec, runner));
+        } else {
+            self.swap_now(index, spec, runner);
+        }
+        Ok(())
+    }
+
+    fn swap_now(&mut self, index: usize, spec: Arc<ModelSpec>, runner: Runner) {
+        let model = &mut self.models[index];
+        let (old, new) = (&model.spec.normalisation, &spec.normalisation);
+        if old != new {
+            model.batcher.map_queued(|i, x| {
+                let f = i % old.center.len();
+                (x * old.scale[f] + old.center[f] - new.center[f]) / new.scale[f]
+            });
+            for channel in self.channels.iter_mut().filter(|c| c.model == index) {
+                channel.window.renormalise(old, new);
+            }
+        }
+        for channel in self.channels.iter_mut().filter(|c| c.model == index) {
+            channel.detector.set_calibration(spec.calibration);
+        }
+        tracing::info!(model = %spec.name, from = model.spec.version, to = spec.version, "model version swapped in");
+        model.spec = spec;
+        model.runner = Some(runner);
+    }
+
+    fn complete_batch(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
         let model = &mut self.models[batch.model];
         model.in_flight = false;
         model.batcher.recycle(batch.inputs);
-        let spec = &model.spec;
+        let spec = &batch.spec;
         let horizon = spec.horizon;
         assert_eq!(
             forecasts.len(),
@@ -730,5 +815,78 @@ mod tests {
         assert!(engine.is_idle());
         assert_eq!(engine.counters().duplicates, 1);
         assert_eq!(engine.open_events(), 1);
+    }
+
+    /// Answers every row with its window's last value.
+    struct LastValue;
+
+    impl crate::backend::Backend for LastValue {
+        fn infer(
+            &self,
+            _: usize,
+            inputs: &[f32],
+            rows: usize,
+        ) -> Result<Vec<f32>, crate::backend::BackendError> {
+            let per_row = inputs.len() / rows;
+            Ok(inputs.chunks(per_row).map(|w| w[per_row - 1]).collect())
+        }
+    }
+
+    #[test]
+    fn a_swap_waits_for_the_batch_in_flight_and_renormalises_what_is_queued() {
+        let mut engine = engine();
+        let now = Instant::now();
+        for seq in 0..3 {
+            engine.admit(&sample(seq, 1.0 + seq as f32), now);
+        }
+        let in_flight = engine.next_batch(now).expect("preferred size 2");
+        assert_eq!(in_flight.spec.version, 3);
+        engine.admit(&sample(3, 4.0), now);
+
+        let mut v4 = (*spec()).clone();
+        v4.version = 4;
+        v4.normalisation.center = vec![1.0];
+        v4.normalisation.scale = vec![2.0];
+        let runner = Runner {
+            backend: Arc::new(LastValue),
+            index: 0,
+        };
+        engine.swap_model(Arc::new(v4), runner).unwrap();
+        assert_eq!(engine.model_spec(0).version, 3, "deferred while in flight");
+
+        let mut out = Outputs::default();
+        engine.complete(in_flight, &[2.0, 3.0], &mut out);
+        assert!(
+            out.forecasts.iter().all(|f| f.model_version == 3),
+            "the batch in flight keeps its version"
+        );
+        assert_eq!(engine.model_spec(0).version, 4, "swapped once it completed");
+
+        let batch = engine.next_batch(now).expect("seq 3's deadline passed");
+        assert_eq!(batch.spec.version, 4);
+        assert!(batch.runner.is_some(), "runs on the new version's backend");
+        assert_eq!(
+            batch.inputs,
+            vec![1.0, 1.5],
+            "values 3 and 4 re-normalised as (x - 1) / 2"
+        );
+        let mut out = Outputs::default();
+        engine.complete(batch, &[1.5], &mut out);
+        assert_eq!(out.forecasts[0].horizon, vec![4.0], "denormalised with version 4");
+        assert_eq!(out.scores[0].model_version, 4);
+    }
+
+    #[test]
+    fn a_swap_that_changes_shapes_is_refused() {
+        let mut engine = engine();
+        let mut wider = (*spec()).clone();
+        wider.window = 3;
+        let runner = Runner {
+            backend: Arc::new(LastValue),
+            index: 0,
+        };
+        let err = engine.swap_model(Arc::new(wider), runner).unwrap_err();
+        assert!(err.contains("same shapes"), "{err}");
+        assert_eq!(engine.model_spec(0).window, 2);
     }
 }

@@ -1,24 +1,37 @@
-//! HTTP: Prometheus metrics, KServe v2 health and model metadata.
+//! HTTP: Prometheus metrics, KServe v2 health and model metadata, and
+//! Triton's model repository control.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{health::Health, metrics::Metrics, repository::ModelSpec};
+use crate::{
+    config::ControlMode,
+    health::Health,
+    metrics::Metrics,
+    repository::{
+        control::{ControlError, RepositoryControl, Served},
+        ModelSpec,
+    },
+};
 
 #[derive(Clone)]
 pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub models: Arc<Vec<Arc<ModelSpec>>>,
+    pub models: Served,
+    pub control: Option<Arc<RepositoryControl>>,
+    pub mode: ControlMode,
+    /// Bearer token the load and unload endpoints require; None disables them.
+    pub token: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -32,6 +45,9 @@ pub fn router(state: AppState) -> Router {
             get(model_version_metadata),
         )
         .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load_model))
+        .route("/v2/repository/models/{model}/unload", post(unload_model))
         .with_state(state)
 }
 
@@ -77,8 +93,12 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-fn find<'a>(state: &'a AppState, name: &str) -> Option<&'a Arc<ModelSpec>> {
-    state.models.iter().find(|m| m.name == name)
+fn find(state: &AppState, name: &str) -> Option<Arc<ModelSpec>> {
+    let served = state
+        .models
+        .read()
+        .expect("served list updates never panic");
+    served.iter().find(|m| m.name == name).cloned()
 }
 
 fn metadata(spec: &ModelSpec) -> serde_json::Value {
@@ -97,7 +117,7 @@ fn not_found(what: String) -> Response {
 
 async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Response {
     match find(&state, &model) {
-        Some(spec) => Json(metadata(spec)).into_response(),
+        Some(spec) => Json(metadata(&spec)).into_response(),
         None => not_found(format!("unknown model '{model}'")),
     }
 }
@@ -107,7 +127,7 @@ async fn model_version_metadata(
     Path((model, version)): Path<(String, String)>,
 ) -> Response {
     match find(&state, &model) {
-        Some(spec) if spec.version.to_string() == version => Json(metadata(spec)).into_response(),
+        Some(spec) if spec.version.to_string() == version => Json(metadata(&spec)).into_response(),
         Some(_) => not_found(format!("model '{model}' has no version {version} loaded")),
         None => not_found(format!("unknown model '{model}'")),
     }
@@ -117,5 +137,115 @@ async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -
     match find(&state, &model) {
         Some(_) => StatusCode::OK.into_response(),
         None => not_found(format!("unknown model '{model}'")),
+    }
+}
+
+fn error(status: StatusCode, reason: String) -> Response {
+    (status, Json(json!({ "error": reason }))).into_response()
+}
+
+async fn repository_index(State(state): State<AppState>) -> Response {
+    match &state.control {
+        Some(control) => Json(control.index()).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "repository control is not running".into(),
+        ),
+    }
+}
+
+/// Load and unload change what is served: explicit mode only, and only with
+/// the configured token.
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<Arc<RepositoryControl>, Response> {
+    if state.mode != ControlMode::Explicit {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model control mode is {:?}: load and unload need [repository] mode = \"explicit\"",
+                state.mode
+            )
+            .to_lowercase(),
+        ));
+    }
+    let Some(token) = &state.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "load and unload are disabled: set SATWATCH_REPOSITORY_TOKEN (or [repository] control_token) to enable them".into(),
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ));
+    }
+    state.control.clone().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "repository control is not running".into(),
+        )
+    })
+}
+
+/// Compares without an early exit, so timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn control_error(err: ControlError) -> Response {
+    let status = match err {
+        ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+        ControlError::Refused(_) => StatusCode::BAD_REQUEST,
+        ControlError::Conflict(_) => StatusCode::CONFLICT,
+    };
+    error(status, err.to_string())
+}
+
+async fn load_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let control = match authorise(&state, &headers) {
+        Ok(control) => control,
+        Err(response) => return response,
+    };
+    match control.load(&model).await {
+        Ok(version) => {
+            Json(json!({ "name": model, "version": version.to_string() })).into_response()
+        }
+        Err(err) => control_error(err),
+    }
+}
+
+async fn unload_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let control = match authorise(&state, &headers) {
+        Ok(control) => control,
+        Err(response) => return response,
+    };
+    match control.unload(&model) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(err) => control_error(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_needs_the_whole_token() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3creT", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
     }
 }

@@ -42,6 +42,7 @@ pub async fn stream(
         samples_rx,
         outputs_tx,
         Arc::new(Metrics::new()),
+        None,
     )?;
     let feeder = tokio::spawn(async move {
         let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);

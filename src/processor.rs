@@ -19,6 +19,7 @@ use crate::{
     backend::{BackendError, BackendPool, Completion},
     engine::{Admission, Engine, Outputs, Restore},
     metrics::Metrics,
+    repository::control::ModelUpdate,
     telemetry::Sample,
 };
 
@@ -96,6 +97,7 @@ pub fn spawn(
     samples: mpsc::Receiver<Input>,
     outputs: mpsc::Sender<Outputs>,
     metrics: Arc<Metrics>,
+    updates: Option<mpsc::Receiver<ModelUpdate>>,
 ) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
     let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
@@ -113,6 +115,7 @@ pub fn spawn(
         pipeline.file.engine.max_pending_windows,
         metrics,
         ChannelLabels::new(&pipeline.channels),
+        updates,
     )))
 }
 
@@ -127,7 +130,11 @@ pub async fn process(
     max_pending_windows: usize,
     metrics: Arc<Metrics>,
     labels: ChannelLabels,
+    updates: Option<mpsc::Receiver<ModelUpdate>>,
 ) -> Result<Engine, ProcessError> {
+    // Offline runs have no model control: a closed channel stands in.
+    let mut updates = updates.unwrap_or_else(|| mpsc::channel(1).1);
+    let mut updates_open = true;
     let counters = ChannelCounters::new(&metrics, &labels);
     let mut input_open = true;
     let mut received = Vec::with_capacity(1024);
@@ -200,6 +207,12 @@ pub async fn process(
                     break Err(ProcessError::SinkGone);
                 }
             }
+            update = updates.recv(), if updates_open => match update {
+                Some(ModelUpdate { spec, runner, reply }) => {
+                    let _ = reply.send(engine.swap_model(spec, runner));
+                }
+                None => updates_open = false,
+            },
             _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {}
         }
     };
@@ -214,7 +227,8 @@ fn complete(
     metrics: &Metrics,
     counters: &ChannelCounters,
 ) -> Result<(), ProcessError> {
-    let spec = engine.model_spec(completion.batch.model).clone();
+    // The version the batch ran, which a swap may have superseded since.
+    let spec = completion.batch.spec.clone();
     let version = spec.version.to_string();
     let model_labels = [spec.name.as_str(), version.as_str()];
     let rows = completion.batch.entries.len() as u64;

@@ -2,19 +2,27 @@
 //! HTTP, and shuts down cleanly on SIGINT/SIGTERM (stop consuming, drain,
 //! commit, exit 0).
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
 
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     backend::{self, Backend},
-    config::Pipeline,
+    config::{ControlMode, Pipeline},
     engine::Counters,
     health::Health,
     http,
     metrics::Metrics,
     processor,
-    repository::{self, ModelSpec},
+    repository::{
+        self,
+        control::{RepositoryControl, Served},
+        ModelSpec,
+    },
     sink::{self, postgres, PgWriter, Publisher},
     source::{self, SourceParts},
     telemetry::{ChannelShape, Decoder},
@@ -101,10 +109,36 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
+    // Model control: versions loaded while running reach the processor
+    // through `updates`; the HTTP metadata follows what is served.
+    let served: Served = Arc::new(RwLock::new(specs.clone()));
+    let (updates_tx, updates_rx) = mpsc::channel(4);
+    let repository = &pipeline.file.repository;
+    let control = Arc::new(RepositoryControl::new(
+        pipeline.repository.clone(),
+        pipeline.file.engine.clone(),
+        served.clone(),
+        updates_tx,
+    ));
+    if repository.mode == ControlMode::Poll {
+        tokio::spawn(
+            control
+                .clone()
+                .poll(repository.poll_interval(), shutdown_rx.clone()),
+        );
+    }
+    tracing::info!(
+        mode = ?repository.mode,
+        load_unload = if repository.control_token.is_some() { "enabled (token set)" } else { "disabled (no token)" },
+        "model repository control"
+    );
     let state = http::AppState {
         metrics: metrics.clone(),
         health: health.clone(),
-        models: Arc::new(specs.clone()),
+        models: served,
+        control: (repository.mode != ControlMode::None).then_some(control),
+        mode: repository.mode,
+        token: repository.control_token.as_deref().map(Arc::from),
     };
     let (http_addr, http_task) = http::serve(&pipeline.file.http.addr, state, shutdown_rx.clone())
         .await
@@ -120,6 +154,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         samples_rx,
         outputs_tx,
         metrics.clone(),
+        Some(updates_rx),
     )
     .map_err(RunError)?;
     let url_for_probe = url.clone();

@@ -54,6 +54,18 @@ impl Window {
         self.filled = (self.filled + 1).min(self.len);
     }
 
+    /// Re-expresses the stored rows under `new` normalisation parameters
+    /// (they were normalised with `old`), and normalises later rows with `new`.
+    pub fn renormalise(&mut self, old: &Normalisation, new: &Normalisation) {
+        let f = self.features;
+        for (i, x) in self.rows.iter_mut().enumerate() {
+            let j = i % f;
+            *x = (*x * old.scale[j] + old.center[j] - new.center[j]) / new.scale[j];
+        }
+        self.center = new.center.clone();
+        self.inv_scale = new.scale.iter().map(|s| 1.0 / s).collect();
+    }
+
     /// Forgets every sample (a restored channel refills from Kafka).
     pub fn clear(&mut self) {
         self.next = 0;

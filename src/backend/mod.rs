@@ -96,8 +96,14 @@ impl BackendPool {
                     .spawn(move || {
                         for (batch, dispatched) in queue {
                             let started = Instant::now();
-                            let result =
-                                backend.infer(batch.model, &batch.inputs, batch.entries.len());
+                            let result = match &batch.runner {
+                                Some(r) => {
+                                    r.backend.infer(r.index, &batch.inputs, batch.entries.len())
+                                }
+                                None => {
+                                    backend.infer(batch.model, &batch.inputs, batch.entries.len())
+                                }
+                            };
                             let compute_time = started.elapsed();
                             let queue_time =
                                 dispatched.saturating_duration_since(batch.oldest_enqueued);

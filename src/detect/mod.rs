@@ -282,6 +282,11 @@ impl ChannelDetector {
         }
     }
 
+    /// Takes a new model version's error calibration for the samples to come.
+    pub fn set_calibration(&mut self, calibration: ErrorCalibration) {
+        self.calibration = calibration;
+    }
+
     /// The state to checkpoint.
     pub fn state(&self) -> &DetectorState {
         &self.state

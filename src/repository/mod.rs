@@ -5,6 +5,7 @@
 //! everything downstream works with the typed spec and never looks at the text
 //! again. Errors name the file, the line where it can be told, and the reason.
 
+pub mod control;
 pub mod pbtxt;
 
 use std::{
@@ -125,12 +126,22 @@ pub fn load_models(root: &Path, wanted: &[String]) -> Result<Vec<ModelSpec>, Rep
 /// (the highest version the policy selects).
 pub fn load_model(dir: &Path) -> Result<ModelSpec, RepositoryError> {
     let config_path = dir.join("config.pbtxt");
-    let text = fs::read_to_string(&config_path)
-        .map_err(|err| RepositoryError::new(&config_path, None, format!("cannot read: {err}")))?;
-    let config = pbtxt::parse_model_config(&text)
-        .map_err(|err| RepositoryError::new(&config_path, err.line, err.reason))?;
+    let (config, text) = read_config(&config_path)?;
     let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     validate(&config, &text, &config_path, dir_name, dir)
+}
+
+/// The parsed `config.pbtxt` of the model in `dir`.
+pub fn load_config(dir: &Path) -> Result<inference::ModelConfig, RepositoryError> {
+    read_config(&dir.join("config.pbtxt")).map(|(config, _)| config)
+}
+
+fn read_config(config_path: &Path) -> Result<(inference::ModelConfig, String), RepositoryError> {
+    let text = fs::read_to_string(config_path)
+        .map_err(|err| RepositoryError::new(config_path, None, format!("cannot read: {err}")))?;
+    let config = pbtxt::parse_model_config(&text)
+        .map_err(|err| RepositoryError::new(config_path, err.line, err.reason))?;
+    Ok((config, text))
 }
 
 fn validate(
