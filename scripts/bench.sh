@@ -816,6 +816,16 @@ def cmd_render(results, out_path):
     lines += e2e_section(e2e, settings)
     lines += latency_section(lats, settings)
     text = "\n".join(lines)
+    # The backend section comes from `satwatch bench --backend` runs (some on
+    # GPU machines this script never sees): carry it over unchanged.
+    try:
+        with open(out_path) as fh:
+            previous = fh.read()
+        kept = previous.find("\n## Backends (the GPU path)")
+        if kept >= 0:
+            text = text.rstrip("\n") + "\n" + previous[kept:]
+    except FileNotFoundError:
+        pass
     with open(out_path, "w") as fh:
         fh.write(text.rstrip("\n") + "\n")
 
