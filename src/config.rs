@@ -1,6 +1,7 @@
 //! The pipeline file (`pipelines/*.toml`): one serde tree, unknown keys refused,
 //! validated once at start into [`Pipeline`]. The environment overrides what a
-//! deployment changes: `SATWATCH_BROKERS`, `DATABASE_URL`, `SATWATCH_HTTP_ADDR`.
+//! deployment changes: `SATWATCH_BROKERS`, `DATABASE_URL`, `SATWATCH_HTTP_ADDR`,
+//! and libpq's `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY` for PostgreSQL TLS.
 
 use std::{
     collections::BTreeMap,
@@ -60,11 +61,54 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
 }
 
+/// How to reach PostgreSQL. TLS follows the URL's `sslmode` (`disable`,
+/// `prefer`, the default, or `require`); the files below say what the server's
+/// certificate is checked against and what satwatch presents. Each file
+/// setting has libpq's environment variable as its override, so a deployment
+/// sets them the way it would for `psql`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
     /// `DATABASE_URL` overrides.
     pub url: Option<String>,
+    /// PEM file of the CA certificate(s) the server's certificate must chain
+    /// to, instead of the system's trust store; `PGSSLROOTCERT` overrides.
+    /// The server's name is checked against the URL's host either way.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) to present to a server that asks for one;
+    /// `PGSSLCERT` overrides. Needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key of `client_cert_file` (PEM, unencrypted); `PGSSLKEY`
+    /// overrides.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Encrypt without checking the server's certificate or name (libpq's
+    /// `sslmode=require` without a root certificate). Off by default: an
+    /// explicit opt-in for test setups with throwaway certificates, since
+    /// anyone on the path can then impersonate the server.
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+}
+
+impl PostgresSettings {
+    /// The environment's overrides: `DATABASE_URL`, and libpq's
+    /// `PGSSLROOTCERT`, `PGSSLCERT` and `PGSSLKEY`.
+    fn apply_env(&mut self) {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            self.url = Some(url);
+        }
+        for (name, slot) in [
+            ("PGSSLROOTCERT", &mut self.ca_file),
+            ("PGSSLCERT", &mut self.client_cert_file),
+            ("PGSSLKEY", &mut self.client_key_file),
+        ] {
+            if let Some(path) = std::env::var_os(name).filter(|p| !p.is_empty()) {
+                *slot = Some(PathBuf::from(path));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,9 +374,7 @@ impl Pipeline {
         if let Ok(brokers) = std::env::var("SATWATCH_BROKERS") {
             file.kafka.brokers = brokers;
         }
-        if let Ok(url) = std::env::var("DATABASE_URL") {
-            file.postgres.url = Some(url);
-        }
+        file.postgres.apply_env();
         if let Ok(addr) = std::env::var("SATWATCH_HTTP_ADDR") {
             file.http.addr = addr;
         }

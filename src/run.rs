@@ -88,12 +88,15 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let kafka = &pipeline.file.kafka;
     let publisher = Publisher::new(kafka).map_err(|e| fail("cannot create Kafka producer")(&e))?;
 
-    let url = pipeline.file.postgres.url.clone().ok_or_else(|| {
-        RunError(
-            "no PostgreSQL URL: set DATABASE_URL or [postgres] url in the pipeline file".into(),
-        )
-    })?;
-    let mut client = postgres::connect(&url)
+    let pg =
+        postgres::PgConnector::new(&pipeline.file.postgres).map_err(|e| RunError(e.to_string()))?;
+    tracing::info!(
+        sslmode = pg.ssl_mode(),
+        certificate_checked_against = pg.trust(),
+        "PostgreSQL settings"
+    );
+    let mut client = pg
+        .connect()
         .await
         .map_err(|e| fail("cannot connect to PostgreSQL")(&e))?;
     let schema = postgres::migrate(&mut client)
@@ -103,7 +106,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     tracing::info!(schema_version = schema, "PostgreSQL schema ready");
 
     let topics = pipeline.telemetry_topics();
-    let subscription = source::subscribe(kafka, &topics, &url, health.clone(), metrics.clone())
+    let subscription = source::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())
         .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
     let tracker = subscription.tracker.clone();
 
@@ -157,10 +160,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         Some(updates_rx),
     )
     .map_err(RunError)?;
-    let url_for_probe = url.clone();
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,
-        PgWriter::new(url),
+        PgWriter::new(pg.clone()),
         publisher.clone(),
         acks_tx,
         pipeline.file.sink.clone(),
@@ -188,7 +190,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         "satwatch running"
     );
 
-    spawn_postgres_probe(url_for_probe, health.clone(), shutdown_tx.subscribe());
+    spawn_postgres_probe(pg, health.clone(), shutdown_tx.subscribe());
     let signal_health = health.clone();
     let signal_shutdown = shutdown_tx.clone();
     let shutdown_timeout = pipeline.file.engine.shutdown_timeout();
@@ -234,9 +236,13 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 const POSTGRES_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 const POSTGRES_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn spawn_postgres_probe(url: String, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) {
+fn spawn_postgres_probe(
+    pg: postgres::PgConnector,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
-        let mut probe = postgres::Probe::new(url);
+        let mut probe = postgres::Probe::new(pg);
         let mut tick = tokio::time::interval(POSTGRES_PROBE_INTERVAL);
         loop {
             tokio::select! {

@@ -5,13 +5,25 @@
 //! so a batch written twice (after a crash or a rebalance) leaves one row per
 //! sample. Event rows are upserted by `event_id` and never go from `closed`
 //! back to `open`.
+//!
+//! Every connection (migrations, the writer, the readiness probe, checkpoint
+//! loads) goes through one [`PgConnector`], so all of them use the same TLS
+//! settings.
 
-use std::time::Instant;
+use std::{error::Error as _, path::Path, sync::Arc, time::Instant};
 
 use futures::pin_mut;
-use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type, Client, NoTls};
+use openssl::{
+    ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode},
+    x509::{store::X509StoreBuilder, X509},
+};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::{binary_copy::BinaryCopyInWriter, config::SslMode, types::Type, Client};
 
-use crate::engine::{Checkpoint, Outputs};
+use crate::{
+    config::PostgresSettings,
+    engine::{Checkpoint, Outputs},
+};
 
 /// Ordered migrations; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -73,23 +85,221 @@ pub struct PgError(String);
 
 impl From<tokio_postgres::Error> for PgError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // tokio-postgres's Display hides the server's message behind "db error".
+        // tokio-postgres's Display hides the server's message behind "db
+        // error", and every other cause (refused, TLS, ...) behind its kind.
         match err.as_db_error() {
             Some(db) => PgError(format!("{}: {}", db.code().code(), db.message())),
-            None => PgError(err.to_string()),
+            None => PgError(with_causes(&err)),
         }
     }
 }
 
-/// Connects; the connection's driver runs on its own task.
-pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "PostgreSQL connection ended");
+impl From<openssl::error::ErrorStack> for PgError {
+    fn from(err: openssl::error::ErrorStack) -> Self {
+        PgError(format!("TLS setup: {err}"))
+    }
+}
+
+/// An error and its causes on one line. None of tokio-postgres's causes
+/// carries the connection string's values (a parse error names the option,
+/// not its value), so the password cannot reach the message this way.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
         }
-    });
-    Ok(client)
+        cause = c.source();
+    }
+    text
+}
+
+/// How satwatch reaches PostgreSQL: the connection settings parsed once at
+/// start, and one TLS connector built from the `[postgres]` settings. Cheap
+/// to clone (the OpenSSL context is reference-counted).
+///
+/// TLS uses OpenSSL through `postgres-openssl`, not rustls: librdkafka's
+/// `ssl` feature already links OpenSSL, so this adds no second TLS stack, and
+/// it reads the same PEM files libpq users already have.
+#[derive(Clone)]
+pub struct PgConnector {
+    config: tokio_postgres::Config,
+    tls: MakeTlsConnector,
+    /// What the server's certificate is checked against, for error messages.
+    trust: Arc<str>,
+}
+
+impl PgConnector {
+    /// Parses the URL and builds the TLS connector; refuses unreadable or
+    /// contradictory TLS files at start rather than at the first connection.
+    pub fn new(settings: &PostgresSettings) -> Result<Self, PgError> {
+        let url = settings.url.as_deref().ok_or_else(|| {
+            PgError(
+                "no connection URL: set DATABASE_URL or [postgres] url in the pipeline file".into(),
+            )
+        })?;
+        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            PgError(format!(
+                "the connection URL (DATABASE_URL or [postgres] url) is not valid: {}",
+                with_causes(&e)
+            ))
+        })?;
+        let (tls, trust) = tls_connector(settings)?;
+        Ok(Self {
+            config,
+            tls,
+            trust: trust.into(),
+        })
+    }
+
+    /// Connects; the connection's driver runs on its own task.
+    pub async fn connect(&self) -> Result<Client, PgError> {
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.explain(e))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A connection error, with what to check when TLS was the trouble.
+    fn explain(&self, err: tokio_postgres::Error) -> PgError {
+        let tls_failed = err.as_db_error().is_none()
+            && err
+                .to_string()
+                .starts_with("error performing TLS handshake");
+        if !tls_failed {
+            return err.into();
+        }
+        let cause = err.source().map(with_causes).unwrap_or_default();
+        if cause.contains("server does not support TLS") {
+            return PgError(
+                "TLS required (sslmode=require) but the server does not support TLS".into(),
+            );
+        }
+        // postgres-openssl puts OpenSSL's verification verdict last, after
+        // the error stack's code and source position.
+        if cause.contains("certificate verify failed") {
+            let verdict = cause.rsplit(": ").next().unwrap_or(&cause);
+            return PgError(format!(
+                "TLS handshake failed: the server's certificate was not accepted ({verdict}); \
+                 it is checked against {} and its name against the URL's host",
+                self.trust
+            ));
+        }
+        PgError(format!("TLS handshake failed: {cause}"))
+    }
+
+    /// The URL's `sslmode`, for the start-up log.
+    pub fn ssl_mode(&self) -> &'static str {
+        match self.config.get_ssl_mode() {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            _ => "other",
+        }
+    }
+
+    /// What the server's certificate is checked against.
+    pub fn trust(&self) -> &str {
+        &self.trust
+    }
+}
+
+/// The TLS connector for `settings`, and a description of what it trusts.
+///
+/// With a CA file, the server's certificate must chain to it (the system
+/// store is not consulted, like libpq's `sslrootcert`); without one, to the
+/// system's trust store. Either way its name must match the URL's host (DNS
+/// name or IP address). Only `tls_skip_verify = true` turns both off.
+fn tls_connector(settings: &PostgresSettings) -> Result<(MakeTlsConnector, String), PgError> {
+    // Sets the system trust store, peer verification and modern defaults.
+    let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+    let trust = match (&settings.ca_file, settings.tls_skip_verify) {
+        (Some(_), true) => return Err(PgError(
+            "[postgres] tls_skip_verify = true contradicts a CA file (ca_file or PGSSLROOTCERT): \
+                 drop one"
+                .into(),
+        )),
+        (None, true) => {
+            builder.set_verify(SslVerifyMode::NONE);
+            "nothing ([postgres] tls_skip_verify = true)".to_owned()
+        }
+        (Some(path), false) => {
+            let certs = read_certificates(path)?;
+            let mut store = X509StoreBuilder::new()?;
+            for cert in certs {
+                store.add_cert(cert)?;
+            }
+            builder.set_cert_store(store.build());
+            format!("the CA file {}", path.display())
+        }
+        (None, false) => {
+            "the system trust store (no CA file: set PGSSLROOTCERT or [postgres] ca_file)"
+                .to_owned()
+        }
+    };
+    match (&settings.client_cert_file, &settings.client_key_file) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            builder
+                .set_certificate_chain_file(cert)
+                .map_err(|e| file_error("client certificate", cert, &e))?;
+            builder
+                .set_private_key_file(key, SslFiletype::PEM)
+                .map_err(|e| file_error("client key", key, &e))?;
+            builder.check_private_key().map_err(|e| {
+                PgError(format!(
+                    "the client key {} does not belong to the client certificate {}: {e}",
+                    key.display(),
+                    cert.display()
+                ))
+            })?;
+        }
+        _ => {
+            return Err(PgError(
+                "a client certificate needs both a certificate and a key file \
+                 ([postgres] client_cert_file and client_key_file, or PGSSLCERT and PGSSLKEY)"
+                    .into(),
+            ))
+        }
+    }
+    let mut tls = MakeTlsConnector::new(builder.build());
+    if settings.tls_skip_verify {
+        tls.set_callback(|config, _host| {
+            config.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok((tls, trust))
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<X509>, PgError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| PgError(format!("cannot read the CA file {}: {e}", path.display())))?;
+    let certs = X509::stack_from_pem(&pem).map_err(|e| file_error("CA file", path, &e))?;
+    if certs.is_empty() {
+        return Err(PgError(format!(
+            "the CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn file_error(what: &str, path: &Path, err: &openssl::error::ErrorStack) -> PgError {
+    PgError(format!(
+        "cannot use the {what} {} (PEM expected): {err}",
+        path.display()
+    ))
 }
 
 /// Creates or migrates the schema to the current version.
@@ -123,18 +333,21 @@ pub async fn migrate(client: &mut Client) -> Result<u32, PgError> {
 /// Answers whether PostgreSQL is reachable, over a connection of its own so
 /// that readiness reflects an outage even while nothing is being written.
 pub struct Probe {
-    url: String,
+    connector: PgConnector,
     client: Option<Client>,
 }
 
 impl Probe {
-    pub fn new(url: String) -> Self {
-        Self { url, client: None }
+    pub fn new(connector: PgConnector) -> Self {
+        Self {
+            connector,
+            client: None,
+        }
     }
 
     pub async fn check(&mut self) -> Result<(), PgError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(connect(&self.url).await?);
+            self.client = Some(self.connector.connect().await?);
         }
         let client = self.client.as_ref().expect("connected above");
         if let Err(err) = client.simple_query("SELECT 1").await {
@@ -147,18 +360,21 @@ impl Probe {
 
 /// Writes output batches over one connection, reconnecting after failures.
 pub struct PgWriter {
-    url: String,
+    connector: PgConnector,
     client: Option<Client>,
 }
 
 impl PgWriter {
-    pub fn new(url: String) -> Self {
-        Self { url, client: None }
+    pub fn new(connector: PgConnector) -> Self {
+        Self {
+            connector,
+            client: None,
+        }
     }
 
     async fn client(&mut self) -> Result<&mut Client, PgError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let client = connect(&self.url).await?;
+            let client = self.connector.connect().await?;
             client
                 .batch_execute(
                     "CREATE TEMP TABLE IF NOT EXISTS scores_stage (LIKE scores) ON COMMIT DELETE ROWS;
@@ -366,10 +582,10 @@ impl PgWriter {
 ///
 /// [`Origin::partition`]: crate::telemetry::Origin
 pub async fn load_checkpoints(
-    url: &str,
+    connector: &PgConnector,
     partitions: &[(String, i32, u32)],
 ) -> Result<Vec<Checkpoint>, PgError> {
-    let client = connect(url).await?;
+    let client = connector.connect().await?;
     let topics: Vec<&str> = partitions.iter().map(|(t, ..)| t.as_str()).collect();
     let numbers: Vec<i32> = partitions.iter().map(|(_, p, _)| *p).collect();
     let rows = client

@@ -49,7 +49,7 @@ pub struct SourceContext {
 /// Where assigned partitions' checkpoints come from, and where the restores
 /// wait for the consume loop to pass them on ahead of the partitions' records.
 struct CheckpointSource {
-    postgres_url: String,
+    postgres: postgres::PgConnector,
     runtime: tokio::runtime::Handle,
     restores: Arc<Mutex<Vec<Restore>>>,
 }
@@ -140,7 +140,7 @@ impl SourceContext {
         let load = async {
             let mut delay = Duration::from_millis(100);
             loop {
-                match postgres::load_checkpoints(&self.checkpoints.postgres_url, partitions).await {
+                match postgres::load_checkpoints(&self.checkpoints.postgres, partitions).await {
                     Ok(checkpoints) => break checkpoints,
                     Err(err) => {
                         tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read channel checkpoints");
@@ -301,11 +301,11 @@ pub struct Subscription {
 }
 
 /// Creates the group consumer and subscribes it to `topics`. Partitions start
-/// from the channel checkpoints in the database at `postgres_url`.
+/// from the channel checkpoints in the database `postgres` reaches.
 pub fn subscribe(
     settings: &KafkaSettings,
     topics: &[String],
-    postgres_url: &str,
+    postgres: &postgres::PgConnector,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) -> Result<Subscription, KafkaError> {
@@ -335,7 +335,7 @@ pub fn subscribe(
         health,
         metrics,
         checkpoints: CheckpointSource {
-            postgres_url: postgres_url.to_owned(),
+            postgres: postgres.clone(),
             runtime: tokio::runtime::Handle::current(),
             restores: restores.clone(),
         },

@@ -156,6 +156,8 @@ pub struct Postgres {
     bin: PathBuf,
     _dir: tempfile::TempDir,
     running: bool,
+    /// Server settings added to the command line (TLS), empty by default.
+    extra_options: String,
 }
 
 impl Postgres {
@@ -189,6 +191,7 @@ impl Postgres {
             bin,
             _dir: dir,
             running: false,
+            extra_options: String::new(),
         };
         let status = pg
             .as_postgres(&pg.bin.join("initdb"))
@@ -241,9 +244,10 @@ impl Postgres {
 
     pub fn resume(&mut self) {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off{}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.extra_options
         );
         let status = self
             .as_postgres(&self.bin.join("pg_ctl"))
@@ -269,6 +273,61 @@ impl Postgres {
                 .stdout(Stdio::null())
                 .status();
             self.running = false;
+        }
+    }
+
+    /// [`Postgres::start`], then [`Postgres::use_tls`] with this certificate.
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Self {
+        let mut pg = Self::start();
+        pg.use_tls(cert, key);
+        pg
+    }
+
+    /// Restarts the server with `ssl = on`, presenting `cert` (PEM, the
+    /// chain) with `key`. Copies both into the data directory, owned by the
+    /// server's user with mode 0600 as PostgreSQL demands of the key.
+    /// Plain connections are still accepted unless pg_hba.conf says otherwise.
+    pub fn use_tls(&mut self, cert: &Path, key: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        self.stop();
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = self.data.join(name);
+            std::fs::copy(from, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&to)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown {} to postgres", to.display());
+            }
+        }
+        self.extra_options = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            self.data.join("server.crt").display(),
+            self.data.join("server.key").display()
+        );
+        self.resume();
+    }
+
+    /// Puts `lines` ahead of pg_hba.conf's rules (the first matching rule
+    /// wins) and reloads the server's configuration.
+    pub fn prepend_hba(&self, lines: &str) {
+        let path = self.data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{lines}\n{old}")).unwrap();
+        if self.running {
+            let status = self
+                .as_postgres(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("reload")
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "pg_ctl reload failed");
         }
     }
 
