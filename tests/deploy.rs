@@ -1195,10 +1195,9 @@ fn schema() -> BTreeMap<String, BTreeSet<String>> {
         .find("const MIGRATIONS")
         .expect("src/sink/postgres.rs defines MIGRATIONS");
     let end = src[start..]
-        .find("\"#];")
-        .or_else(|| src[start..].find("\"];"))
+        .find("\n];")
         .map(|e| start + e)
-        .expect("MIGRATIONS ends with `\"#];`");
+        .expect("MIGRATIONS ends with a line `];`");
     let sql = &src[start..end];
     let lower = sql.to_ascii_lowercase();
     let mut tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
