@@ -41,6 +41,19 @@ enum LogFormat {
 enum Command {
     /// Run the streaming pipeline: Kafka in, inference, anomaly events and
     /// forecasts out to Kafka and PostgreSQL. Stops cleanly on SIGINT/SIGTERM.
+    #[command(after_help = "\
+The environment overrides the pipeline file where a deployment differs:
+  SATWATCH_BROKERS           Kafka bootstrap servers
+  DATABASE_URL               PostgreSQL URL (sslmode=disable|prefer|require)
+  PGSSLROOTCERT, PGSSLCERT, PGSSLKEY
+                             CA to verify PostgreSQL against; client certificate and key
+  SATWATCH_HTTP_ADDR         metrics, health, model metadata and repository control
+  SATWATCH_REPOSITORY_TOKEN  bearer token that enables POST /v2/repository/models/{m}/load|unload
+  ORT_DYLIB_PATH             ONNX Runtime's libonnxruntime.so (scripts/setup.sh installs one)
+  RUST_LOG                   log filter (default info)
+
+Several instances with the same [kafka] group_id share the partitions; each channel resumes
+from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
     Run {
         /// The pipeline file (e.g. pipelines/smap.toml).
         #[arg(long)]
