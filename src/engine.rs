@@ -872,7 +872,11 @@ mod tests {
         );
         let mut out = Outputs::default();
         engine.complete(batch, &[1.5], &mut out);
-        assert_eq!(out.forecasts[0].horizon, vec![4.0], "denormalised with version 4");
+        assert_eq!(
+            out.forecasts[0].horizon,
+            vec![4.0],
+            "denormalised with version 4"
+        );
         assert_eq!(out.scores[0].model_version, 4);
     }
 
