@@ -31,11 +31,7 @@ use cudarc::{
     },
 };
 
-use super::{
-    graph::{self, MlpPlan},
-    native::check_plan,
-    Backend, BackendError,
-};
+use super::{graph::MlpPlan, native::plan_models, Backend, BackendError};
 use crate::repository::ModelSpec;
 
 /// Bias, optional ReLU and optional residual over `y` (`[rows, cols]`), in place.
@@ -139,14 +135,7 @@ impl CudaBackend {
     pub fn load(specs: &[Arc<ModelSpec>], device: usize) -> Result<Self, BackendError> {
         // Plan first: a model outside the family is refused the same way
         // with or without a GPU.
-        let plans = specs
-            .iter()
-            .map(|spec| {
-                let plan = graph::load(&spec.model_path)?;
-                check_plan(&plan, spec)?;
-                Ok(plan)
-            })
-            .collect::<Result<Vec<_>, BackendError>>()?;
+        let plans = plan_models(specs)?;
         let ctx = probe(device).map_err(BackendError::NoGpu)?;
         // SAFETY: set before any slice exists. Each instance's buffers are
         // only used on its own stream, and the weights are read-only after an

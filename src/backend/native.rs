@@ -25,14 +25,7 @@ pub struct NativeBackend {
 impl NativeBackend {
     /// Plans every model and checks it against its `config.pbtxt`.
     pub fn load(specs: &[Arc<ModelSpec>]) -> Result<Self, BackendError> {
-        let plans = specs
-            .iter()
-            .map(|spec| {
-                let plan = graph::load(&spec.model_path)?;
-                check_plan(&plan, spec)?;
-                Ok(plan)
-            })
-            .collect::<Result<Vec<_>, BackendError>>()?;
+        let plans = plan_models(specs)?;
         Ok(Self {
             plans,
             names: specs.iter().map(|s| s.name.clone()).collect(),
@@ -40,8 +33,21 @@ impl NativeBackend {
     }
 }
 
+/// Plans every model's ONNX file and checks it against its config: what
+/// every backend of the shipped model family starts from.
+pub(crate) fn plan_models(specs: &[Arc<ModelSpec>]) -> Result<Vec<MlpPlan>, BackendError> {
+    specs
+        .iter()
+        .map(|spec| {
+            let plan = graph::load(&spec.model_path)?;
+            check_plan(&plan, spec)?;
+            Ok(plan)
+        })
+        .collect()
+}
+
 /// The planned model must take and give what the config declares.
-pub(crate) fn check_plan(plan: &MlpPlan, spec: &ModelSpec) -> Result<(), BackendError> {
+fn check_plan(plan: &MlpPlan, spec: &ModelSpec) -> Result<(), BackendError> {
     let mismatch = |reason: String| BackendError::Mismatch {
         path: spec.config_path.display().to_string(),
         line: spec.input_dims_line,

@@ -137,7 +137,7 @@ impl RepositoryControl {
                 "model '{name}' serves no channel of this pipeline (satwatch loads the models its channels name)"
             ))
         })?;
-        let result = self.load_version(name, &current).await;
+        let result = self.load_version(name).await;
         let mut refused = self
             .refused
             .lock()
@@ -160,7 +160,9 @@ impl RepositoryControl {
         result
     }
 
-    async fn load_version(&self, name: &str, current: &ModelSpec) -> Result<u64, ControlError> {
+    /// Opens and checks the new version off the runtime; the engine refuses
+    /// it if its shapes differ from the served one's.
+    async fn load_version(&self, name: &str) -> Result<u64, ControlError> {
         let dir = self.root.join(name);
         let engine = self.engine.clone();
         let (spec, runner) = tokio::task::spawn_blocking(move || {
@@ -179,23 +181,6 @@ impl RepositoryControl {
         })
         .await
         .map_err(|e| ControlError::Refused(format!("loading {name} panicked: {e}")))??;
-        if spec.window != current.window
-            || spec.features != current.features
-            || spec.horizon != current.horizon
-        {
-            return Err(ControlError::Refused(format!(
-                "{}: version {} takes [{}, {}] and forecasts {} steps, the served version {} [{}, {}] and {}: a live swap needs the same shapes",
-                spec.config_path.display(),
-                spec.version,
-                spec.window,
-                spec.features,
-                spec.horizon,
-                current.version,
-                current.window,
-                current.features,
-                current.horizon
-            )));
-        }
         let (reply, answer) = oneshot::channel();
         let version = spec.version;
         self.updates
