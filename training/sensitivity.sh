@@ -32,8 +32,11 @@ PY
 }
 echo "| variant | train events | test TP / FP / FN | event P | event R | point F1 |"
 echo "|---|---:|---|---:|---:|---:|"
-variant "shipped (risk 1e-3, min_threshold 2.5)"
-variant "fixed threshold 10 only (before)" calibration_samples=0
+variant "shipped (risk 1e-3, min_threshold 2.5, stuck run 2x / 50)"
+variant "stuck score off (before)" stuck_run_factor=0
+variant "stuck score off, fixed threshold 10 only" stuck_run_factor=0 calibration_samples=0
+for factor in 1.5 3.0; do variant "stuck_run_factor $factor" stuck_run_factor=$factor; done
+for run in 20 40 60 100; do variant "min_stuck_run $run" min_stuck_run=$run; done
 for floor in 2.0 3.0; do variant "min_threshold $floor" min_threshold=$floor; done
 for risk in 1e-2 1e-4; do variant "risk $risk" risk=$risk; done
 for floor in 2.0 3.0; do for risk in 1e-2 1e-4; do

@@ -8,9 +8,11 @@ Runs the shipped ONNX forecasters over data/smap/{train,test} with onnxruntime (
 /tmp/satwatch_forecasts.npz), then replays the detector in Python: one-step error, EWMA,
 surprise in train-error stds, level novelty against the first 640 scores' range, and the
 dynamic threshold (SPOT: P² initial quantile, method-of-moments generalised Pareto tail,
-floor). Prints event TP/FP/FN, precision, recall and point-wise F1 on the test split and the
+floor), and the stuck score (a value repeated exactly for more than `stuck` times the longest
+normal run of repeats, and more than `stuck_min` samples; runs begun in the baseline are normal). Prints event TP/FP/FN, precision, recall and point-wise F1 on the test split and the
 number of events on the train split (false alarms: it holds no labelled anomalies).
-Settings as key=value: alpha, cal, tq, risk, min_peaks, floor, fixed, gap.
+Settings as key=value: alpha, cal, tq, risk, min_peaks, floor, fixed, gap, stuck (0: off),
+stuck_min. `training/score_study.py` tries other scores on the same cache.
 """
 
 import csv, json, re, sys
@@ -103,7 +105,10 @@ def detect(x, f0, cal, s):
     smoothed, est, calibrated, peaks, fitted = None, P2(s["tq"]), 0, None, None
     lo = hi = 0.0
     seen = 0
+    prev, run, from_baseline, longest = None, 0, True, 0
+    limit = lambda longest: max(s["stuck"] * longest, s["stuck_min"])
     for i in range(W, n):
+        in_baseline = seen < 640
         e = abs(float(x[i]) - float(f0[i - W]))  # forecast made at i - 1
         smoothed = e if smoothed is None else s["alpha"] * e + (1 - s["alpha"]) * smoothed
         surprise = (smoothed - mean) / std
@@ -126,7 +131,16 @@ def detect(x, f0, cal, s):
             seen += 1
         else:
             level = max(x[i] - hi, lo - x[i], 0) / max(hi - lo, 0.05) / 0.5
-        anomalous[i] = surprise > thr or level > 1
+        stuck = False
+        if s["stuck"] > 0:
+            if prev is not None and x[i] == prev:
+                run += 1
+            else:
+                if from_baseline or run <= limit(longest):
+                    longest = max(longest, run)
+                run, from_baseline, prev = 0, in_baseline, x[i]
+            stuck = not from_baseline and run > limit(longest)
+        anomalous[i] = surprise > thr or level > 1 or stuck
     return anomalous
 
 
@@ -146,7 +160,7 @@ def events(anomalous, gap):
 
 
 def main(argv):
-    s = dict(alpha=0.1, cal=640, tq=0.98, risk=1e-3, min_peaks=10, floor=2.5, fixed=10.0, gap=50)
+    s = dict(alpha=0.1, cal=640, tq=0.98, risk=1e-3, min_peaks=10, floor=2.5, fixed=10.0, gap=50, stuck=2.0, stuck_min=50)
     for kv in argv:
         k, v = kv.split("=")
         s[k] = type(s[k])(float(v))

@@ -8,6 +8,15 @@
 //!
 //! `score = (ewma(|value - forecast|) - error_mean) / error_std`
 //!
+//! Two label-free parts join it, each scaled so that reaching its own limit
+//! means reaching the threshold: *level novelty* (the value lies outside the
+//! range the stream showed over its baseline) and a *stuck run* (the value
+//! has repeated exactly for longer than `stuck_run_factor` times the longest
+//! such run the stream has shown, and for at least `min_stuck_run` samples).
+//! A stuck run is the one anomaly a forecaster scores as good news: a
+//! frozen value is easy to predict, so its error falls while the stream
+//! behaves as it never did.
+//!
 //! A sample is anomalous when its score exceeds the threshold in force: the
 //! fixed `threshold` until the stream has a history, then a threshold fitted
 //! to the stream's own score tail (peaks over threshold, `threshold.rs`),
@@ -62,6 +71,16 @@ pub struct DetectSettings {
     /// The dynamic threshold never goes below this score.
     #[serde(default = "default_min_threshold")]
     pub min_threshold: f32,
+    /// A value repeated exactly for more than this many times the longest
+    /// run of repeats the stream has shown is anomalous (0 turns the stuck
+    /// score off). Runs in progress during the baseline are normal.
+    #[serde(default)]
+    pub stuck_run_factor: f32,
+    /// ... and only once it has repeated for more than this many samples
+    /// (a stream whose values have hardly repeated yet is not stuck after a
+    /// few repeats).
+    #[serde(default = "default_min_stuck_run")]
+    pub min_stuck_run: u64,
 }
 
 fn default_ewma_alpha() -> f32 {
@@ -88,6 +107,9 @@ fn default_min_peaks() -> u64 {
 fn default_min_threshold() -> f32 {
     2.5
 }
+fn default_min_stuck_run() -> u64 {
+    50
+}
 
 impl Default for DetectSettings {
     fn default() -> Self {
@@ -102,6 +124,8 @@ impl Default for DetectSettings {
             risk: default_risk(),
             min_peaks: default_min_peaks(),
             min_threshold: default_min_threshold(),
+            stuck_run_factor: 0.0,
+            min_stuck_run: default_min_stuck_run(),
         }
     }
 }
@@ -159,6 +183,25 @@ impl DetectSettings {
                 self.min_threshold,
                 threshold::MAX_THRESHOLD
             ));
+        }
+        if !(self.stuck_run_factor == 0.0
+            || (self.stuck_run_factor >= 1.0 && self.stuck_run_factor.is_finite()))
+        {
+            return Err(format!(
+                "detect.stuck_run_factor = {} must be 0 (stuck score off) or a finite factor >= 1 \
+                 (below 1 the stream's normal runs would be anomalous)",
+                self.stuck_run_factor
+            ));
+        }
+        if self.stuck_run_factor > 0.0 && self.min_stuck_run == 0 {
+            return Err("detect.min_stuck_run must be >= 1 when the stuck score is on".into());
+        }
+        if self.stuck_run_factor > 0.0 && self.baseline_samples == 0 {
+            return Err(
+                "detect.stuck_run_factor needs detect.baseline_samples >= 1: the runs in \
+                 progress during the baseline are what tells a constant channel from a stuck one"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -231,6 +274,10 @@ pub struct DetectorState {
     /// Absent from checkpoints written before the dynamic threshold existed.
     #[serde(default)]
     threshold: Option<DynamicThreshold>,
+    /// Absent from checkpoints written before the stuck score existed: the
+    /// run in progress then counts as normal.
+    #[serde(default)]
+    stuck: StuckRun,
 }
 
 impl Default for DetectorState {
@@ -240,6 +287,7 @@ impl Default for DetectorState {
             smoothed_error: None,
             open: None,
             threshold: None,
+            stuck: StuckRun::default(),
             // Finite placeholders (JSON has no infinities): the first
             // baseline sample replaces both.
             baseline: Baseline {
@@ -257,6 +305,33 @@ struct Baseline {
     seen: u64,
     low: f32,
     high: f32,
+}
+
+/// The stream's runs of exactly repeated values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct StuckRun {
+    /// The previous scored sample's value.
+    previous: Option<f32>,
+    /// Scored samples in a row that repeat `previous` exactly.
+    run: u64,
+    /// The run began during the baseline: it is the stream's normal
+    /// behaviour (a constant channel), however long it lasts.
+    from_baseline: bool,
+    /// The longest run that ended without being anomalous.
+    longest: u64,
+}
+
+impl Default for StuckRun {
+    fn default() -> Self {
+        Self {
+            previous: None,
+            run: 0,
+            // A run in progress when the state was created is normal; the
+            // first value replaces this.
+            from_baseline: true,
+            longest: 0,
+        }
+    }
 }
 
 /// A baseline range is at least this wide (the data is scaled to [-1, 1]),
@@ -314,6 +389,35 @@ impl ChannelDetector {
         Some((value - b.high).max(b.low - value).max(0.0) / width)
     }
 
+    /// How long `value` has repeated exactly, in units of the longest run
+    /// the stream may show before it counts as stuck (anomalous above 1);
+    /// None while the stuck score is off or the run began in the baseline.
+    fn stuck_run(&mut self, value: f32, in_baseline: bool) -> Option<f32> {
+        let factor = f64::from(self.settings.stuck_run_factor);
+        if factor == 0.0 {
+            return None;
+        }
+        let min = self.settings.min_stuck_run as f64;
+        let limit = |longest: u64| (factor * longest as f64).max(min);
+        let s = &mut self.state.stuck;
+        if s.previous == Some(value) {
+            s.run += 1;
+        } else {
+            // A stuck run teaches nothing: the next one is measured against
+            // the stream's normal runs.
+            if s.from_baseline || s.run as f64 <= limit(s.longest) {
+                s.longest = s.longest.max(s.run);
+            }
+            s.run = 0;
+            s.from_baseline = in_baseline;
+            s.previous = Some(value);
+        }
+        if s.from_baseline {
+            return None;
+        }
+        Some((s.run as f64 / limit(s.longest)) as f32)
+    }
+
     /// Takes the sample `seq` (its target `value`) and the forecast the model
     /// made from the window ending at it. Returns its score, unless no earlier
     /// forecast covers it (warm-up, or a gap longer than the horizon), and any
@@ -362,12 +466,17 @@ impl ChannelDetector {
         // The threshold learns from the surprise alone, before this sample's
         // verdict is known to anyone, and only from surprises below it.
         dynamic.update(&spot, surprise, surprise > threshold);
-        // One score: the level novelty is scaled so that reaching its own
-        // threshold means reaching the score threshold.
+        // One score: the level novelty and the stuck run are scaled so that
+        // reaching their own limits means reaching the score threshold.
+        let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
         let level = self
             .level_novelty(value)
             .map(|l| l / self.settings.level_threshold * threshold);
-        let score = level.map_or(surprise, |l| surprise.max(l));
+        let stuck = self.stuck_run(value, in_baseline).map(|r| r * threshold);
+        let score = [level, stuck]
+            .into_iter()
+            .flatten()
+            .fold(surprise, f32::max);
         let anomalous = score > threshold;
         let scored = Scored {
             score,
@@ -500,6 +609,76 @@ mod tests {
         );
     }
 
+    /// A detector that scores only stuck runs (the threshold is out of reach
+    /// of the forecast error), with a baseline of `baseline` samples.
+    fn stuck_detector(baseline: u64) -> ChannelDetector {
+        ChannelDetector::new(
+            DetectSettings {
+                ewma_alpha: 1.0,
+                threshold: 100.0,
+                min_event_gap: 1,
+                baseline_samples: baseline,
+                level_threshold: 1e6,
+                stuck_run_factor: 2.0,
+                min_stuck_run: 3,
+                ..Default::default()
+            },
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+        )
+    }
+
+    /// Steps `values` through `d` from `seq`, the forecast always exact;
+    /// returns the scores.
+    fn stuck_scores(d: &mut ChannelDetector, seq: &mut u64, values: &[f32]) -> Vec<f32> {
+        values
+            .iter()
+            .map(|&v| {
+                *seq += 1;
+                d.step(*seq, ts(), v, &[v]).0.unwrap().score
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_value_repeated_far_longer_than_the_streams_runs_is_stuck() {
+        let mut d = stuck_detector(2);
+        d.step(0, ts(), 0.0, &[0.0]);
+        let mut seq = 0;
+        // Baseline 1, 2; then runs of 3 repeats (four equal values).
+        stuck_scores(&mut d, &mut seq, &[1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0]);
+        assert_eq!(d.state().stuck.longest, 3);
+        // The limit is max(2 · 3, 3) = 6 repeats: the 6th is at it, the 7th beyond.
+        let scores = stuck_scores(&mut d, &mut seq, &[4.0; 7]);
+        assert!((scores[5] - 100.0).abs() < 1e-3, "at the limit: {scores:?}");
+        assert!(scores[6] > 100.0, "stuck beyond it: {scores:?}");
+        let (scored, _) = d.step(seq + 1, ts(), 4.0, &[4.0]);
+        assert!(scored.unwrap().anomalous, "still stuck: {scored:?}");
+        // It moves again: no longer stuck, and the stuck run taught nothing.
+        seq += 1;
+        let scores = stuck_scores(&mut d, &mut seq, &[5.0]);
+        assert_eq!(scores, [1.0], "the forecast error |5 - 4| alone");
+        assert_eq!(
+            d.state().stuck.longest,
+            3,
+            "a stuck run is not a normal one"
+        );
+    }
+
+    #[test]
+    fn a_channel_constant_since_its_baseline_is_not_stuck() {
+        let mut d = stuck_detector(5);
+        d.step(0, ts(), 7.0, &[7.0]);
+        let mut seq = 0;
+        let scores = stuck_scores(&mut d, &mut seq, &[7.0; 100]);
+        assert!(scores.iter().all(|&s| s == 0.0), "{scores:?}");
+        // Its first change ends a normal run of 99 repeats (100 scored values).
+        stuck_scores(&mut d, &mut seq, &[8.0]);
+        assert_eq!(d.state().stuck.longest, 99);
+    }
+
     #[test]
     fn ewma_smooths_errors() {
         let mut d = ChannelDetector::new(
@@ -623,6 +802,22 @@ mod tests {
                 min_threshold: f32::INFINITY,
                 ..Default::default()
             },
+            DetectSettings {
+                stuck_run_factor: 0.5,
+                baseline_samples: 10,
+                ..Default::default()
+            },
+            DetectSettings {
+                stuck_run_factor: 2.0,
+                baseline_samples: 10,
+                min_stuck_run: 0,
+                ..Default::default()
+            },
+            DetectSettings {
+                stuck_run_factor: 2.0,
+                baseline_samples: 0,
+                ..Default::default()
+            },
         ];
         let keys = [
             "calibration_samples",
@@ -630,6 +825,9 @@ mod tests {
             "risk",
             "min_peaks",
             "min_threshold",
+            "stuck_run_factor",
+            "min_stuck_run",
+            "baseline_samples",
         ];
         for (settings, key) in bad.iter().zip(keys) {
             let err = settings.validate().unwrap_err();
@@ -651,19 +849,23 @@ mod tests {
             risk: 0.1,
             min_peaks: 3,
             min_threshold: 0.2,
+            stuck_run_factor: 2.0,
+            min_stuck_run: 4,
         };
         let calibration = ErrorCalibration {
             mean: 0.1,
             std: 0.5,
         };
-        // Small errors with two bursts (seqs 3-4 and 40-41).
+        // Small errors with two bursts (seqs 3-4 and 40-41) and a stuck
+        // value (seqs 20-30).
         let values: Vec<f32> = (0..60u64)
             .map(|i| match i {
                 3 | 4 | 40 | 41 => 2.5,
+                20..=30 => 0.2,
                 _ => 0.1 * ((i * 7) % 5) as f32,
             })
             .collect();
-        for checkpoint_at in [4, 9, 45] {
+        for checkpoint_at in [4, 9, 27, 45] {
             let mut original = ChannelDetector::new(settings, calibration);
             let mut resumed: Option<ChannelDetector> = None;
             for (seq, v) in values.iter().enumerate() {
@@ -695,13 +897,22 @@ mod tests {
         // The checkpoints covered an open event, calibration and a fitted threshold.
         let mut d = ChannelDetector::new(settings, calibration);
         let mut opened_by_4 = false;
+        let mut stuck_by_27 = StuckRun::default();
         for (seq, v) in values.iter().enumerate().take(46) {
             d.step(seq as u64, ts(), *v, &[0.1 * (seq % 3) as f32, 0.0]);
             if seq == 4 {
                 opened_by_4 = d.open_event().is_some();
             }
+            if seq == 27 {
+                stuck_by_27 = d.state().stuck;
+            }
         }
         assert!(opened_by_4, "the seq-4 checkpoint carries an open event");
+        assert_eq!(
+            (stuck_by_27.run, stuck_by_27.from_baseline),
+            (7, false),
+            "the seq-27 checkpoint carries a stuck run"
+        );
         let json = serde_json::to_value(d.state()).unwrap();
         assert!(
             json["threshold"]["fitted"].is_number(),
