@@ -1,10 +1,14 @@
 //! A model's dynamic batcher, with Triton's semantics.
 //!
 //! Windows queue per model. A batch is cut when the queue can fill the largest
-//! preferred batch size that fits (or `max_batch_size` when none is
-//! preferred), or when its oldest window has waited `max_queue_delay`; then it
-//! takes as many windows as are queued, up to `max_batch_size`. Pure state: the
-//! caller supplies the clock.
+//! preferred batch size (or `max_batch_size` when none is preferred), or when
+//! its oldest window has waited `max_queue_delay`; then it takes as many
+//! windows as are queued, up to that size. Pure state: the caller supplies the
+//! clock.
+//!
+//! Windows are copied once, into the buffer that goes to the backend: the
+//! queue is a list of segments of one full batch each, so cutting a batch
+//! hands over a segment whole, and a long queue is never shifted or regrown.
 
 use std::{collections::VecDeque, time::Instant};
 
@@ -15,13 +19,23 @@ pub struct Batcher<T> {
     policy: BatchPolicy,
     /// Floats per window.
     window_len: usize,
-    /// Queued windows, back to back, oldest first.
-    inputs: Vec<f32>,
-    /// One entry per queued window, with its enqueue time for the deadline.
-    entries: VecDeque<(T, Instant)>,
-    /// Input buffers of completed batches, reused so that cutting a batch
-    /// does not allocate (and page-fault) a fresh buffer every time.
+    /// Windows in a full batch: the largest preferred size, or the maximum.
+    full_size: usize,
+    /// Queued windows, oldest first, in segments of at most `full_size`; only
+    /// the last segment is ever partly filled.
+    segments: VecDeque<Segment<T>>,
+    queued: usize,
+    /// Input buffers of completed batches, reused so that queueing does not
+    /// allocate (and page-fault) a fresh buffer for every batch.
     spare: Vec<Vec<f32>>,
+}
+
+#[derive(Debug)]
+struct Segment<T> {
+    inputs: Vec<f32>,
+    entries: Vec<T>,
+    /// When its first window was queued.
+    oldest_enqueued: Instant,
 }
 
 /// A cut batch: `entries.len()` windows of `window_len` floats in `inputs`.
@@ -33,25 +47,35 @@ pub struct Batch<T> {
     pub oldest_enqueued: Instant,
 }
 
+/// Buffers kept for reuse: one batch in flight, one being filled, and slack
+/// for a backlog.
+const SPARE_BUFFERS: usize = 4;
+
 impl<T> Batcher<T> {
     pub fn new(policy: BatchPolicy, window_len: usize) -> Self {
         assert!(
             policy.max_batch_size > 0,
             "the repository validated max_batch_size > 0"
         );
+        // The repository keeps preferred sizes within 1..=max_batch_size.
+        let full_size = policy
+            .preferred_batch_sizes
+            .last()
+            .copied()
+            .unwrap_or(policy.max_batch_size);
         Self {
-            inputs: Vec::new(),
             policy,
             window_len,
-            entries: VecDeque::new(),
+            full_size,
+            segments: VecDeque::new(),
+            queued: 0,
             spare: Vec::new(),
         }
     }
 
     /// Returns a batch's input buffer once the backend is done with it.
     pub fn recycle(&mut self, mut inputs: Vec<f32>) {
-        // Two spares cover one batch in flight plus one being cut.
-        if self.spare.len() < 2 {
+        if self.spare.len() < SPARE_BUFFERS {
             inputs.clear();
             self.spare.push(inputs);
         }
@@ -59,12 +83,28 @@ impl<T> Batcher<T> {
 
     pub fn push(&mut self, window: &[f32], entry: T, now: Instant) {
         debug_assert_eq!(window.len(), self.window_len);
-        self.inputs.extend_from_slice(window);
-        self.entries.push_back((entry, now));
+        if self
+            .segments
+            .back()
+            .is_none_or(|s| s.entries.len() == self.full_size)
+        {
+            let floats = self.full_size * self.window_len;
+            let mut inputs = self.spare.pop().unwrap_or_default();
+            inputs.reserve_exact(floats);
+            self.segments.push_back(Segment {
+                inputs,
+                entries: Vec::with_capacity(self.full_size),
+                oldest_enqueued: now,
+            });
+        }
+        let segment = self.segments.back_mut().expect("pushed above");
+        segment.inputs.extend_from_slice(window);
+        segment.entries.push(entry);
+        self.queued += 1;
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.queued
     }
 
     /// Rewrites every queued input value as `f(position within its window,
@@ -72,87 +112,49 @@ impl<T> Batcher<T> {
     /// other normalisation parameters is swapped in.
     pub fn map_queued(&mut self, mut f: impl FnMut(usize, f32) -> f32) {
         let len = self.window_len;
-        for (i, x) in self.inputs.iter_mut().enumerate() {
-            *x = f(i % len, *x);
+        for segment in &mut self.segments {
+            for (i, x) in segment.inputs.iter_mut().enumerate() {
+                *x = f(i % len, *x);
+            }
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.queued == 0
     }
 
     /// When the oldest queued window's delay runs out.
     pub fn deadline(&self) -> Option<Instant> {
-        self.entries
+        self.segments
             .front()
-            .map(|(_, t)| *t + self.policy.max_queue_delay)
+            .map(|s| s.oldest_enqueued + self.policy.max_queue_delay)
     }
 
-    /// The size of the batch to cut now, if one is due.
+    /// The size of the batch to cut now, if one is due: a full batch as soon
+    /// as one is queued, otherwise what is queued once the deadline passed.
     pub fn ready_size(&self, now: Instant) -> Option<usize> {
-        let queued = self.entries.len();
-        if queued == 0 {
-            return None;
-        }
-        let max = self.policy.max_batch_size;
-        let full_size = self
-            .policy
-            .preferred_batch_sizes
-            .last()
-            .copied()
-            .unwrap_or(max);
-        if queued >= full_size || queued >= max {
-            // Take the largest preferred size the queue can fill.
-            let fitting = self
-                .policy
-                .preferred_batch_sizes
-                .iter()
-                .rev()
-                .find(|&&p| p <= queued);
-            return Some(fitting.copied().unwrap_or(max).min(max));
-        }
-        if self.deadline().is_some_and(|d| now >= d) {
-            return Some(queued.min(max));
-        }
-        None
+        let front = self.segments.front()?;
+        let due =
+            front.entries.len() == self.full_size || self.deadline().is_some_and(|d| now >= d);
+        due.then_some(front.entries.len())
     }
 
     /// Cuts the batch that is due, if any.
     pub fn cut(&mut self, now: Instant) -> Option<Batch<T>> {
-        let size = self.ready_size(now)?;
-        Some(self.take(size))
+        self.ready_size(now)?;
+        self.flush()
     }
 
-    /// Cuts whatever is queued (up to `max_batch_size`) regardless of the
+    /// Cuts the oldest queued windows (up to a full batch) regardless of the
     /// deadline: for draining at shutdown or the end of an offline run.
     pub fn flush(&mut self) -> Option<Batch<T>> {
-        if self.entries.is_empty() {
-            return None;
-        }
-        Some(self.take(self.entries.len().min(self.policy.max_batch_size)))
-    }
-
-    fn take(&mut self, size: usize) -> Batch<T> {
-        let oldest_enqueued = self
-            .entries
-            .front()
-            .expect("take is called on a non-empty queue")
-            .1;
-        let entries: Vec<T> = self.entries.drain(..size).map(|(e, _)| e).collect();
-        let floats = size * self.window_len;
-        let mut inputs = self.spare.pop().unwrap_or_default();
-        if floats == self.inputs.len() {
-            // The common case: the whole queue goes; keep the spare for the queue.
-            std::mem::swap(&mut inputs, &mut self.inputs);
-        } else {
-            inputs.extend_from_slice(&self.inputs[..floats]);
-            self.inputs.drain(..floats);
-        }
-        Batch {
-            inputs,
-            entries,
-            oldest_enqueued,
-        }
+        let segment = self.segments.pop_front()?;
+        self.queued -= segment.entries.len();
+        Some(Batch {
+            inputs: segment.inputs,
+            entries: segment.entries,
+            oldest_enqueued: segment.oldest_enqueued,
+        })
     }
 }
 
@@ -243,5 +245,23 @@ mod tests {
         let mut b = batcher(&[], 8, 0);
         fill(&mut b, 1, t0);
         assert_eq!(b.cut(t0).unwrap().entries, vec![0]);
+    }
+
+    #[test]
+    fn a_recycled_buffer_carries_the_next_batch() {
+        let t0 = Instant::now();
+        let mut b = batcher(&[2], 4, 100);
+        fill(&mut b, 2, t0);
+        let first = b.cut(t0).unwrap();
+        let buffer = first.inputs.as_ptr();
+        b.recycle(first.inputs);
+        fill(&mut b, 2, t0);
+        let second = b.cut(t0).unwrap();
+        assert_eq!(
+            second.inputs.as_ptr(),
+            buffer,
+            "no new allocation, no copy at the cut"
+        );
+        assert_eq!(second.inputs, vec![0.0, -0.0, 1.0, -1.0]);
     }
 }
