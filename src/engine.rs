@@ -32,6 +32,7 @@ pub struct Entry {
     /// The channel's restore generation when the window was queued; a
     /// restore in between makes the entry stale.
     pub epoch: u32,
+    pub received: Option<Instant>,
 }
 
 /// Where a model version runs: a backend and the model's index there.
@@ -75,6 +76,9 @@ pub struct ScoreRow {
     pub threshold: f32,
     pub anomalous: bool,
     pub model_version: u64,
+    /// Not a column: when the sample was taken from Kafka, for the latency
+    /// of satwatch's own share.
+    pub received: Option<Instant>,
 }
 
 /// A forecast (CONTRACT "Forecast"), also a `forecasts` row.
@@ -459,6 +463,7 @@ impl Engine {
             origin: sample.origin,
             window_start: channel.offsets.front().copied(),
             epoch: channel.epoch,
+            received: sample.received,
         };
         model.batcher.push(channel.window.as_slice(), entry, now);
         self.pending += 1;
@@ -623,6 +628,7 @@ impl Engine {
                     threshold: scored.threshold,
                     anomalous: scored.anomalous,
                     model_version: spec.version,
+                    received: entry.received,
                 });
             }
             out.forecasts.push(Forecast {
@@ -756,6 +762,7 @@ mod tests {
                 partition: 0,
                 offset: seq as i64,
             }),
+            received: None,
         }
     }
 

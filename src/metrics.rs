@@ -21,6 +21,9 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// From the sample's `ts` to its outputs being durable.
     pub end_to_end_latency: Histogram,
+    /// From the record being taken from Kafka to its score row being
+    /// committed: satwatch's own share of the latency to the commit.
+    pub processing_latency: Histogram,
     pub samples_consumed: IntCounterVec,
     pub samples_scored: IntCounterVec,
     pub samples_duplicate: IntCounterVec,
@@ -61,6 +64,17 @@ impl Metrics {
         )
         .expect("valid histogram");
         r.register(Box::new(end_to_end_latency.clone()))
+            .expect("registered once");
+        let processing_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "satwatch_processing_latency_seconds",
+                "Seconds from a record being taken from Kafka to its score row being committed \
+                 to PostgreSQL: satwatch's own share of the latency to the commit.",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(processing_latency.clone()))
             .expect("registered once");
         let postgres_write_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -149,6 +163,7 @@ impl Metrics {
             ),
             batch_size,
             end_to_end_latency,
+            processing_latency,
             samples_consumed: counter(
                 &r,
                 "satwatch_samples_consumed_total",

@@ -57,6 +57,7 @@ pub async fn stream(
                     ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
                     values: values.row(row).to_vec(),
                     origin: None,
+                    received: None,
                 };
                 if samples_tx.send(Input::Sample(sample)).await.is_err() {
                     return;

@@ -163,6 +163,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,
         PgWriter::new(pg.clone()),
+        PgWriter::new(pg.clone()),
         publisher.clone(),
         acks_tx,
         pipeline.file.sink.clone(),

@@ -4,7 +4,7 @@
 //! Every way a record can be bad has a stable reason code, which becomes the
 //! `satwatch-error` header of its dead letter.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -27,6 +27,9 @@ pub struct Sample {
     pub ts: DateTime<Utc>,
     pub values: Vec<f32>,
     pub origin: Option<Origin>,
+    /// When satwatch took the record from Kafka (none offline): the start of
+    /// satwatch's own share of the latency.
+    pub received: Option<Instant>,
 }
 
 /// Why a record was dead-lettered.
@@ -225,6 +228,7 @@ impl Decoder {
             ts,
             values: floats,
             origin: None,
+            received: None,
         })
     }
 }
@@ -314,7 +318,8 @@ mod tests {
                 seq: 4690,
                 ts,
                 values: vec![0.98, 0.0, 1.0],
-                origin: None
+                origin: None,
+                received: None,
             }
         );
     }

@@ -132,6 +132,18 @@ fn metrics_agree_with_the_replay_and_the_tables() {
         scored as f64,
         "one latency observation per scored sample"
     );
+    // satwatch's own share (taken from Kafka -> committed) is part of the
+    // whole (ts -> durable), sample by sample, so it is no larger in total.
+    assert_eq!(
+        sum(&after, "satwatch_processing_latency_seconds_count", &[]),
+        scored as f64,
+        "one processing-latency observation per scored sample"
+    );
+    assert!(
+        sum(&after, "satwatch_processing_latency_seconds_sum", &[])
+            <= sum(&after, "satwatch_end_to_end_latency_seconds_sum", &[]),
+        "satwatch's own share is part of the end-to-end latency"
+    );
     // Lag comes from librdkafka's statistics (every 5 s): it reaches zero.
     wait_for(
         "consumer lag to reach zero on every partition",

@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use futures::{stream::FuturesUnordered, StreamExt};
 use rdkafka::{
     config::ClientConfig,
     error::KafkaError,
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
 };
 
@@ -27,6 +26,26 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// What is kept of a record the broker refuses to take whole as a dead letter.
 const TRUNCATED_DEAD_LETTER_BYTES: usize = 64 * 1024;
+/// How long to wait for room when the producer's queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
+
+/// A batch's records, enqueued in the producer, until the broker acknowledges them.
+struct Deliveries(Vec<DeliveryFuture>);
+
+impl Deliveries {
+    /// Waits until every record is acknowledged; the first failure otherwise.
+    async fn acknowledged(self) -> Result<(), KafkaError> {
+        for delivery in self.0 {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((err, _))) => return Err(err),
+                // The producer dropped the record without a verdict.
+                Err(_canceled) => return Err(KafkaError::Canceled),
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -58,26 +77,49 @@ impl Publisher {
     /// Publishes a batch's events and forecasts and waits until the broker has
     /// acknowledged every one of them.
     pub async fn publish(&self, outputs: &Outputs) -> Result<(), KafkaError> {
-        let mut records: Vec<(&str, &str, String)> =
-            Vec::with_capacity(outputs.events.len() + outputs.forecasts.len());
+        self.enqueue(outputs).await?.acknowledged().await
+    }
+
+    /// Hands a batch's events and forecasts to the producer one by one, in
+    /// order (the producer keeps each partition's records in the order they
+    /// were enqueued), and returns their pending acknowledgements.
+    async fn enqueue(&self, outputs: &Outputs) -> Result<Deliveries, KafkaError> {
+        let mut pending = Vec::with_capacity(outputs.events.len() + outputs.forecasts.len());
         for event in &outputs.events {
             let json = serde_json::to_string(event).expect("events serialise");
-            records.push((&self.anomalies_topic, &event.channel, json));
+            pending.push(
+                self.enqueue_one(&self.anomalies_topic, &event.channel, &json)
+                    .await?,
+            );
         }
         for forecast in &outputs.forecasts {
             let json = serde_json::to_string(forecast).expect("forecasts serialise");
-            records.push((&self.forecasts_topic, &forecast.channel, json));
+            pending.push(
+                self.enqueue_one(&self.forecasts_topic, &forecast.channel, &json)
+                    .await?,
+            );
         }
-        let mut deliveries = FuturesUnordered::new();
-        for (topic, key, payload) in &records {
-            let record = FutureRecord::to(topic).key(*key).payload(payload.as_str());
-            // Waits for room in the producer queue instead of failing on QueueFull.
-            deliveries.push(self.producer.send(record, Duration::from_secs(60)));
+        Ok(Deliveries(pending))
+    }
+
+    async fn enqueue_one(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                // The producer's queue is full: wait for room, keeping the order.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((err, _)) => return Err(err),
+            }
         }
-        while let Some(delivery) = deliveries.next().await {
-            delivery.map_err(|(err, _)| err)?;
-        }
-        Ok(())
     }
 
     /// Sends a bad record, unchanged, to the dead-letter topic with its reason.

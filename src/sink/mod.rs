@@ -33,10 +33,21 @@ pub use postgres::PgWriter;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// Batches committed to PostgreSQL whose records may still be waiting to be
+/// published. Bounds the memory a slow broker holds; past it, writing waits.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
 /// Writes until `outputs` closes and its last batch is durable.
+///
+/// Two stages, so that a sample's score row waits for its own batch's write
+/// and not for the broker: this task gathers a batch, commits its rows to
+/// PostgreSQL and moves on; [`publish_loop`] publishes the committed batches'
+/// records in order, then writes their checkpoints and acknowledges their
+/// source records.
 pub async fn write_loop(
     mut outputs: mpsc::Receiver<Outputs>,
     mut pg: PgWriter,
+    checkpoint_pg: PgWriter,
     publisher: Publisher,
     acks: mpsc::UnboundedSender<Vec<Origin>>,
     settings: SinkSettings,
@@ -44,6 +55,16 @@ pub async fn write_loop(
     health: Arc<Health>,
     partitions: Arc<Mutex<OffsetTracker>>,
 ) {
+    let (committed_tx, committed_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
+    let publishing = tokio::spawn(publish_loop(
+        committed_rx,
+        checkpoint_pg,
+        publisher,
+        acks,
+        metrics.clone(),
+        health.clone(),
+        partitions,
+    ));
     let mut open = true;
     while open {
         let Some(first) = outputs.recv().await else {
@@ -60,7 +81,44 @@ pub async fn write_loop(
                 _ = sleep_until(deadline) => break,
             }
         }
-        flush(&mut pg, &publisher, &batch, &metrics, &health).await;
+        write_rows(&mut pg, &batch, &metrics, &health).await;
+        let committed = std::time::Instant::now();
+        for received in batch.scores.iter().filter_map(|row| row.received) {
+            let own = committed.saturating_duration_since(received);
+            metrics.processing_latency.observe(own.as_secs_f64());
+        }
+        if committed_tx.send(batch).await.is_err() {
+            tracing::error!(
+                "the sink's publishing task stopped; outputs are no longer acknowledged"
+            );
+            break;
+        }
+    }
+    drop(committed_tx);
+    if let Err(err) = publishing.await {
+        tracing::error!(error = %err, "the sink's publishing task failed");
+    }
+}
+
+/// Publishes committed batches in order. Whatever has queued up while the
+/// broker acknowledged the last lot goes out as one: under load, fewer and
+/// larger produce requests. Once records are acknowledged, writes the
+/// batches' checkpoints and acknowledges their source records, so offsets and
+/// checkpoints only ever cover durable outputs.
+async fn publish_loop(
+    mut committed: mpsc::Receiver<Outputs>,
+    mut pg: PgWriter,
+    publisher: Publisher,
+    acks: mpsc::UnboundedSender<Vec<Origin>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    partitions: Arc<Mutex<OffsetTracker>>,
+) {
+    while let Some(mut batch) = committed.recv().await {
+        while let Ok(mut more) = committed.try_recv() {
+            batch.append(&mut more);
+        }
+        publish_records(&publisher, &batch, &metrics).await;
         write_checkpoints(&mut pg, &batch.checkpoints, &partitions, &metrics, &health).await;
         let now = Utc::now();
         for row in &batch.scores {
@@ -73,55 +131,48 @@ pub async fn write_loop(
     }
 }
 
-/// Makes one batch durable, retrying until it is: records are only
-/// acknowledged after this returns, so giving up would lose them. PostgreSQL
-/// and Kafka are written concurrently; each retries on its own.
-async fn flush(
-    pg: &mut PgWriter,
-    publisher: &Publisher,
-    batch: &Outputs,
-    metrics: &Metrics,
-    health: &Health,
-) {
-    let rows = async {
-        let mut delay = FIRST_RETRY_DELAY;
-        loop {
-            match pg.write(batch).await {
-                Ok(elapsed) => {
-                    metrics
-                        .postgres_write_seconds
-                        .observe(elapsed.as_secs_f64());
-                    metrics
-                        .rows_written
-                        .with_label_values(&["scores"])
-                        .inc_by(batch.scores.len() as u64);
-                    metrics
-                        .rows_written
-                        .with_label_values(&["forecasts"])
-                        .inc_by(batch.forecasts.len() as u64);
-                    health.set_postgres(None);
-                    break;
-                }
-                Err(err) => {
-                    metrics.postgres_write_failures.inc();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "write to PostgreSQL failed");
-                    health.set_postgres(Some(err.to_string()));
-                    sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
-                }
+/// Commits one batch's rows, retrying until they are: records are only
+/// acknowledged after this returns, so giving up would lose them.
+async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, health: &Health) {
+    let mut delay = FIRST_RETRY_DELAY;
+    loop {
+        match pg.write(batch).await {
+            Ok(elapsed) => {
+                metrics
+                    .postgres_write_seconds
+                    .observe(elapsed.as_secs_f64());
+                metrics
+                    .rows_written
+                    .with_label_values(&["scores"])
+                    .inc_by(batch.scores.len() as u64);
+                metrics
+                    .rows_written
+                    .with_label_values(&["forecasts"])
+                    .inc_by(batch.forecasts.len() as u64);
+                health.set_postgres(None);
+                return;
+            }
+            Err(err) => {
+                metrics.postgres_write_failures.inc();
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "write to PostgreSQL failed");
+                health.set_postgres(Some(err.to_string()));
+                sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
         }
-    };
-    let records = async {
-        let mut delay = FIRST_RETRY_DELAY;
-        while let Err(err) = publisher.publish(batch).await {
-            metrics.kafka_publish_failures.inc();
-            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed");
-            sleep(delay).await;
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
-        }
-    };
-    tokio::join!(rows, records);
+    }
+}
+
+/// Publishes one batch's records again, retrying until the broker has
+/// acknowledged them all.
+async fn publish_records(publisher: &Publisher, batch: &Outputs, metrics: &Metrics) {
+    let mut delay = FIRST_RETRY_DELAY;
+    while let Err(err) = publisher.publish(batch).await {
+        metrics.kafka_publish_failures.inc();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed");
+        sleep(delay).await;
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
 }
 
 /// Records each channel's latest checkpoint in the batch, once the batch's

@@ -12,13 +12,12 @@
 
 use std::{error::Error as _, path::Path, sync::Arc, time::Instant};
 
-use futures::pin_mut;
 use openssl::{
     ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode},
     x509::{store::X509StoreBuilder, X509},
 };
 use postgres_openssl::MakeTlsConnector;
-use tokio_postgres::{binary_copy::BinaryCopyInWriter, config::SslMode, types::Type, Client};
+use tokio_postgres::{config::SslMode, types::ToSql, Client, Statement};
 
 use crate::{
     config::PostgresSettings,
@@ -361,38 +360,58 @@ impl Probe {
 /// Writes output batches over one connection, reconnecting after failures.
 pub struct PgWriter {
     connector: PgConnector,
-    client: Option<Client>,
+    connection: Option<(Client, Statement)>,
 }
+
+/// Inserts a batch's scores and forecasts in one statement, so a write costs
+/// one round trip (in its own transaction, or inside one that also upserts
+/// events). Rows come as one array per column; forecasts' horizons are
+/// concatenated in `$11`, row i's being `$11[$12[i] : $12[i] + $13[i] - 1]`.
+/// Rows already present (a replay after a restart) are left as they are:
+/// they hold the same values.
+const INSERT_ROWS: &str = "
+WITH scored AS (
+    INSERT INTO scores (channel, seq, ts, score, threshold, anomalous, model_version)
+    SELECT * FROM unnest($1::text[], $2::int8[], $3::timestamptz[], $4::float4[], $5::float4[],
+                         $6::bool[], $7::int4[])
+    ON CONFLICT (channel, seq) DO NOTHING
+), forecast AS (
+    INSERT INTO forecasts (channel, seq, horizon, model_version)
+    SELECT channel, seq, ($11::float4[])[first : first + len - 1], model_version
+    FROM unnest($8::text[], $9::int8[], $10::int4[], $12::int4[], $13::int4[])
+        AS f(channel, seq, model_version, first, len)
+    ON CONFLICT (channel, seq) DO NOTHING
+)
+SELECT 1";
 
 impl PgWriter {
     pub fn new(connector: PgConnector) -> Self {
         Self {
             connector,
-            client: None,
+            connection: None,
         }
     }
 
-    async fn client(&mut self) -> Result<&mut Client, PgError> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+    async fn connection(&mut self) -> Result<&mut (Client, Statement), PgError> {
+        if self
+            .connection
+            .as_ref()
+            .is_none_or(|(client, _)| client.is_closed())
+        {
             let client = self.connector.connect().await?;
-            client
-                .batch_execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS scores_stage (LIKE scores) ON COMMIT DELETE ROWS;
-                     CREATE TEMP TABLE IF NOT EXISTS forecasts_stage (LIKE forecasts) ON COMMIT DELETE ROWS;",
-                )
-                .await?;
-            self.client = Some(client);
+            let insert = client.prepare(INSERT_ROWS).await?;
+            self.connection = Some((client, insert));
         }
-        Ok(self.client.as_mut().expect("connected above"))
+        Ok(self.connection.as_mut().expect("connected above"))
     }
 
-    /// Writes one batch in one transaction. On error the connection is dropped
-    /// so the next attempt starts clean.
+    /// Writes one batch atomically. On error the connection is dropped so the
+    /// next attempt starts clean.
     pub async fn write(&mut self, outputs: &Outputs) -> Result<std::time::Duration, PgError> {
         let started = Instant::now();
         let result = self.write_once(outputs).await;
         if result.is_err() {
-            self.client = None;
+            self.connection = None;
         }
         result.map(|()| started.elapsed())
     }
@@ -401,115 +420,114 @@ impl PgWriter {
         if outputs.scores.is_empty() && outputs.forecasts.is_empty() && outputs.events.is_empty() {
             return Ok(());
         }
-        let client = self.client().await?;
+        let (client, insert) = self.connection().await?;
+        let rows = RowColumns::new(outputs);
+        if outputs.events.is_empty() {
+            // One statement is one transaction: one round trip.
+            client.execute(&*insert, &rows.params()).await?;
+            return Ok(());
+        }
         let tx = client.transaction().await?;
-        if !outputs.scores.is_empty() {
-            let sink = tx
-                .copy_in("COPY scores_stage (channel, seq, ts, score, threshold, anomalous, model_version) FROM STDIN BINARY")
-                .await?;
-            let writer = BinaryCopyInWriter::new(
-                sink,
+        tx.execute(&*insert, &rows.params()).await?;
+        let upsert = tx
+            .prepare(
+                "INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
+                     end_ts, peak_score, threshold, model, model_version, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+                 ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
+                     end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
+                 WHERE anomaly_events.state = 'open'",
+            )
+            .await?;
+        for e in &outputs.events {
+            let start_seq = e.start_seq as i64;
+            let end_seq = e.end_seq.map(|s| s as i64);
+            let version = e.model_version as i32;
+            tx.execute(
+                &upsert,
                 &[
-                    Type::TEXT,
-                    Type::INT8,
-                    Type::TIMESTAMPTZ,
-                    Type::FLOAT4,
-                    Type::FLOAT4,
-                    Type::BOOL,
-                    Type::INT4,
+                    &e.event_id,
+                    &&*e.channel,
+                    &&*e.subsystem,
+                    &e.state.as_str(),
+                    &start_seq,
+                    &end_seq,
+                    &e.start_ts,
+                    &e.end_ts,
+                    &e.peak_score,
+                    &e.threshold,
+                    &&*e.model,
+                    &version,
                 ],
-            );
-            pin_mut!(writer);
-            for row in &outputs.scores {
-                let seq = row.seq as i64;
-                let version = row.model_version as i32;
-                writer
-                    .as_mut()
-                    .write(&[
-                        &&*row.channel,
-                        &seq,
-                        &row.ts,
-                        &row.score,
-                        &row.threshold,
-                        &row.anomalous,
-                        &version,
-                    ])
-                    .await?;
-            }
-            writer.finish().await?;
-            tx.execute(
-                "INSERT INTO scores (channel, seq, ts, score, threshold, anomalous, model_version)
-                 SELECT channel, seq, ts, score, threshold, anomalous, model_version FROM scores_stage
-                 ON CONFLICT (channel, seq) DO NOTHING",
-                &[],
             )
             .await?;
-        }
-        if !outputs.forecasts.is_empty() {
-            let sink = tx
-                .copy_in(
-                    "COPY forecasts_stage (channel, seq, horizon, model_version) FROM STDIN BINARY",
-                )
-                .await?;
-            let writer = BinaryCopyInWriter::new(
-                sink,
-                &[Type::TEXT, Type::INT8, Type::FLOAT4_ARRAY, Type::INT4],
-            );
-            pin_mut!(writer);
-            for row in &outputs.forecasts {
-                let seq = row.seq as i64;
-                let version = row.model_version as i32;
-                writer
-                    .as_mut()
-                    .write(&[&&*row.channel, &seq, &row.horizon, &version])
-                    .await?;
-            }
-            writer.finish().await?;
-            tx.execute(
-                "INSERT INTO forecasts (channel, seq, horizon, model_version)
-                 SELECT channel, seq, horizon, model_version FROM forecasts_stage
-                 ON CONFLICT (channel, seq) DO NOTHING",
-                &[],
-            )
-            .await?;
-        }
-        if !outputs.events.is_empty() {
-            let upsert = tx
-                .prepare(
-                    "INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
-                         end_ts, peak_score, threshold, model, model_version, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
-                     ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
-                         end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
-                     WHERE anomaly_events.state = 'open'",
-                )
-                .await?;
-            for e in &outputs.events {
-                let start_seq = e.start_seq as i64;
-                let end_seq = e.end_seq.map(|s| s as i64);
-                let version = e.model_version as i32;
-                tx.execute(
-                    &upsert,
-                    &[
-                        &e.event_id,
-                        &&*e.channel,
-                        &&*e.subsystem,
-                        &e.state.as_str(),
-                        &start_seq,
-                        &end_seq,
-                        &e.start_ts,
-                        &e.end_ts,
-                        &e.peak_score,
-                        &e.threshold,
-                        &&*e.model,
-                        &version,
-                    ],
-                )
-                .await?;
-            }
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// A batch's scores and forecasts as the column arrays of [`INSERT_ROWS`].
+struct RowColumns<'a> {
+    score_channel: Vec<&'a str>,
+    score_seq: Vec<i64>,
+    score_ts: Vec<chrono::DateTime<chrono::Utc>>,
+    score: Vec<f32>,
+    threshold: Vec<f32>,
+    anomalous: Vec<bool>,
+    score_version: Vec<i32>,
+    forecast_channel: Vec<&'a str>,
+    forecast_seq: Vec<i64>,
+    forecast_version: Vec<i32>,
+    horizons: Vec<f32>,
+    horizon_first: Vec<i32>,
+    horizon_len: Vec<i32>,
+}
+
+impl<'a> RowColumns<'a> {
+    fn new(outputs: &'a Outputs) -> Self {
+        let scores = &outputs.scores;
+        let forecasts = &outputs.forecasts;
+        let mut horizons = Vec::with_capacity(forecasts.iter().map(|f| f.horizon.len()).sum());
+        let mut horizon_first = Vec::with_capacity(forecasts.len());
+        for f in forecasts {
+            // SQL arrays count from 1.
+            horizon_first.push(horizons.len() as i32 + 1);
+            horizons.extend_from_slice(&f.horizon);
+        }
+        Self {
+            score_channel: scores.iter().map(|r| &*r.channel).collect(),
+            score_seq: scores.iter().map(|r| r.seq as i64).collect(),
+            score_ts: scores.iter().map(|r| r.ts).collect(),
+            score: scores.iter().map(|r| r.score).collect(),
+            threshold: scores.iter().map(|r| r.threshold).collect(),
+            anomalous: scores.iter().map(|r| r.anomalous).collect(),
+            score_version: scores.iter().map(|r| r.model_version as i32).collect(),
+            forecast_channel: forecasts.iter().map(|f| &*f.channel).collect(),
+            forecast_seq: forecasts.iter().map(|f| f.seq as i64).collect(),
+            forecast_version: forecasts.iter().map(|f| f.model_version as i32).collect(),
+            horizons,
+            horizon_first,
+            horizon_len: forecasts.iter().map(|f| f.horizon.len() as i32).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.score_channel,
+            &self.score_seq,
+            &self.score_ts,
+            &self.score,
+            &self.threshold,
+            &self.anomalous,
+            &self.score_version,
+            &self.forecast_channel,
+            &self.forecast_seq,
+            &self.forecast_version,
+            &self.horizons,
+            &self.horizon_first,
+            &self.horizon_len,
+        ]
     }
 }
 
@@ -533,7 +551,7 @@ impl PgWriter {
         }
         let result = self.write_checkpoints_once(checkpoints).await;
         if result.is_err() {
-            self.client = None;
+            self.connection = None;
         }
         result
     }
@@ -559,7 +577,7 @@ impl PgWriter {
                     .map_err(|e| PgError(format!("detector state to JSON: {e}")))?,
             );
         }
-        let client = self.client().await?;
+        let (client, _) = self.connection().await?;
         client
             .execute(
                 "INSERT INTO channel_checkpoints (channel, topic, partition, last_seq, refill_from, detector, updated_at)

@@ -400,6 +400,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                 }
             }
             message = consumer.recv() => {
+                let received = std::time::Instant::now();
                 let message = match message {
                     Ok(message) => message,
                     Err(err) => {
@@ -435,6 +436,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                 match decoder.decode(message.payload(), Some(message.topic()), fallback_ts) {
                     Ok(mut sample) => {
                         sample.origin = Some(origin);
+                        sample.received = Some(received);
                         if samples.send(Input::Sample(sample)).await.is_err() {
                             break; // The processor stopped; shut down.
                         }
