@@ -13,6 +13,9 @@
 #   3. latency    satwatch_end_to_end_latency_seconds at fixed offered loads
 #                 (100, 1,000, 10,000 samples/s): p50, p99, p99.9, with fresh
 #                 services for each rate.
+#   4. grouped    training/grouped_study.py: one call for all 27 models (stacked
+#                 weights) against one call per model, and two calls at once
+#                 (needs `pip install onnx` in the ORT venv; skipped otherwise).
 #
 # Usage: scripts/bench.sh [--skip-e2e] [--quick] [--out FILE]
 #   --skip-e2e   only the in-process part (no broker, no PostgreSQL needed)
@@ -111,6 +114,7 @@ RESULTS=$STATE/results # raw figures (JSON), logs, metrics scrapes; wiped per be
 BASE_URL=http://$HTTP_ADDR
 # How the binary is shown in the report's commands.
 BIN_SHOWN=${BIN#"$SATWATCH_ROOT"/}
+ORT_VENV_SHOWN=${ORT_VENV/#$HOME/\~}
 
 # services.sh and `satwatch run` read these; exported so everything below
 # uses the bench's services and never the default ones.
@@ -580,6 +584,15 @@ def core_section(core):
                         if abs(inf_us + own_us - meas_us) < 0.25 * meas_us else
                         f"together {inf_us + own_us:.2f} µs, {'less' if inf_us + own_us < meas_us else 'more'} than measured "
                         f"({'contention between the stages' if inf_us + own_us < meas_us else 'the stages overlap on the two backend threads'})."))
+    slow = [r for r in runs if r.get("pipeline_inference_us_per_window") and r.get("ceiling_inference_us_per_window")]
+    if slow:
+        r = slow[0]
+        p_us, c_us = r["pipeline_inference_us_per_window"], r["ceiling_inference_us_per_window"]
+        notes.append(f"The calls themselves are slower inside the pipeline: at {r['channels']:,} channels a backend thread spends "
+                     f"{p_us:.2f} µs per window inside ONNX Runtime there, against {c_us:.2f} µs when the same calls run back to back "
+                     f"({p_us / c_us:.1f}×). The engine's own thread shares the two cores with the backend threads (time a call spends "
+                     "preempted counts as inside it), and each window is read from memory another core has just written, where the "
+                     "ceiling reads one cache-hot buffer.")
     bsz = [(r["channels"], r.get("mean_batch_size")) for r in runs if r.get("mean_batch_size")]
     if bsz:
         notes.append("Mean batch size " + ", ".join(f"{b:.1f} at {c:,} channels" for c, b in bsz)
@@ -779,6 +792,38 @@ def latency_section(lats, settings):
 
 LAT_SAMPLES = LAT_SECONDS = 0
 
+def grouped_section(path):
+    """Section 4 from training/grouped_study.py's tables, when it ran."""
+    try:
+        with open(path) as fh:
+            study = fh.read().strip()
+    except FileNotFoundError:
+        return []
+    out = ["## 4. One call for all models, or one per model", "",
+           "`training/grouped_study.py` stacks the 27 forecasters' weights into one ONNX graph (input [27, B, 64, 25], checked "
+           "against each model's own output) and times, on ONNX Runtime with one thread per session, a round of B windows for "
+           "every model: 27 calls (what satwatch does), one grouped call, and either on two threads at once. Its reading of the "
+           "figures is in `training/grouped_study.md`.", "", study, ""]
+    # The first table: | B | windows | per-model | per-model x2 | grouped | ... | grouped speed-up | split speed-up |
+    rows = []
+    for line in study.splitlines():
+        cells = [c.strip().replace(",", "").rstrip("×") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0].isdigit():
+            try:
+                rows.append([float(c) for c in cells])
+            except ValueError:
+                pass
+    if rows:
+        small, large = rows[0], rows[-1]
+        out += [f"**What it shows.** With {small[0]:.0f} window per model a grouped call is {small[7]:.2f}× as fast as one call per "
+                f"model (the fixed cost of a call and of each node is paid once instead of 27 times); with {large[0]:.0f} it is "
+                f"{large[7]:.2f}×. Two calls at once take a round at {large[2] / large[3]:.2f}× the speed of one at a time at "
+                f"{large[0]:.0f} windows per model. satwatch keeps one call per model, two at once (`backend_threads = 2`): at "
+                "full speed its batches hold 100–150 windows per model, where grouping gains nothing, and at low rates, where it "
+                "would, inference is a small share of a core and of the latency; a grouped call would also make every model wait "
+                "for the same batch size and make a one-model hot swap rebuild the group.", ""]
+    return out
+
 def cmd_render(results, out_path):
     global LAT_SAMPLES, LAT_SECONDS
     machine = load(os.path.join(results, "machine.json"))
@@ -823,6 +868,7 @@ def cmd_render(results, out_path):
     lines += core_section(core)
     lines += e2e_section(e2e, settings)
     lines += latency_section(lats, settings)
+    lines += grouped_section(os.path.join(results, "grouped.md"))
     text = "\n".join(lines)
     # The backend section comes from `satwatch bench --backend` runs (some on
     # GPU machines this script never sees): carry it over unchanged.
@@ -1305,6 +1351,22 @@ EOF
     section="stopping the services"
     scripts/services.sh down >/dev/null
     services_started=0
+fi
+
+# ------------------------------------------------------------ 4. grouped
+
+# The "beyond" question: one call for all 27 models (their weights stacked in
+# one graph) against one call per model, and two calls at once. It needs the
+# onnx package next to onnxruntime in the venv (`pip install onnx`).
+if [[ $QUICK != 1 ]] && "$ORT_VENV/bin/python" -c 'import onnx, onnxruntime' 2>/dev/null; then
+    section="4. one call for all models"
+    log "== $section (training/grouped_study.py)"
+    note "4. one call for all models (stacked weights) against one call per model, and two calls at once"
+    note "$ORT_VENV_SHOWN/bin/python training/grouped_study.py --out .local/bench/results/grouped.md"
+    timeout "$WAIT_TIMEOUT" "$ORT_VENV/bin/python" "$SATWATCH_ROOT/training/grouped_study.py" --out "$RESULTS/grouped.md" \
+        >"$RESULTS/grouped.log" 2>&1 || die "training/grouped_study.py failed (log: $RESULTS/grouped.log)"
+else
+    log "   section 4 skipped (quick mode, or no onnx module in $ORT_VENV: pip install onnx there)"
 fi
 
 # ------------------------------------------------------------ report

@@ -81,6 +81,11 @@ pub struct BenchRun {
     pub ceiling_windows_per_s: f64,
     /// windows_per_s / ceiling_windows_per_s.
     pub ratio_to_ceiling: f64,
+    /// Backend-thread time inside inference calls per window, in the
+    /// pipeline and in the ceiling: how much slower the same calls run
+    /// among the pipeline's own work.
+    pub pipeline_inference_us_per_window: f64,
+    pub ceiling_inference_us_per_window: f64,
     /// Samples/s with a backend that costs nothing: the pipeline's own limit.
     pub free_model_samples_per_s: f64,
     /// Process CPU seconds during the streamed run.
@@ -180,6 +185,9 @@ pub async fn measure(
         ceiling_elapsed_s: ceiling.as_secs_f64(),
         ceiling_windows_per_s,
         ratio_to_ceiling: windows_per_s / ceiling_windows_per_s,
+        pipeline_inference_us_per_window: inside.as_secs_f64() * 1e6 / windows as f64,
+        ceiling_inference_us_per_window: ceiling.as_secs_f64() * threads as f64 * 1e6
+            / windows as f64,
         free_model_samples_per_s: samples as f64 / free_elapsed.as_secs_f64(),
         cpu_s: (cpu_after - cpu_before).as_secs_f64(),
         peak_rss_bytes: peak_rss,
