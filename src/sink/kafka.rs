@@ -29,24 +29,6 @@ const TRUNCATED_DEAD_LETTER_BYTES: usize = 64 * 1024;
 /// How long to wait for room when the producer's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 
-/// A batch's records, enqueued in the producer, until the broker acknowledges them.
-struct Deliveries(Vec<DeliveryFuture>);
-
-impl Deliveries {
-    /// Waits until every record is acknowledged; the first failure otherwise.
-    async fn acknowledged(self) -> Result<(), KafkaError> {
-        for delivery in self.0 {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _))) => return Err(err),
-                // The producer dropped the record without a verdict.
-                Err(_canceled) => return Err(KafkaError::Canceled),
-            }
-        }
-        Ok(())
-    }
-}
-
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
@@ -75,15 +57,9 @@ impl Publisher {
     }
 
     /// Publishes a batch's events and forecasts and waits until the broker has
-    /// acknowledged every one of them.
+    /// acknowledged every one of them. Records are handed to the producer one
+    /// by one, in order: it keeps each partition's records in that order.
     pub async fn publish(&self, outputs: &Outputs) -> Result<(), KafkaError> {
-        self.enqueue(outputs).await?.acknowledged().await
-    }
-
-    /// Hands a batch's events and forecasts to the producer one by one, in
-    /// order (the producer keeps each partition's records in the order they
-    /// were enqueued), and returns their pending acknowledgements.
-    async fn enqueue(&self, outputs: &Outputs) -> Result<Deliveries, KafkaError> {
         let mut pending = Vec::with_capacity(outputs.events.len() + outputs.forecasts.len());
         for event in &outputs.events {
             let json = serde_json::to_string(event).expect("events serialise");
@@ -99,7 +75,15 @@ impl Publisher {
                     .await?,
             );
         }
-        Ok(Deliveries(pending))
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((err, _))) => return Err(err),
+                // The producer dropped the record without a verdict.
+                Err(_canceled) => return Err(KafkaError::Canceled),
+            }
+        }
+        Ok(())
     }
 
     async fn enqueue_one(

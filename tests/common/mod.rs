@@ -614,15 +614,22 @@ impl Stack {
 /// Each of `channels` (comma-separated) holds exactly one `scores` row for
 /// every seq from `window` to `rows - 1`, and no other.
 pub fn assert_one_score_per_sample(pg: &Postgres, channels: &str, rows: i64, window: i64) {
+    assert_one_score_per_seq(pg, channels, window, rows - 1);
+}
+
+/// Each of `channels` holds exactly one `scores` row for every seq from
+/// `first` to `last`, and no other.
+fn assert_one_score_per_seq(pg: &Postgres, channels: &str, first: i64, last: i64) {
     for channel in channels.split(',') {
         let row = &pg.query(&format!(
             "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
         ))[0];
         let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let n = last - first + 1;
         assert_eq!(
             got,
-            (rows - window, rows - window, window, rows - 1),
-            "{channel}: one row per sample"
+            (n, n, first, last),
+            "{channel}: one row per sample past warm-up, no gap"
         );
     }
 }
@@ -962,22 +969,7 @@ pub fn assert_same_outputs_as_reference(
 ) -> Compared {
     let n = channels.split(',').count() as i64;
     // Scores: one row per sample past warm-up, and the reference's values.
-    for channel in channels.split(',') {
-        let row = &pg.query(&format!(
-            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM scores WHERE channel = '{channel}'"
-        ))[0];
-        let got: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        assert_eq!(
-            got,
-            (
-                rows - window,
-                rows - window,
-                start + window,
-                start + rows - 1
-            ),
-            "{channel}: one row per sample past warm-up, no gap"
-        );
-    }
+    assert_one_score_per_seq(pg, channels, start + window, start + rows - 1);
     let (got, want) = (scores(&pg, "satwatch"), scores(&pg, "reference"));
     assert_eq!(got.len(), want.len());
     for (key, w) in &want {
