@@ -1,4 +1,5 @@
-//! A model's dynamic batcher, with Triton's semantics.
+//! A model's dynamic batcher, with Triton's semantics, and the compact form
+//! a batch's windows travel in.
 //!
 //! Windows queue per model. A batch is cut when the queue can fill the largest
 //! preferred batch size (or `max_batch_size` when none is preferred), or when
@@ -6,9 +7,12 @@
 //! windows as are queued, up to that size. Pure state: the caller supplies the
 //! clock.
 //!
-//! Windows are copied once, into the buffer that goes to the backend: the
-//! queue is a list of segments of one full batch each, so cutting a batch
-//! hands over a segment whole, and a long queue is never shifted or regrown.
+//! The queue holds only bookkeeping: a window's values stay in its channel's
+//! [`Window`](crate::window::Window) until the batch is cut, and then go to
+//! the backend as [`BatchInputs`], where consecutive windows of one channel
+//! share their rows. They are laid out window by window only on the inference
+//! thread, right before the call, into a buffer that stays in that core's
+//! cache.
 
 use std::{collections::VecDeque, time::Instant};
 
@@ -17,42 +21,24 @@ use crate::repository::BatchPolicy;
 #[derive(Debug)]
 pub struct Batcher<T> {
     policy: BatchPolicy,
-    /// Floats per window.
-    window_len: usize,
     /// Windows in a full batch: the largest preferred size, or the maximum.
     full_size: usize,
     /// Queued windows, oldest first, in segments of at most `full_size`; only
     /// the last segment is ever partly filled.
-    segments: VecDeque<Segment<T>>,
+    segments: VecDeque<Batch<T>>,
     queued: usize,
-    /// Input buffers of completed batches, reused so that queueing does not
-    /// allocate (and page-fault) a fresh buffer for every batch.
-    spare: Vec<Vec<f32>>,
 }
 
-#[derive(Debug)]
-struct Segment<T> {
-    inputs: Vec<f32>,
-    entries: Vec<T>,
-    /// When its first window was queued.
-    oldest_enqueued: Instant,
-}
-
-/// A cut batch: `entries.len()` windows of `window_len` floats in `inputs`.
+/// A cut batch (or a queued segment of one).
 #[derive(Debug)]
 pub struct Batch<T> {
-    pub inputs: Vec<f32>,
     pub entries: Vec<T>,
     /// When the oldest window was queued (queue time = dispatch - this).
     pub oldest_enqueued: Instant,
 }
 
-/// Buffers kept for reuse: one batch in flight, one being filled, and slack
-/// for a backlog.
-const SPARE_BUFFERS: usize = 4;
-
 impl<T> Batcher<T> {
-    pub fn new(policy: BatchPolicy, window_len: usize) -> Self {
+    pub fn new(policy: BatchPolicy) -> Self {
         assert!(
             policy.max_batch_size > 0,
             "the repository validated max_batch_size > 0"
@@ -65,58 +51,30 @@ impl<T> Batcher<T> {
             .unwrap_or(policy.max_batch_size);
         Self {
             policy,
-            window_len,
             full_size,
             segments: VecDeque::new(),
             queued: 0,
-            spare: Vec::new(),
         }
     }
 
-    /// Returns a batch's input buffer once the backend is done with it.
-    pub fn recycle(&mut self, mut inputs: Vec<f32>) {
-        if self.spare.len() < SPARE_BUFFERS {
-            inputs.clear();
-            self.spare.push(inputs);
-        }
-    }
-
-    pub fn push(&mut self, window: &[f32], entry: T, now: Instant) {
-        debug_assert_eq!(window.len(), self.window_len);
+    pub fn push(&mut self, entry: T, now: Instant) {
         if self
             .segments
             .back()
             .is_none_or(|s| s.entries.len() == self.full_size)
         {
-            let floats = self.full_size * self.window_len;
-            let mut inputs = self.spare.pop().unwrap_or_default();
-            inputs.reserve_exact(floats);
-            self.segments.push_back(Segment {
-                inputs,
+            self.segments.push_back(Batch {
                 entries: Vec::with_capacity(self.full_size),
                 oldest_enqueued: now,
             });
         }
         let segment = self.segments.back_mut().expect("pushed above");
-        segment.inputs.extend_from_slice(window);
         segment.entries.push(entry);
         self.queued += 1;
     }
 
     pub fn len(&self) -> usize {
         self.queued
-    }
-
-    /// Rewrites every queued input value as `f(position within its window,
-    /// value)`: for re-normalising queued windows when a model version with
-    /// other normalisation parameters is swapped in.
-    pub fn map_queued(&mut self, mut f: impl FnMut(usize, f32) -> f32) {
-        let len = self.window_len;
-        for segment in &mut self.segments {
-            for (i, x) in segment.inputs.iter_mut().enumerate() {
-                *x = f(i % len, *x);
-            }
-        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,11 +108,71 @@ impl<T> Batcher<T> {
     pub fn flush(&mut self) -> Option<Batch<T>> {
         let segment = self.segments.pop_front()?;
         self.queued -= segment.entries.len();
-        Some(Batch {
-            inputs: segment.inputs,
-            entries: segment.entries,
-            oldest_enqueued: segment.oldest_enqueued,
-        })
+        Some(segment)
+    }
+}
+
+/// A batch's windows, compactly: runs of consecutive windows of one channel,
+/// each stored as its rows (a run of `n` windows of `len` rows is `n + len -
+/// 1` rows), and where each window of the batch starts among them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BatchInputs {
+    /// Every run's rows, run after run.
+    pub rows: Vec<f32>,
+    /// Where each window starts in `rows` (in floats), in the batch's order.
+    pub starts: Vec<usize>,
+    /// Floats per window.
+    pub window_floats: usize,
+}
+
+impl BatchInputs {
+    pub fn new(window_floats: usize) -> Self {
+        Self {
+            window_floats,
+            ..Self::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// Empties it for reuse, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.starts.clear();
+    }
+
+    /// Appends a run's rows; returns where they start (in floats).
+    pub fn push_run(&mut self, rows: &[f32]) -> usize {
+        let start = self.rows.len();
+        self.rows.extend_from_slice(rows);
+        start
+    }
+
+    /// Appends a window of the batch, starting at `start` (in floats).
+    pub fn push_window(&mut self, start: usize) {
+        debug_assert!(start + self.window_floats <= self.rows.len());
+        self.starts.push(start);
+    }
+
+    /// The windows laid out `[len, window, features]`: `rows` itself when no
+    /// two windows share rows, else copied out into `scratch`.
+    pub fn windows<'a>(&'a self, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let w = self.window_floats;
+        if self.starts.iter().enumerate().all(|(i, &s)| s == i * w) {
+            return &self.rows[..self.starts.len() * w];
+        }
+        scratch.clear();
+        scratch.reserve(self.starts.len() * w);
+        for &start in &self.starts {
+            scratch.extend_from_slice(&self.rows[start..start + w]);
+        }
+        scratch
     }
 }
 
@@ -164,19 +182,16 @@ mod tests {
     use std::time::Duration;
 
     fn batcher(preferred: &[usize], max: usize, delay_us: u64) -> Batcher<u32> {
-        Batcher::new(
-            BatchPolicy {
-                max_batch_size: max,
-                preferred_batch_sizes: preferred.to_vec(),
-                max_queue_delay: Duration::from_micros(delay_us),
-            },
-            2,
-        )
+        Batcher::new(BatchPolicy {
+            max_batch_size: max,
+            preferred_batch_sizes: preferred.to_vec(),
+            max_queue_delay: Duration::from_micros(delay_us),
+        })
     }
 
     fn fill(b: &mut Batcher<u32>, n: u32, now: Instant) {
         for i in 0..n {
-            b.push(&[i as f32, -(i as f32)], i, now);
+            b.push(i, now);
         }
     }
 
@@ -193,7 +208,6 @@ mod tests {
         assert_eq!(b.deadline(), Some(t0 + Duration::from_micros(1000)));
         let batch = b.cut(t0 + Duration::from_micros(1000)).unwrap();
         assert_eq!(batch.entries, vec![0, 1, 2]);
-        assert_eq!(batch.inputs, vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0]);
         assert!(b.is_empty());
     }
 
@@ -207,7 +221,6 @@ mod tests {
         // Six queued: the largest preferred size that fits is 4, the rest waits.
         let batch = b.cut(t0).unwrap();
         assert_eq!(batch.entries, vec![0, 1, 2, 3]);
-        assert_eq!(batch.inputs.len(), 8);
         assert_eq!(b.len(), 2);
         assert_eq!(
             b.cut(t0).map(|x| x.entries.len()),
@@ -232,9 +245,9 @@ mod tests {
     fn deadline_follows_the_oldest_remaining_window() {
         let t0 = Instant::now();
         let mut b = batcher(&[2], 4, 100);
-        b.push(&[0.0, 0.0], 0, t0);
-        b.push(&[0.0, 0.0], 1, t0);
-        b.push(&[0.0, 0.0], 2, t0 + Duration::from_micros(50));
+        b.push(0, t0);
+        b.push(1, t0);
+        b.push(2, t0 + Duration::from_micros(50));
         assert_eq!(b.cut(t0).unwrap().entries, vec![0, 1]);
         assert_eq!(b.deadline(), Some(t0 + Duration::from_micros(150)));
     }
@@ -248,20 +261,33 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_buffer_carries_the_next_batch() {
-        let t0 = Instant::now();
-        let mut b = batcher(&[2], 4, 100);
-        fill(&mut b, 2, t0);
-        let first = b.cut(t0).unwrap();
-        let buffer = first.inputs.as_ptr();
-        b.recycle(first.inputs);
-        fill(&mut b, 2, t0);
-        let second = b.cut(t0).unwrap();
+    fn windows_of_one_run_share_rows_and_are_laid_out_in_batch_order() {
+        // Windows of 2 rows of 1 feature. Run A: rows 1, 2, 3 (two windows);
+        // run B: rows 10, 11 (one window).
+        let mut inputs = BatchInputs::new(2);
+        let a = inputs.push_run(&[1.0, 2.0, 3.0]);
+        let b = inputs.push_run(&[10.0, 11.0]);
+        inputs.push_window(a);
+        inputs.push_window(b);
+        inputs.push_window(a + 1);
+        assert_eq!(inputs.len(), 3);
+        let mut scratch = Vec::new();
         assert_eq!(
-            second.inputs.as_ptr(),
-            buffer,
-            "no new allocation, no copy at the cut"
+            inputs.windows(&mut scratch),
+            &[1.0, 2.0, 10.0, 11.0, 2.0, 3.0]
         );
-        assert_eq!(second.inputs, vec![0.0, -0.0, 1.0, -1.0]);
+    }
+
+    #[test]
+    fn windows_with_rows_of_their_own_are_passed_without_a_copy() {
+        let mut inputs = BatchInputs::new(2);
+        let a = inputs.push_run(&[1.0, 2.0]);
+        let b = inputs.push_run(&[3.0, 4.0]);
+        inputs.push_window(a);
+        inputs.push_window(b);
+        let mut scratch = Vec::new();
+        let windows = inputs.windows(&mut scratch);
+        assert_eq!(windows.as_ptr(), inputs.rows.as_ptr());
+        assert_eq!(windows, &[1.0, 2.0, 3.0, 4.0]);
     }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::{
-    batch::Batcher,
+    batch::{BatchInputs, Batcher},
     config::ChannelConfig,
     detect::{ChannelDetector, DetectSettings, DetectorState, EventChange, EventSpan},
     repository::ModelSpec,
@@ -22,6 +22,8 @@ use crate::{
 pub struct Entry {
     pub channel: u32,
     pub seq: u64,
+    /// The number of the window's newest row in its channel's [`Window`].
+    pub row: u64,
     pub ts: DateTime<Utc>,
     /// The sample's target value in the input's units.
     pub value: f32,
@@ -58,8 +60,8 @@ pub struct ModelBatch {
     /// Set once a version was loaded at run time; otherwise the pool's
     /// backend runs model `model`.
     pub runner: Option<Runner>,
-    /// `[entries.len(), window, features]`, row-major.
-    pub inputs: Vec<f32>,
+    /// The windows, one per entry, in the entries' order.
+    pub inputs: BatchInputs,
     pub entries: Vec<Entry>,
     pub oldest_enqueued: Instant,
 }
@@ -226,6 +228,12 @@ struct ChannelState {
     refill_to: Option<u64>,
     /// Restores so far; entries queued before the latest are stale.
     epoch: u32,
+    /// Windows of this epoch queued and not yet cut: while there are none,
+    /// `window` keeps only the rows the next window needs.
+    queued: u32,
+    /// While a batch is cut: the index of this channel's run (valid when the
+    /// run there is this channel's).
+    run: usize,
 }
 
 impl ChannelState {
@@ -238,6 +246,7 @@ impl ChannelState {
         checkpoint: Option<Checkpoint>,
     ) {
         self.window.clear();
+        self.queued = 0;
         self.offsets.clear();
         self.last_seq = None;
         self.epoch = self.epoch.wrapping_add(1);
@@ -262,6 +271,19 @@ struct ModelState {
     in_flight: bool,
 }
 
+/// The rows of one channel's windows in a batch being cut.
+struct Run {
+    channel: u32,
+    /// Newest rows of the run's first and last windows.
+    first: u64,
+    last: u64,
+    /// Where the run's rows start in the batch's inputs (in floats).
+    offset: usize,
+}
+
+/// Batch inputs kept for reuse: the batches in flight and slack.
+const SPARE_INPUTS: usize = 32;
+
 pub struct Engine {
     channels: Vec<ChannelState>,
     models: Vec<ModelState>,
@@ -272,6 +294,10 @@ pub struct Engine {
     counters: Counters,
     /// Reused for denormalising one forecast.
     scratch: Vec<f32>,
+    /// Inputs of completed batches, reused so that cutting a batch does not
+    /// allocate; and the runs of the batch being cut.
+    spare_inputs: Vec<BatchInputs>,
+    runs: Vec<Run>,
     detect: DetectSettings,
     /// Per partition: the committed offset at its last restore (see [`Restore`]).
     replay_below: Vec<Option<i64>>,
@@ -287,7 +313,7 @@ impl Engine {
         let model_states: Vec<ModelState> = models
             .iter()
             .map(|spec| ModelState {
-                batcher: Batcher::new(spec.batching.clone(), spec.window * spec.features),
+                batcher: Batcher::new(spec.batching.clone()),
                 name: Arc::from(spec.name.as_str()),
                 spec: spec.clone(),
                 runner: None,
@@ -318,6 +344,8 @@ impl Engine {
                 detector: ChannelDetector::new(detect, spec.calibration),
                 refill_to: None,
                 epoch: 0,
+                queued: 0,
+                run: 0,
             });
         }
         Ok(Self {
@@ -327,6 +355,8 @@ impl Engine {
             next_model: 0,
             counters: Counters::default(),
             scratch: Vec::new(),
+            spare_inputs: Vec::new(),
+            runs: Vec::new(),
             detect,
             replay_below: Vec::new(),
         })
@@ -424,7 +454,7 @@ impl Engine {
             }
         }
         channel.last_seq = Some(sample.seq);
-        channel.window.push(&sample.values);
+        let row = channel.window.push(&sample.values);
         if let Some(origin) = sample.origin {
             if channel.offsets.len() == self.models[channel.model].spec.window {
                 channel.offsets.pop_front();
@@ -446,11 +476,14 @@ impl Engine {
                     .is_some_and(|committed| o.offset < committed)
             }),
         };
-        if refill {
-            self.counters.refilled += 1;
-            return Admission::Refill;
-        }
-        if !channel.window.is_full() {
+        if refill || !channel.window.is_full() {
+            if channel.queued == 0 {
+                channel.window.release_before(u64::MAX);
+            }
+            if refill {
+                self.counters.refilled += 1;
+                return Admission::Refill;
+            }
             self.counters.warm_up += 1;
             return Admission::WarmUp;
         }
@@ -458,6 +491,7 @@ impl Engine {
         let entry = Entry {
             channel: sample.channel,
             seq: sample.seq,
+            row,
             ts: sample.ts,
             value: sample.values[model.spec.target_feature],
             origin: sample.origin,
@@ -465,7 +499,8 @@ impl Engine {
             epoch: channel.epoch,
             received: sample.received,
         };
-        model.batcher.push(channel.window.as_slice(), entry, now);
+        model.batcher.push(entry, now);
+        channel.queued += 1;
         self.pending += 1;
         Admission::Queued
     }
@@ -487,25 +522,78 @@ impl Engine {
         let n = self.models.len();
         for i in 0..n {
             let index = (self.next_model + i) % n;
-            let model = &mut self.models[index];
-            if model.in_flight {
+            if self.models[index].in_flight {
                 continue;
             }
-            if let Some(batch) = cut(&mut model.batcher) {
-                model.in_flight = true;
+            while let Some(mut batch) = cut(&mut self.models[index].batcher) {
                 self.pending -= batch.entries.len();
+                // Queued before its partition was restored: the record comes
+                // again from Kafka and is scored then.
+                batch
+                    .entries
+                    .retain(|e| e.epoch == self.channels[e.channel as usize].epoch);
+                if batch.entries.is_empty() {
+                    continue;
+                }
+                let inputs = self.gather_windows(index, &batch.entries);
+                let model = &mut self.models[index];
+                model.in_flight = true;
                 self.next_model = (index + 1) % n;
                 return Some(ModelBatch {
                     model: index,
                     spec: model.spec.clone(),
                     runner: model.runner.clone(),
-                    inputs: batch.inputs,
+                    inputs,
                     entries: batch.entries,
                     oldest_enqueued: batch.oldest_enqueued,
                 });
             }
         }
         None
+    }
+
+    /// Copies the windows of `entries` (queued for model `model`, all of the
+    /// current epoch) out of their channels: one run of rows per channel, from
+    /// its first window's oldest row to its last window's newest. Then lets
+    /// the channels drop the rows no queued window needs any more.
+    fn gather_windows(&mut self, model: usize, entries: &[Entry]) -> BatchInputs {
+        let spec = &self.models[model].spec;
+        let (len, features) = (spec.window as u64, spec.features);
+        let mut inputs = self
+            .spare_inputs
+            .pop()
+            .unwrap_or_else(|| BatchInputs::new(spec.window * features));
+        self.runs.clear();
+        for entry in entries {
+            let channel = &mut self.channels[entry.channel as usize];
+            channel.queued -= 1;
+            match self.runs.get_mut(channel.run) {
+                Some(run) if run.channel == entry.channel => run.last = entry.row,
+                _ => {
+                    channel.run = self.runs.len();
+                    self.runs.push(Run {
+                        channel: entry.channel,
+                        first: entry.row,
+                        last: entry.row,
+                        offset: 0,
+                    });
+                }
+            }
+        }
+        for run in &mut self.runs {
+            let channel = &mut self.channels[run.channel as usize];
+            run.offset = inputs.push_run(channel.window.rows(run.first + 1 - len..=run.last));
+            if channel.queued == 0 {
+                channel.window.release_before(u64::MAX);
+            } else {
+                channel.window.release_before(run.last + 2 - len);
+            }
+        }
+        for entry in entries {
+            let run = &self.runs[self.channels[entry.channel as usize].run];
+            inputs.push_window(run.offset + (entry.row - run.first) as usize * features);
+        }
+        inputs
     }
 
     /// The earliest deadline among models that could send a batch.
@@ -562,10 +650,7 @@ impl Engine {
         let model = &mut self.models[index];
         let (old, new) = (&model.spec.normalisation, &spec.normalisation);
         if old != new {
-            model.batcher.map_queued(|i, x| {
-                let f = i % old.center.len();
-                (x * old.scale[f] + old.center[f] - new.center[f]) / new.scale[f]
-            });
+            // Queued windows are rows in their channels' windows.
             for channel in self.channels.iter_mut().filter(|c| c.model == index) {
                 channel.window.renormalise(old, new);
             }
@@ -581,7 +666,11 @@ impl Engine {
     fn complete_batch(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
         let model = &mut self.models[batch.model];
         model.in_flight = false;
-        model.batcher.recycle(batch.inputs);
+        let mut inputs = batch.inputs;
+        if self.spare_inputs.len() < SPARE_INPUTS {
+            inputs.clear();
+            self.spare_inputs.push(inputs);
+        }
         let spec = &batch.spec;
         let horizon = spec.horizon;
         assert_eq!(
@@ -777,7 +866,7 @@ mod tests {
 
         let batch = engine.next_batch(now).expect("preferred size 2 is reached");
         assert_eq!(
-            batch.inputs,
+            batch.inputs.windows(&mut Vec::new()),
             vec![1.0, 1.0, 1.0, 9.0],
             "two windows of two samples"
         );
@@ -873,7 +962,7 @@ mod tests {
         assert_eq!(batch.spec.version, 4);
         assert!(batch.runner.is_some(), "runs on the new version's backend");
         assert_eq!(
-            batch.inputs,
+            batch.inputs.windows(&mut Vec::new()),
             vec![1.0, 1.5],
             "values 3 and 4 re-normalised as (x - 1) / 2"
         );

@@ -1,8 +1,15 @@
-//! A channel's sliding window of normalised samples.
+//! A channel's recent normalised samples: its current window, and the rows of
+//! the windows still queued for inference.
 //!
-//! Each row is stored twice, `len` rows apart, so the current window is always
-//! one contiguous slice: building a batch is a single copy per window, with no
-//! wrap-around split.
+//! Windows are not copied when they are queued. A queued window is just the
+//! number of its newest row; the rows stay here until the batch holding the
+//! window is cut, when they are copied once, compactly (a run of consecutive
+//! windows shares its rows), into the batch. So a sample costs one row of
+//! memory traffic on the engine's thread, not one window: a window is 64
+//! times a row, and writing windows into a long queue was most of the
+//! pipeline's own work (BENCHMARKS.md, "What limits these figures").
+
+use std::ops::RangeInclusive;
 
 use crate::repository::Normalisation;
 
@@ -10,11 +17,14 @@ use crate::repository::Normalisation;
 pub struct Window {
     len: usize,
     features: usize,
-    /// `2 * len` rows of `features` normalised values.
+    /// Live rows (`features` values each) from row number `first`, after a
+    /// dead prefix of `dead` rows that the next compaction drops.
     rows: Vec<f32>,
-    /// Row slot the next sample is written to (0..len).
-    next: usize,
-    /// Samples pushed, saturating at `len`.
+    dead: usize,
+    /// Row number of the first live row. Row numbers count every row pushed
+    /// and never restart, so a stale reference can never alias a new row.
+    first: u64,
+    /// Rows pushed since the last clear, saturating at `len`.
     filled: usize,
     center: Vec<f32>,
     /// 1 / scale, so normalising is a multiply.
@@ -31,31 +41,82 @@ impl Window {
         Self {
             len,
             features,
-            rows: vec![0.0; 2 * len * features],
-            next: 0,
+            rows: Vec::with_capacity(2 * len * features),
+            dead: 0,
+            first: 0,
             filled: 0,
             center: normalisation.center.clone(),
             inv_scale: normalisation.scale.iter().map(|s| 1.0 / s).collect(),
         }
     }
 
-    /// Normalises `values` and appends them as the newest row.
-    pub fn push(&mut self, values: &[f32]) {
+    /// Normalises `values` and appends them as the newest row; returns its
+    /// row number.
+    pub fn push(&mut self, values: &[f32]) -> u64 {
         debug_assert_eq!(values.len(), self.features, "the decoder checked the arity");
-        let f = self.features;
-        let lower = self.next * f;
-        let upper = (self.next + self.len) * f;
-        for i in 0..f {
-            let x = (values[i] - self.center[i]) * self.inv_scale[i];
-            self.rows[lower + i] = x;
-            self.rows[upper + i] = x;
-        }
-        self.next = (self.next + 1) % self.len;
+        self.compact();
+        self.rows.extend(
+            values
+                .iter()
+                .zip(&self.center)
+                .zip(&self.inv_scale)
+                .map(|((x, c), s)| (x - c) * s),
+        );
         self.filled = (self.filled + 1).min(self.len);
+        self.newest()
     }
 
-    /// Re-expresses the stored rows under `new` normalisation parameters
-    /// (they were normalised with `old`), and normalises later rows with `new`.
+    /// Number of the newest row (meaningless before the first push).
+    fn newest(&self) -> u64 {
+        self.first + self.live_rows() as u64 - 1
+    }
+
+    fn live_rows(&self) -> usize {
+        self.rows.len() / self.features - self.dead
+    }
+
+    /// Rows before `row` are needed by no queued window. The rows of the
+    /// windows to come (the newest `len - 1`) are always kept.
+    pub fn release_before(&mut self, row: u64) {
+        if self.live_rows() == 0 {
+            return;
+        }
+        let keep_from = row.min((self.newest() + 2).saturating_sub(self.len as u64));
+        if keep_from > self.first {
+            let drop = (keep_from - self.first).min(self.live_rows() as u64) as usize;
+            self.dead += drop;
+            self.first += drop as u64;
+        }
+    }
+
+    /// Drops the dead prefix when the buffer is full, rather than growing it:
+    /// the buffer holds two windows to begin with, so with nothing queued
+    /// this moves a window's worth of live rows every window's worth of
+    /// pushes, about one row per push.
+    fn compact(&mut self) {
+        if self.dead > 0 && self.rows.len() + self.features > self.rows.capacity() {
+            self.rows.drain(..self.dead * self.features);
+            self.dead = 0;
+        }
+    }
+
+    /// The values of rows `rows` (all live), oldest first.
+    pub fn rows(&self, rows: RangeInclusive<u64>) -> &[f32] {
+        let (from, to) = (*rows.start(), *rows.end());
+        assert!(
+            from >= self.first && to <= self.newest() && from <= to,
+            "rows {from}..={to} are outside the live rows {}..={}",
+            self.first,
+            self.newest()
+        );
+        let start = (self.dead + (from - self.first) as usize) * self.features;
+        let end = start + (to - from + 1) as usize * self.features;
+        &self.rows[start..end]
+    }
+
+    /// Re-expresses the stored rows (queued windows' included) under `new`
+    /// normalisation parameters (they were normalised with `old`), and
+    /// normalises later rows with `new`.
     pub fn renormalise(&mut self, old: &Normalisation, new: &Normalisation) {
         let f = self.features;
         for (i, x) in self.rows.iter_mut().enumerate() {
@@ -66,20 +127,19 @@ impl Window {
         self.inv_scale = new.scale.iter().map(|s| 1.0 / s).collect();
     }
 
-    /// Forgets every sample (a restored channel refills from Kafka).
+    /// Forgets every sample (a restored channel refills from Kafka); row
+    /// numbers go on from where they were.
     pub fn clear(&mut self) {
-        self.next = 0;
+        if !self.rows.is_empty() {
+            self.first = self.newest() + 1;
+        }
+        self.rows.clear();
+        self.dead = 0;
         self.filled = 0;
     }
 
     pub fn is_full(&self) -> bool {
         self.filled == self.len
-    }
-
-    /// The last `len` rows, oldest first, `len * features` values.
-    pub fn as_slice(&self) -> &[f32] {
-        let start = self.next * self.features;
-        &self.rows[start..start + self.len * self.features]
     }
 
     /// Bytes of memory this window holds, for per-channel accounting.
@@ -101,27 +161,75 @@ mod tests {
     }
 
     #[test]
-    fn fills_then_slides_oldest_first() {
+    fn rows_are_normalised_and_numbered_in_order() {
         let mut w = Window::new(3, &norm(2));
-        w.push(&[1.0, 3.0]);
-        w.push(&[5.0, 7.0]);
+        assert_eq!(w.push(&[1.0, 3.0]), 0);
+        assert_eq!(w.push(&[5.0, 7.0]), 1);
         assert!(!w.is_full());
-        w.push(&[9.0, 11.0]);
+        assert_eq!(w.push(&[9.0, 11.0]), 2);
         assert!(w.is_full());
-        assert_eq!(w.as_slice(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-        w.push(&[13.0, 15.0]);
-        assert_eq!(w.as_slice(), &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
-        for x in [17.0, 21.0, 25.0] {
-            w.push(&[x, x]);
-        }
-        assert_eq!(w.as_slice(), &[8.0, 8.0, 10.0, 10.0, 12.0, 12.0]);
+        assert_eq!(w.rows(0..=2), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(w.rows(1..=1), &[2.0, 3.0]);
     }
 
     #[test]
-    fn window_of_one_is_the_newest_row() {
-        let mut w = Window::new(1, &norm(1));
+    fn queued_rows_stay_until_released_then_only_the_next_window_is_kept() {
+        let mut w = Window::new(3, &norm(1));
+        for x in 0..10 {
+            w.push(&[1.0 + 2.0 * x as f32]);
+        }
+        // Nothing released yet: a window queued at row 2 can still be read.
+        assert_eq!(w.rows(0..=2), &[0.0, 1.0, 2.0]);
+        w.release_before(5);
+        assert_eq!(w.rows(5..=9), &[5.0, 6.0, 7.0, 8.0, 9.0]);
+        // Releasing everything keeps the 2 rows the next window needs, and
+        // the dead prefix is dropped by later pushes without losing them.
+        w.release_before(u64::MAX);
+        let capacity = w.rows.capacity();
+        for x in 10..40 {
+            w.push(&[1.0 + 2.0 * x as f32]);
+            w.release_before(u64::MAX);
+        }
+        assert_eq!(w.rows(38..=39), &[38.0, 39.0]);
+        assert_eq!(w.rows.capacity(), capacity, "compaction, not growth");
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the live rows")]
+    fn released_rows_cannot_be_read() {
+        let mut w = Window::new(2, &norm(1));
+        for x in 0..6 {
+            w.push(&[x as f32]);
+        }
+        w.release_before(4);
+        let _ = w.rows(3..=4);
+    }
+
+    #[test]
+    fn clear_restarts_the_fill_but_not_the_numbering() {
+        let mut w = Window::new(2, &norm(1));
+        w.push(&[1.0]);
+        w.push(&[3.0]);
+        w.clear();
+        assert!(!w.is_full());
+        assert_eq!(w.push(&[5.0]), 2);
+        assert_eq!(w.push(&[7.0]), 3);
+        assert!(w.is_full());
+        assert_eq!(w.rows(2..=3), &[2.0, 3.0]);
+    }
+
+    #[test]
+    fn renormalise_rewrites_queued_rows() {
+        let mut w = Window::new(2, &norm(1));
         w.push(&[3.0]);
         w.push(&[5.0]);
-        assert_eq!(w.as_slice(), &[2.0]);
+        let new = Normalisation {
+            center: vec![0.0],
+            scale: vec![1.0],
+        };
+        w.renormalise(&norm(1), &new);
+        assert_eq!(w.rows(0..=1), &[3.0, 5.0]);
+        w.push(&[7.0]);
+        assert_eq!(w.rows(2..=2), &[7.0]);
     }
 }

@@ -94,15 +94,16 @@ impl BackendPool {
                 thread::Builder::new()
                     .name(format!("satwatch-infer-{i}"))
                     .spawn(move || {
+                        // The batch's windows are laid out here, just before
+                        // the call reads them, so they are still in cache.
+                        let mut windows = Vec::new();
                         for (batch, dispatched) in queue {
+                            let inputs = batch.inputs.windows(&mut windows);
+                            let rows = batch.entries.len();
                             let started = Instant::now();
                             let result = match &batch.runner {
-                                Some(r) => {
-                                    r.backend.infer(r.index, &batch.inputs, batch.entries.len())
-                                }
-                                None => {
-                                    backend.infer(batch.model, &batch.inputs, batch.entries.len())
-                                }
+                                Some(r) => r.backend.infer(r.index, inputs, rows),
+                                None => backend.infer(batch.model, inputs, rows),
                             };
                             let compute_time = started.elapsed();
                             let queue_time =
