@@ -544,14 +544,11 @@ def core_section(core):
         "**Inference ceiling**: the very batches the batcher formed (same models, same sizes, same number of backend threads) "
         "called back to back on ONNX Runtime, i.e. the rate if the pipeline's own work cost nothing; and the opposite, "
         "the pipeline with models that cost nothing (a backend that returns at once). The ceiling's calls all read one "
-        "cache-hot input buffer; the same calls reading their inputs from memory (each from a different place in a pool "
-        "as large as the windows the pipeline may queue, `max_pending_windows`) give the second ceiling.", "",
-        table(["channels", "pipeline windows/s", "ceiling windows/s", "pipeline / ceiling", "ceiling, inputs from memory", "pipeline / that",
+        "cache-hot input buffer.", "",
+        table(["channels", "pipeline windows/s", "ceiling windows/s", "pipeline / ceiling",
                "free-model samples/s", "µs per window: measured / inference alone / pipeline alone"],
               [[f(r["channels"]), f(r["windows_per_s"]), f(r.get("ceiling_windows_per_s")),
                 f(100 * r["ratio_to_ceiling"], 1, " %") if r.get("ratio_to_ceiling") is not None else "n/a",
-                f(r.get("cold_ceiling_windows_per_s")),
-                f(100 * r["windows_per_s"] / r["cold_ceiling_windows_per_s"], 1, " %") if r.get("cold_ceiling_windows_per_s") else "n/a",
                 f(r.get("free_model_samples_per_s")),
                 " / ".join([f(1e6 / r["windows_per_s"], 2),
                             f(1e6 / r["ceiling_windows_per_s"], 2) if r.get("ceiling_windows_per_s") else "n/a",
@@ -595,12 +592,10 @@ def core_section(core):
         p_us, c_us = r["pipeline_inference_us_per_window"], r["ceiling_inference_us_per_window"]
         notes.append(f"The calls themselves are slower inside the pipeline: at {r['channels']:,} channels a backend thread spends "
                      f"{p_us:.2f} µs per window inside ONNX Runtime there, against {c_us:.2f} µs when the same calls run back to back "
-                     f"({p_us / c_us:.1f}×). The engine's own thread shares the two cores with the backend threads (time a call spends "
-                     "preempted counts as inside it), and each window is read from memory another core has just written, where the "
-                     "ceiling reads one cache-hot buffer."
-                     + (f" Read from memory, the bare calls run at {r['cold_ceiling_windows_per_s']:,.0f} windows/s against "
-                        f"{r['ceiling_windows_per_s']:,.0f} from cache: the rest of the gap is the engine's work competing for the cores."
-                        if r.get("cold_ceiling_windows_per_s") and r.get("ceiling_windows_per_s") else ""))
+                     f"({p_us / c_us:.1f}×): the engine's own thread shares the two cores with the backend threads, and time a call "
+                     "spends preempted counts as inside it. Outside the calls, each backend thread lays out its batch's windows "
+                     "(6.4 KB each) from the rows the batch carries, just before the call reads them; the engine's thread queues "
+                     "only row numbers and copies each channel's run of rows once per batch (100 bytes per sample).")
     bsz = [(r["channels"], r.get("mean_batch_size")) for r in runs if r.get("mean_batch_size")]
     if bsz:
         notes.append("Mean batch size " + ", ".join(f"{b:.1f} at {c:,} channels" for c, b in bsz)

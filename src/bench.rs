@@ -86,11 +86,6 @@ pub struct BenchRun {
     /// among the pipeline's own work.
     pub pipeline_inference_us_per_window: f64,
     pub ceiling_inference_us_per_window: f64,
-    /// The ceiling again, each call reading its inputs from a different
-    /// place in a pool as large as the windows the pipeline may queue
-    /// (`max_pending_windows`), as the pipeline's calls read freshly
-    /// written batches from memory rather than one cache-hot buffer.
-    pub cold_ceiling_windows_per_s: f64,
     /// Samples/s with a backend that costs nothing: the pipeline's own limit.
     pub free_model_samples_per_s: f64,
     /// Process CPU seconds during the streamed run.
@@ -163,14 +158,7 @@ pub async fn measure(
     let threads = pipeline.file.engine.backend_threads;
     let calls = std::mem::take(&mut *recorder.calls.lock().expect("recording never panics"));
     let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
-    let ceiling = replay_calls(backend.clone(), specs, &calls, threads, 0)?;
-    let pool_floats = pipeline.file.engine.max_pending_windows
-        * specs
-            .iter()
-            .map(|s| s.window * s.features)
-            .max()
-            .unwrap_or(0);
-    let cold_ceiling = replay_calls(backend, specs, &calls, threads, pool_floats)?;
+    let ceiling = replay_calls(backend, specs, &calls, threads)?;
 
     let free: Arc<dyn Backend> = Arc::new(FreeBackend {
         horizons: specs.iter().map(|s| s.horizon).collect(),
@@ -200,7 +188,6 @@ pub async fn measure(
         pipeline_inference_us_per_window: inside.as_secs_f64() * 1e6 / windows as f64,
         ceiling_inference_us_per_window: ceiling.as_secs_f64() * threads as f64 * 1e6
             / windows as f64,
-        cold_ceiling_windows_per_s: windows as f64 / cold_ceiling.as_secs_f64(),
         free_model_samples_per_s: samples as f64 / free_elapsed.as_secs_f64(),
         cpu_s: (cpu_after - cpu_before).as_secs_f64(),
         peak_rss_bytes: peak_rss,
@@ -214,31 +201,18 @@ fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<
     Ok(engine.channel_state_bytes())
 }
 
-/// Calls the backend with exactly `calls` (model, rows) on `threads` threads.
-/// With `pool_floats` = 0 every call reads one (cache-hot) buffer; otherwise
-/// the calls walk through a pool of at least that many floats, each reading
-/// the inputs after the previous call's.
+/// Calls the backend with exactly `calls` (model, rows) on `threads` threads,
+/// every call reading one (cache-hot) buffer.
 fn replay_calls(
     backend: Arc<dyn Backend>,
     specs: &[Arc<ModelSpec>],
     calls: &[(usize, usize)],
     threads: usize,
-    pool_floats: usize,
 ) -> Result<Duration, String> {
     let floats = |&(m, rows): &(usize, usize)| rows * specs[m].window * specs[m].features;
     let largest = calls.iter().map(floats).max().unwrap_or(0);
-    // Where each call's inputs start in the pool.
-    let mut starts = Vec::with_capacity(calls.len());
-    let mut at = 0;
-    for call in calls {
-        if at + floats(call) > pool_floats.max(largest) {
-            at = 0;
-        }
-        starts.push(at);
-        at += if pool_floats == 0 { 0 } else { floats(call) };
-    }
     // Values do not change an MLP's cost; a plausible constant keeps it honest.
-    let inputs = vec![0.1f32; pool_floats.max(largest)];
+    let inputs = vec![0.1f32; largest];
     let next = AtomicUsize::new(0);
     let failure = Mutex::new(None);
     let started = Instant::now();
@@ -249,8 +223,7 @@ fn replay_calls(
                 let Some(&(model, rows)) = calls.get(i) else {
                     break;
                 };
-                let (start, len) = (starts[i], floats(&(model, rows)));
-                if let Err(err) = backend.infer(model, &inputs[start..start + len], rows) {
+                if let Err(err) = backend.infer(model, &inputs[..floats(&(model, rows))], rows) {
                     *failure.lock().expect("no panics here") = Some(err.to_string());
                     break;
                 }
