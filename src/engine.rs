@@ -977,6 +977,63 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_windows_travels_as_its_rows_and_is_laid_out_window_by_window() {
+        let mut spec = (*spec()).clone();
+        spec.batching.preferred_batch_sizes = vec![4];
+        let channel = ChannelConfig {
+            id: "X-1".into(),
+            subsystem: "xs".into(),
+            topic: "telemetry.xs".into(),
+            model: "m".into(),
+        };
+        let mut engine =
+            Engine::new(&[channel], &[Arc::new(spec)], DetectSettings::default()).unwrap();
+        let now = Instant::now();
+        for seq in 0..5 {
+            engine.admit(&sample(seq, seq as f32), now);
+        }
+        let batch = engine.next_batch(now).expect("preferred size 4");
+        assert_eq!(
+            batch.inputs.rows,
+            vec![0.0, 1.0, 2.0, 3.0, 4.0],
+            "four windows of two rows share five rows"
+        );
+        assert_eq!(
+            batch.inputs.windows(&mut Vec::new()),
+            &[0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0]
+        );
+        assert_eq!(
+            engine.channels[0].window.rows(4..=4),
+            &[4.0],
+            "the next window's row is kept"
+        );
+    }
+
+    #[test]
+    fn windows_queued_before_a_restore_are_dropped_when_the_batch_is_cut() {
+        let mut engine = engine();
+        let now = Instant::now();
+        engine.admit(&sample(0, 1.0), now);
+        assert_eq!(engine.admit(&sample(1, 2.0), now), Admission::Queued);
+        engine.restore(Restore {
+            partition: 0,
+            committed: None,
+            checkpoints: Vec::new(),
+        });
+        // The partition's records come again; the window refills.
+        assert_eq!(engine.admit(&sample(0, 5.0), now), Admission::WarmUp);
+        assert_eq!(engine.admit(&sample(1, 7.0), now), Admission::Queued);
+        let batch = engine.next_batch(now).expect("deadline passed");
+        assert_eq!(
+            batch.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1],
+            "only the window queued after the restore"
+        );
+        assert_eq!(batch.inputs.windows(&mut Vec::new()), &[5.0, 7.0]);
+        assert_eq!(engine.pending(), 0);
+    }
+
+    #[test]
     fn a_swap_that_changes_shapes_is_refused() {
         let mut engine = engine();
         let mut wider = (*spec()).clone();
