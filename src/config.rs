@@ -180,7 +180,8 @@ pub struct EngineSettings {
     /// Threads running inference calls.
     #[serde(default = "default_backend_threads")]
     pub backend_threads: usize,
-    /// Windows waiting in batchers before the consumer is paused.
+    /// Windows waiting in batchers before the consumer is paused. A queued
+    /// window holds about 200 bytes (its row and its entry), not a copy.
     #[serde(default = "default_max_pending_windows")]
     pub max_pending_windows: usize,
     /// After SIGINT/SIGTERM, the longest the drain may take before satwatch
@@ -295,7 +296,7 @@ fn default_backend_threads() -> usize {
         .unwrap_or(1)
 }
 fn default_max_pending_windows() -> usize {
-    8192
+    32768
 }
 fn default_shutdown_timeout_ms() -> u64 {
     30_000

@@ -30,11 +30,11 @@ const OUTAGE: Duration = Duration::from_secs(30);
 /// While the sink waits on PostgreSQL, what satwatch holds is bounded by
 /// librdkafka's prefetch (`queued.max.messages.kbytes`, 64 MiB by default)
 /// plus its own queues (4,096 samples in the sample channel, at most
-/// `max_pending_windows` = 8,192 windows in the batchers, 64 output batches),
-/// which measured about 20 MiB with the prefetch cut to 1 MiB; 96 MiB leaves
-/// some allocator slack over that sum. The outage replay produces 174,200
-/// records (about 97 MB of JSON); a satwatch that kept taking them in would
-/// also hold a 6.4 KB window copy for each, over 1 GB. Measured on the
+/// `max_pending_windows` = 32,768 windows in the batchers at about 200 bytes
+/// each, 64 output batches), which measured about 20 MiB with the prefetch
+/// cut to 1 MiB; 96 MiB leaves some allocator slack over that sum. The outage
+/// replay produces 174,200 records (about 97 MB of JSON), which a satwatch
+/// that kept taking them in would hold as well. Measured on the
 /// 2-core machine: +51 to +67 MiB. What this catches is satwatch taking
 /// records in; librdkafka's prefetch alone stays under it even unlimited
 /// (+91 MiB for this volume), and is bounded by its setting. That satwatch

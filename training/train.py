@@ -244,7 +244,7 @@ def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
         "  }\n"
         "]\n"
         "dynamic_batching {\n"
-        "  preferred_batch_size: [ 64, 256 ]\n"
+        "  preferred_batch_size: [ 64, 512 ]\n"
         "  max_queue_delay_microseconds: 2000\n"
         "}\n"
         + param("window", args.window)
