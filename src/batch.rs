@@ -133,14 +133,6 @@ impl BatchInputs {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.starts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.starts.is_empty()
-    }
-
     /// Empties it for reuse, keeping its buffers.
     pub fn clear(&mut self) {
         self.rows.clear();
@@ -270,7 +262,7 @@ mod tests {
         inputs.push_window(a);
         inputs.push_window(b);
         inputs.push_window(a + 1);
-        assert_eq!(inputs.len(), 3);
+        assert_eq!(inputs.starts.len(), 3);
         let mut scratch = Vec::new();
         assert_eq!(
             inputs.windows(&mut scratch),

@@ -90,12 +90,7 @@ def grouped_model(weights):
         helper.make_node("Squeeze", ["last4", "squeeze_axes"], ["last"]),
         helper.make_node("Add", ["last", "delta"], ["forecast"]),
     ]
-    graph = helper.make_graph(
-        nodes, "smap_grouped",
-        [helper.make_tensor_value_info("windows", TensorProto.FLOAT, [c, "batch", W, F])],
-        [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, [c, "batch", H])],
-        inits)
-    return finish(graph)
+    return finish(nodes, "smap_grouped", inits, c)
 
 
 def split_model(models):
@@ -125,15 +120,16 @@ def split_model(models):
             nodes.append(n2)
         nodes.append(helper.make_node("Unsqueeze", [ren("forecast"), f"c{i}/axis0"], [f"f{i}"]))
     nodes.append(helper.make_node("Concat", [f"f{i}" for i in range(c)], ["forecast"], axis=0))
+    return finish(nodes, "smap_grouped_split", inits, c)
+
+
+def finish(nodes, name, inits, c):
+    """The checked model of a grouped graph: `windows` [C, B, W, F] in, `forecast` [C, B, H] out."""
     graph = helper.make_graph(
-        nodes, "smap_grouped_split",
+        nodes, name,
         [helper.make_tensor_value_info("windows", TensorProto.FLOAT, [c, "batch", W, F])],
         [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, [c, "batch", H])],
         inits)
-    return finish(graph)
-
-
-def finish(graph):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="grouped_study")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)

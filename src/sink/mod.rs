@@ -163,8 +163,8 @@ async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, healt
     }
 }
 
-/// Publishes one batch's records again, retrying until the broker has
-/// acknowledged them all.
+/// Publishes one batch's records, retrying (the whole batch) until the
+/// broker has acknowledged them all.
 async fn publish_records(publisher: &Publisher, batch: &Outputs, metrics: &Metrics) {
     let mut delay = FIRST_RETRY_DELAY;
     while let Err(err) = publisher.publish(batch).await {
