@@ -502,7 +502,20 @@ def cmd_latency(results, rate, out):
     fig = metric_figures(p("metrics.txt"))
     replay = parse_replay(p("replay.log"))
     exact = meta.get("exact")
-    dump({"rate": int(rate), "meta": meta, "replay": replay, "metrics": fig, "exact": exact}, out)
+    round_trip = load(os.path.join(results, f"round-trip-{rate}.json"))
+    dump({"rate": int(rate), "meta": meta, "replay": replay, "metrics": fig, "exact": exact,
+          "round_trip": round_trip}, out)
+
+def cmd_div(a, b):
+    print(f"{float(a) / float(b):.3f}")
+
+def cmd_round_trip(path):
+    """One log line from `satwatch bench --round-trip --json`."""
+    rt = load(path)
+    c, a = rt["consume"], rt["acknowledge"]
+    print(f"   broker alone (no pipeline), {rt['published']:,} records at {rt['achieved_per_s']:,.0f}/s over "
+          f"{rt['partitions']} partitions: publish -> consumed p50 {c['p50_ms']:.1f} / p99 {c['p99_ms']:.1f} ms, "
+          f"publish -> acknowledged p50 {a['p50_ms']:.1f} / p99 {a['p99_ms']:.1f} ms", flush=True)
 
 # ---------------------------------------------------------------- report
 
@@ -700,6 +713,11 @@ def e2e_section(e, settings):
     out += ["**What limits this figure.** " + " ".join(notes), ""]
     return out
 
+def rt_ms(lat, key):
+    """Publish-to-consume quantile of the broker-alone run at this rate (seconds), if there was one."""
+    rt = lat.get("round_trip")
+    return rt["consume"][key] / 1e3 if rt else None
+
 def latency_section(lats, settings):
     out = ["## 3. Latency at fixed offered loads", ""]
     if lats is None:
@@ -733,14 +751,19 @@ def latency_section(lats, settings):
                      ms(lat["p50_s"]), ms(lat["p99_s"]), ms(lat["p999_s"]),
                      ms(own.get("p50_s")), ms(own.get("p99_s")),
                      ms(ex.get("p50")), ms(ex.get("p99")), ms(ex.get("p999")), ms(ex.get("max")),
-                     f(m.get("mean_batch_size"), 1), f(m.get("mean_queue_ms_per_batch"), 2), f(m.get("mean_pg_write_ms"), 1)])
+                     f(m.get("mean_batch_size"), 1), f(m.get("mean_queue_ms_per_batch"), 2), f(m.get("mean_pg_write_ms"), 1),
+                     ms(rt_ms(l, "p50_ms")), ms(rt_ms(l, "p99_ms"))])
     out += [table(["offered samples/s", "samples", "achieved samples/s", "scored", "scored during the replay", "p50 ms", "p99 ms", "p99.9 ms",
-                   "own p50 ms", "own p99 ms", "commit p50 ms", "commit p99 ms", "commit p99.9 ms", "commit max ms", "mean batch", "batcher wait ms", "PG write ms"], rows), ""]
+                   "own p50 ms", "own p99 ms", "commit p50 ms", "commit p99 ms", "commit p99.9 ms", "commit max ms", "mean batch", "batcher wait ms", "PG write ms",
+                   "broker alone p50 ms", "broker alone p99 ms"], rows), ""]
     out += ["(p50/p99/p99.9: the histogram; own: satwatch's own share, `satwatch_processing_latency_seconds`, from the moment "
             "satwatch takes the record from Kafka to its score row being committed, i.e. the commit latency less the producer, the "
             "broker and the consumer fetch; commit …: exact, to the PostgreSQL commit; batcher wait: mean time the oldest window "
             "of a batch waited for dispatch; PG write: mean write transaction; scored during the replay: the share of score rows "
-            "committed before the replay exited, near 100 % when records flow as they are offered.)", ""]
+            "committed before the replay exited, near 100 % when records flow as they are offered; broker alone: "
+            "`satwatch bench --round-trip` on services of its own just before, publish to consume with no pipeline in between: "
+            "records at the same rate, keyed and spread over the same partitions as the replay's, consumed with the consumer "
+            "settings `satwatch run` uses.)", ""]
     if held_back:
         out += ["> **Warning: these latencies are not satwatch's.** At " + ", ".join(f"{r:,}/s only {100*s_:.0f} %" for r, s_ in held_back)
                 + " of the samples were scored before the replay finished, while satwatch scored every sample it was given within "
@@ -758,7 +781,11 @@ def latency_section(lats, settings):
                     + (f". satwatch's own share, from taking the record from Kafka to the commit: p99 {at1k['metrics']['processing']['p99_s']*1e3:,.1f} ms, "
                        f"{'within' if at1k['metrics']['processing']['p99_s'] < target else 'over'} the target on its own"
                        if (at1k['metrics'].get('processing') or {}).get('p99_s') is not None else "")
-                    + (" — but see the warning above: the load generator, not satwatch, set this figure." if any(r == 1000 for r, _ in held_back) else "."), ""]
+                    + (" — but see the warning above: the load generator, not satwatch, set this figure." if any(r == 1000 for r, _ in held_back) else ".")
+                    + (f" The broker alone, with no pipeline (`satwatch bench --round-trip` at 1,000 records/s): publish to consume "
+                       f"p50 {rt_ms(at1k, 'p50_ms')*1e3:,.1f} / p99 {rt_ms(at1k, 'p99_ms')*1e3:,.1f} ms, "
+                       f"{'already over' if rt_ms(at1k, 'p99_ms') >= target else 'within'} the target before satwatch does anything."
+                       if rt_ms(at1k, "p99_ms") is not None else ""), ""]
         else:
             out += [f"**Target**: p99 at 1,000 samples/s below {target*1e3:g} ms: not measured in this run.", ""]
     # What limits it: the configured waits a sample meets on its way.
@@ -913,7 +940,7 @@ def cmd_machine(out, *kv):
 COMMANDS = {
     "expected": cmd_expected, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
     "core": cmd_core, "e2e": cmd_e2e, "latency": cmd_latency, "render": cmd_render,
-    "print": cmd_print, "machine": cmd_machine,
+    "print": cmd_print, "machine": cmd_machine, "div": cmd_div, "round_trip": cmd_round_trip,
 }
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     fail("usage: SUBCOMMAND ARGS (" + ", ".join(COMMANDS) + ")")
@@ -1316,6 +1343,17 @@ if [[ $SKIP_E2E != 1 ]]; then
     for rate in "${rate_list[@]}"; do
         section="3. latency at $rate samples/s"
         log "== $section"
+        # The broker alone first, on services of its own: records published at
+        # the same rate, keyed and spread like the replay, consumed with
+        # satwatch's consumer settings, no pipeline in between.
+        fresh_services
+        want=$((rate * LAT_SECONDS < LAT_SAMPLES ? rate * LAT_SECONDS : LAT_SAMPLES))
+        rt_seconds=$(py div "$want" "$rate")
+        record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
+        "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
+            >"$RESULTS/round-trip-$rate.json" 2>"$RESULTS/round-trip-$rate.log" ||
+            die "satwatch bench --round-trip failed (log: $RESULTS/round-trip-$rate.log)"
+        py round_trip "$RESULTS/round-trip-$rate.json"
         fresh_services 1
         start_satwatch "lat-$rate"
         # Warm-up: the rows that only fill the windows, at full speed, consumed
@@ -1326,7 +1364,6 @@ if [[ $SKIP_E2E != 1 ]]; then
         wait_metric consumed "$warm"
         # Rows per channel: LAT_SAMPLES samples or LAT_SECONDS seconds, whichever is shorter.
         read -r channels < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 1 | cut -d' ' -f3)
-        want=$((rate * LAT_SECONDS < LAT_SAMPLES ? rate * LAT_SECONDS : LAT_SAMPLES))
         limit=$(((want + channels - 1) / channels))
         read -r expected samples _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 64 "$limit")
         start_replay "lat-$rate" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --rate "$rate" --start 64 --limit "$limit"

@@ -39,6 +39,8 @@ pub mod processor;
 pub mod replay;
 pub mod repository;
 #[cfg(feature = "kafka")]
+pub mod round_trip;
+#[cfg(feature = "kafka")]
 pub mod run;
 #[cfg(feature = "kafka")]
 pub mod sink;

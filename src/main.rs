@@ -113,13 +113,15 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
     /// directly); and scaling with replicated channels. End-to-end figures over
     /// the broker and PostgreSQL come from scripts/bench.sh. With
     /// --batch-sizes, instead a backend micro-benchmark: one model called
-    /// directly at each batch size (throughput and latency).
+    /// directly at each batch size (throughput and latency). With
+    /// --round-trip, instead the broker's own latency, with no pipeline.
     Bench {
         /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
         #[arg(long)]
         pipeline: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
+        /// Directory holding <split>/<channel>.npy (e.g. data/smap).
+        #[arg(long, required_unless_present = "round_trip")]
+        data: Option<PathBuf>,
         #[arg(long, default_value = "test", value_parser = ["test", "train"])]
         split: String,
         /// Replica counts to run: each channel repeated under new ids, sharing models.
@@ -146,6 +148,21 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// Micro-benchmark: measure each batch size for at least this long.
         #[arg(long, default_value_t = 1000)]
         min_time_ms: u64,
+        /// Instead of the pipeline runs, the broker's own latency: publish
+        /// timestamped records at --rate for --seconds, keyed and spread like
+        /// `satwatch replay` (to <telemetry topic>.round-trip topics with the
+        /// telemetry topics' partition counts), consume them with the
+        /// consumer settings `satwatch run` uses, and print publish-to-consume
+        /// and publish-to-acknowledge quantiles: the floor under satwatch's
+        /// end-to-end latency on this broker.
+        #[arg(long)]
+        round_trip: bool,
+        /// Round trip: records per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Round trip: how long to publish.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
     },
     /// Create satwatch's topics (idempotent): the telemetry topics, anomalies,
     /// forecasts and the dead-letter topic.
@@ -266,8 +283,17 @@ async fn execute(command: Command) -> Result<(), String> {
             batch_sizes,
             channel,
             min_time_ms,
+            round_trip,
+            rate,
+            seconds,
         } => {
             let mut pipeline = load_pipeline(&pipeline)?;
+            if round_trip {
+                let figures = satwatch::round_trip::measure(&pipeline, rate, seconds).await?;
+                print_round_trip(&figures, json);
+                return Ok(());
+            }
+            let data = data.expect("clap requires --data without --round-trip");
             if let Some(choice) = choice {
                 pipeline.file.engine.backend = choice;
                 // A benchmark of a GPU backend must not quietly measure the CPU.
@@ -393,6 +419,31 @@ fn micro_bench(
         );
     }
     Ok(())
+}
+
+/// `satwatch bench --round-trip`.
+fn print_round_trip(figures: &satwatch::round_trip::RoundTrip, json: bool) {
+    if json {
+        println!("{}", serde_json::json!(figures));
+        return;
+    }
+    let q = |q: &satwatch::round_trip::Quantiles| {
+        format!(
+            "p50 {:.1} / p99 {:.1} / p99.9 {:.1} / max {:.1} ms",
+            q.p50_ms, q.p99_ms, q.p999_ms, q.max_ms
+        )
+    };
+    println!(
+        "broker round trip, no pipeline: {} records offered at {:.0}/s ({:.0}/s achieved) over {} topics, {} partitions",
+        figures.published, figures.offered_per_s, figures.achieved_per_s, figures.topics, figures.partitions
+    );
+    println!("  publish -> acknowledged: {}", q(&figures.acknowledge));
+    println!(
+        "  publish -> consumed:     {} ({} of {} consumed)",
+        q(&figures.consume),
+        figures.consumed,
+        figures.published
+    );
 }
 
 fn list(topics: &[String]) -> String {

@@ -21,7 +21,7 @@ use rdkafka::{
     error::KafkaError,
     message::Message,
     types::RDKafkaRespErr,
-    ClientContext, Offset, TopicPartitionList,
+    ClientConfig, ClientContext, Offset, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -292,12 +292,35 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
 
 pub type TelemetryConsumer = StreamConsumer<SourceContext>;
 
-/// Creates the group consumer and subscribes it to `topics`.
 /// The consumer and what the consume loop shares with its rebalance hooks.
 pub struct Subscription {
     pub consumer: TelemetryConsumer,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub restores: Arc<Mutex<Vec<Restore>>>,
+}
+
+/// The consumer settings `satwatch run` reads telemetry with, in `group`
+/// (`satwatch bench --round-trip` measures the broker with the same ones).
+pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = client_config(settings);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Latency: librdkafka backs a partition off for fetch.error.backoff.ms
+        // (500 ms) after a fetch answered with an error code, which tansu does
+        // for fetches that find nothing new; at low rates that backoff sat in
+        // every sample's latency (p50 0.7 s at 1,000 samples/s, 49 ms after).
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.error.backoff.ms", "5");
+    // The pipeline's `[kafka.client]` settings win over the defaults above.
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    config
 }
 
 /// Creates the group consumer and subscribes it to `topics`. Partitions start
@@ -311,24 +334,9 @@ pub fn subscribe(
 ) -> Result<Subscription, KafkaError> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let restores = Arc::new(Mutex::new(Vec::new()));
-    let mut config = client_config(settings);
-    config
-        .set("group.id", &settings.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Latency: librdkafka backs a partition off for fetch.error.backoff.ms
-        // (500 ms) after a fetch answered with an error code, which tansu does
-        // for fetches that find nothing new; at low rates that backoff sat in
-        // every sample's latency (p50 0.7 s at 1,000 samples/s, 49 ms after).
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.error.backoff.ms", "5")
-        .set("statistics.interval.ms", "5000");
-    // The pipeline's `[kafka.client]` settings win over the defaults above.
-    for (key, value) in &settings.client {
-        config.set(key, value);
+    let mut config = consumer_config(settings, &settings.group_id);
+    if !settings.client.contains_key("statistics.interval.ms") {
+        config.set("statistics.interval.ms", "5000");
     }
     let consumer: TelemetryConsumer = config.create_with_context(SourceContext {
         tracker: tracker.clone(),
