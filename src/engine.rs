@@ -234,6 +234,9 @@ struct ChannelState {
     /// While a batch is cut: the index of this channel's run (valid when the
     /// run there is this channel's).
     run: usize,
+    /// While a batch completes: the index of this channel's checkpoint in
+    /// the batch's (valid when the one there is this channel's).
+    progressed: usize,
 }
 
 impl ChannelState {
@@ -346,6 +349,7 @@ impl Engine {
                 epoch: 0,
                 queued: 0,
                 run: 0,
+                progressed: 0,
             });
         }
         Ok(Self {
@@ -693,9 +697,15 @@ impl Engine {
                 continue;
             }
             if let Some(start) = entry.window_start {
-                match progressed.iter_mut().find(|(c, ..)| *c == entry.channel) {
-                    Some(last) => *last = (entry.channel, entry.seq, start),
-                    None => progressed.push((entry.channel, entry.seq, start)),
+                let channel = &mut self.channels[entry.channel as usize];
+                match progressed.get_mut(channel.progressed) {
+                    Some(last) if last.0 == entry.channel => {
+                        *last = (entry.channel, entry.seq, start)
+                    }
+                    _ => {
+                        channel.progressed = progressed.len();
+                        progressed.push((entry.channel, entry.seq, start));
+                    }
                 }
             }
             self.scratch.clear();
@@ -1031,6 +1041,49 @@ mod tests {
         );
         assert_eq!(batch.inputs.windows(&mut Vec::new()), &[5.0, 7.0]);
         assert_eq!(engine.pending(), 0);
+    }
+
+    #[test]
+    fn a_batch_checkpoints_each_channel_once_at_its_last_window() {
+        let channels: Vec<ChannelConfig> = ["X-1", "X-2"]
+            .iter()
+            .map(|id| ChannelConfig {
+                id: (*id).into(),
+                subsystem: "xs".into(),
+                topic: "telemetry.xs".into(),
+                model: "m".into(),
+            })
+            .collect();
+        let mut four = (*spec()).clone();
+        four.batching.preferred_batch_sizes = vec![4];
+        let mut engine =
+            Engine::new(&channels, &[Arc::new(four)], DetectSettings::default()).unwrap();
+        let now = Instant::now();
+        // Interleaved as two partitions arrive; channel c's offsets are 10c + seq.
+        for seq in 0..3 {
+            for channel in 0..2u32 {
+                let mut s = sample(seq, 1.0);
+                s.channel = channel;
+                s.origin = Some(Origin {
+                    partition: channel,
+                    offset: 10 * channel as i64 + seq as i64,
+                });
+                engine.admit(&s, now);
+            }
+        }
+        let batch = engine.flush_batch().expect("four windows are queued");
+        let entries: Vec<(u32, u64)> = batch.entries.iter().map(|e| (e.channel, e.seq)).collect();
+        assert_eq!(entries, [(0, 1), (1, 1), (0, 2), (1, 2)]);
+        let mut out = Outputs::default();
+        let rows = batch.entries.len();
+        engine.complete(batch, &vec![1.0; rows], &mut out);
+        let checkpoints: Vec<(&str, u32, u64, i64)> = out
+            .checkpoints
+            .iter()
+            .map(|c| (&*c.channel, c.partition, c.last_seq, c.refill_from))
+            .collect();
+        // Each window is two samples: seq 2's starts at seq 1.
+        assert_eq!(checkpoints, [("X-1", 0, 2, 1), ("X-2", 1, 2, 11)]);
     }
 
     #[test]
