@@ -360,7 +360,14 @@ impl Probe {
 /// Writes output batches over one connection, reconnecting after failures.
 pub struct PgWriter {
     connector: PgConnector,
-    connection: Option<(Client, Statement)>,
+    connection: Option<(Client, Statements)>,
+}
+
+/// The writes' statements, prepared once per connection.
+struct Statements {
+    rows: Statement,
+    event: Statement,
+    checkpoints: Statement,
 }
 
 /// Inserts a batch's scores and forecasts in one statement, so a write costs
@@ -384,6 +391,26 @@ WITH scored AS (
 )
 SELECT 1";
 
+/// Opens or moves an event; a closed event is final.
+const UPSERT_EVENT: &str = "
+INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
+    end_ts, peak_score, threshold, model, model_version, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
+    end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
+WHERE anomaly_events.state = 'open'";
+
+/// Upserts channel checkpoints given as one array per column; a checkpoint
+/// never replaces a later one.
+const UPSERT_CHECKPOINTS: &str = "
+INSERT INTO channel_checkpoints (channel, topic, partition, last_seq, refill_from, detector, updated_at)
+SELECT c, t, p, s, r, d::jsonb, now()
+FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::text[]) AS u(c, t, p, s, r, d)
+ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, partition = excluded.partition,
+    last_seq = excluded.last_seq, refill_from = excluded.refill_from,
+    detector = excluded.detector, updated_at = now()
+WHERE channel_checkpoints.last_seq < excluded.last_seq";
+
 impl PgWriter {
     pub fn new(connector: PgConnector) -> Self {
         Self {
@@ -392,15 +419,19 @@ impl PgWriter {
         }
     }
 
-    async fn connection(&mut self) -> Result<&mut (Client, Statement), PgError> {
+    async fn connection(&mut self) -> Result<&mut (Client, Statements), PgError> {
         if self
             .connection
             .as_ref()
             .is_none_or(|(client, _)| client.is_closed())
         {
             let client = self.connector.connect().await?;
-            let insert = client.prepare(INSERT_ROWS).await?;
-            self.connection = Some((client, insert));
+            let statements = Statements {
+                rows: client.prepare(INSERT_ROWS).await?,
+                event: client.prepare(UPSERT_EVENT).await?,
+                checkpoints: client.prepare(UPSERT_CHECKPOINTS).await?,
+            };
+            self.connection = Some((client, statements));
         }
         Ok(self.connection.as_mut().expect("connected above"))
     }
@@ -420,31 +451,21 @@ impl PgWriter {
         if outputs.scores.is_empty() && outputs.forecasts.is_empty() && outputs.events.is_empty() {
             return Ok(());
         }
-        let (client, insert) = self.connection().await?;
+        let (client, statements) = self.connection().await?;
         let rows = RowColumns::new(outputs);
         if outputs.events.is_empty() {
             // One statement is one transaction: one round trip.
-            client.execute(&*insert, &rows.params()).await?;
+            client.execute(&statements.rows, &rows.params()).await?;
             return Ok(());
         }
         let tx = client.transaction().await?;
-        tx.execute(&*insert, &rows.params()).await?;
-        let upsert = tx
-            .prepare(
-                "INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
-                     end_ts, peak_score, threshold, model, model_version, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
-                 ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
-                     end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
-                 WHERE anomaly_events.state = 'open'",
-            )
-            .await?;
+        tx.execute(&statements.rows, &rows.params()).await?;
         for e in &outputs.events {
             let start_seq = e.start_seq as i64;
             let end_seq = e.end_seq.map(|s| s as i64);
             let version = e.model_version as i32;
             tx.execute(
-                &upsert,
+                &statements.event,
                 &[
                     &e.event_id,
                     &&*e.channel,
@@ -577,16 +598,10 @@ impl PgWriter {
                     .map_err(|e| PgError(format!("detector state to JSON: {e}")))?,
             );
         }
-        let (client, _) = self.connection().await?;
+        let (client, statements) = self.connection().await?;
         client
             .execute(
-                "INSERT INTO channel_checkpoints (channel, topic, partition, last_seq, refill_from, detector, updated_at)
-                 SELECT c, t, p, s, r, d::jsonb, now()
-                 FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::text[]) AS u(c, t, p, s, r, d)
-                 ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, partition = excluded.partition,
-                     last_seq = excluded.last_seq, refill_from = excluded.refill_from,
-                     detector = excluded.detector, updated_at = now()
-                 WHERE channel_checkpoints.last_seq < excluded.last_seq",
+                &statements.checkpoints,
                 &[&channels, &topics, &partitions, &seqs, &refills, &states],
             )
             .await?;
