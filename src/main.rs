@@ -189,7 +189,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load_pipeline(path: &PathBuf) -> Result<Pipeline, String> {
+fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, String> {
     Pipeline::load(path).map_err(|e| e.to_string())
 }
 

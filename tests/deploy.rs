@@ -557,10 +557,9 @@ fn prometheus_scrapes_satwatch_metrics() {
         .unwrap_or_else(|| panic!("{rel} has no scrape_configs"));
     let target = format!("{sat_name}:8000");
     let scraping = jobs.iter().find(|job| {
-        job["static_configs"].as_sequence().is_some_and(|sc| {
-            sc.iter()
-                .any(|c| strings(&c["targets"]).iter().any(|t| *t == target))
-        })
+        job["static_configs"]
+            .as_sequence()
+            .is_some_and(|sc| sc.iter().any(|c| strings(&c["targets"]).contains(&target)))
     });
     let job = scraping.unwrap_or_else(|| panic!("{rel}: no scrape job targets {target}"));
     let path = job

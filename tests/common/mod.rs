@@ -970,7 +970,7 @@ pub fn assert_same_outputs_as_reference(
     let n = channels.split(',').count() as i64;
     // Scores: one row per sample past warm-up, and the reference's values.
     assert_one_score_per_seq(pg, channels, start + window, start + rows - 1);
-    let (got, want) = (scores(&pg, "satwatch"), scores(&pg, "reference"));
+    let (got, want) = (scores(pg, "satwatch"), scores(pg, "reference"));
     assert_eq!(got.len(), want.len());
     for (key, w) in &want {
         let g = got.get(key).unwrap_or_else(|| panic!("{key:?} not scored"));
@@ -981,7 +981,7 @@ pub fn assert_same_outputs_as_reference(
     }
 
     // Forecasts likewise (the first window of each channel has one too).
-    let (got, want) = (forecasts(&pg, "satwatch"), forecasts(&pg, "reference"));
+    let (got, want) = (forecasts(pg, "satwatch"), forecasts(pg, "reference"));
     assert_eq!(got.len() as i64, n * (rows - window + 1));
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
@@ -996,14 +996,14 @@ pub fn assert_same_outputs_as_reference(
     }
 
     // Events: the same rows, closed where the reference's closed.
-    let (got, want) = (events(&pg, "satwatch"), events(&pg, "reference"));
+    let (got, want) = (events(pg, "satwatch"), events(pg, "reference"));
     assert!(!want.is_empty(), "the replayed stretch has anomalies");
     assert_eq!(got, want, "anomaly_events");
     let event_rows = want.len();
 
     // The topic: each (event_id, state) published, repeats identical.
-    let got = published_events(&broker, "anomalies");
-    let want = published_events(&broker, "reference.anomalies");
+    let got = published_events(broker, "anomalies");
+    let want = published_events(broker, "reference.anomalies");
     for ((event, state), payloads) in &got {
         assert_eq!(
             payloads.len(),
