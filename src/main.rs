@@ -151,7 +151,7 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// Instead of the pipeline runs, the broker's own latency: publish
         /// timestamped records at --rate for --seconds, keyed and spread like
         /// `satwatch replay` (to <telemetry topic>.round-trip topics with the
-        /// telemetry topics' partition counts), consume them with the
+        /// telemetry topics' partitions and replicas), consume them with the
         /// consumer settings `satwatch run` uses, and print publish-to-consume
         /// and publish-to-acknowledge quantiles: the floor under satwatch's
         /// end-to-end latency on this broker.

@@ -88,37 +88,38 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
     let settings = &pipeline.file.kafka;
     let probe_topic = |telemetry: &str| format!("{telemetry}.round-trip");
 
-    // The probe topics mirror the telemetry topics' partition counts.
+    // The probe topics mirror the telemetry topics' partitions and replicas.
     let metadata_client: StreamConsumer = client_config(settings)
         .create()
         .map_err(|e| format!("cannot create Kafka client: {e}"))?;
-    let mut by_partitions: HashMap<i32, Vec<String>> = HashMap::new();
+    let mut by_layout: HashMap<(i32, i32), Vec<String>> = HashMap::new();
     for topic in pipeline.telemetry_topics() {
         let metadata = metadata_client
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .map_err(|e| format!("cannot reach Kafka at {}: {e}", settings.brokers))?;
-        let partitions = metadata
+        let Some(found) = metadata
             .topics()
             .first()
-            .filter(|t| t.error().is_none())
-            .map_or(0, |t| t.partitions().len());
-        if partitions == 0 {
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        else {
             return Err(format!(
                 "topic {topic} does not exist: create the topics first (`satwatch topics`)"
             ));
-        }
-        by_partitions
-            .entry(partitions as i32)
+        };
+        let partitions = found.partitions().len() as i32;
+        let replicas = found.partitions()[0].replicas().len().max(1) as i32;
+        by_layout
+            .entry((partitions, replicas))
             .or_default()
             .push(probe_topic(&topic));
     }
-    for (partitions, names) in &by_partitions {
-        topics::create_topics(settings, names, *partitions, 1).await?;
+    for ((partitions, replicas), names) in &by_layout {
+        topics::create_topics(settings, names, *partitions, *replicas).await?;
     }
-    let probe_topics: Vec<String> = by_partitions.values().flatten().cloned().collect();
-    let partitions: usize = by_partitions
+    let probe_topics: Vec<String> = by_layout.values().flatten().cloned().collect();
+    let partitions: usize = by_layout
         .iter()
-        .map(|(p, names)| *p as usize * names.len())
+        .map(|((p, _), names)| *p as usize * names.len())
         .sum();
 
     // A group of its own; records of earlier runs are told apart by `run`.
