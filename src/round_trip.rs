@@ -16,6 +16,7 @@ use std::{
 };
 
 use futures::{stream::FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::{
     consumer::{Consumer, StreamConsumer},
     producer::{FutureProducer, FutureRecord},
@@ -191,6 +192,12 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
         .set("acks", "all")
         .create()
         .map_err(|e| format!("cannot create Kafka producer: {e}"))?;
+    let progress = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "{spinner} round trip {bar:40} {pos}/{len} records acknowledged, eta {eta}",
+        )
+        .expect("the template is valid"),
+    );
     let mut acknowledged = Vec::with_capacity(total as usize);
     let mut deliveries = FuturesUnordered::new();
     let started = Instant::now();
@@ -212,11 +219,14 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
         deliveries.push(async move { (delivery.await, sent) });
         while let Some(Some((result, sent))) = futures::FutureExt::now_or_never(deliveries.next()) {
             settle(result, sent, &mut acknowledged)?;
+            progress.inc(1);
         }
     }
     while let Some((result, sent)) = deliveries.next().await {
         settle(result, sent, &mut acknowledged)?;
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     let publishing = started.elapsed();
     let _ = published_tx.send(());
     let consumed = consuming
