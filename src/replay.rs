@@ -17,7 +17,12 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-use crate::{config::Pipeline, dataset, sink::kafka::client_config, telemetry};
+use crate::{
+    config::{KafkaSettings, Pipeline},
+    dataset,
+    sink::kafka::client_config,
+    telemetry,
+};
 
 pub struct ReplayOptions {
     pub split: String,
@@ -39,6 +44,19 @@ pub struct ReplayReport {
 /// Records in flight before waiting for deliveries.
 const MAX_IN_FLIGHT: usize = 20_000;
 
+/// The replay's producer (`satwatch bench --round-trip` publishes with it
+/// too). Paced replays measure latency: send each record at once. Flat out,
+/// a short linger fills larger batches.
+pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer, String> {
+    client_config(settings)
+        .set("linger.ms", if paced { "0" } else { "10" })
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("acks", "all")
+        .create()
+        .map_err(|e| format!("cannot create Kafka producer: {e}"))
+}
+
 pub async fn replay(
     pipeline: &Pipeline,
     data: &Path,
@@ -54,16 +72,7 @@ pub async fn replay(
         streams.push((channel, loaded.values, options.start.min(end)..end));
     }
     let total: u64 = streams.iter().map(|(_, _, rows)| rows.len() as u64).sum();
-    // Paced replays measure latency: send each record at once. Flat out,
-    // a short linger fills larger batches.
-    let linger_ms = if options.rate.is_some() { "0" } else { "10" };
-    let producer: FutureProducer = client_config(&pipeline.file.kafka)
-        .set("linger.ms", linger_ms)
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("acks", "all")
-        .create()
-        .map_err(|e| format!("cannot create Kafka producer: {e}"))?;
+    let producer = producer(&pipeline.file.kafka, options.rate.is_some())?;
 
     let progress = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(

@@ -19,12 +19,12 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::{
     consumer::{Consumer, StreamConsumer},
-    producer::{FutureProducer, FutureRecord},
+    producer::{FutureRecord, Producer},
     Message,
 };
 use serde::Serialize;
 
-use crate::{config::Pipeline, sink::kafka::client_config, source::consumer_config, topics};
+use crate::{config::Pipeline, replay, source::consumer_config, topics};
 
 /// How long consuming may go on after the last record was published.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,13 +89,12 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
     let settings = &pipeline.file.kafka;
     let probe_topic = |telemetry: &str| format!("{telemetry}.round-trip");
 
+    let producer = replay::producer(settings, true)?;
     // The probe topics mirror the telemetry topics' partitions and replicas.
-    let metadata_client: StreamConsumer = client_config(settings)
-        .create()
-        .map_err(|e| format!("cannot create Kafka client: {e}"))?;
     let mut by_layout: HashMap<(i32, i32), Vec<String>> = HashMap::new();
     for topic in pipeline.telemetry_topics() {
-        let metadata = metadata_client
+        let metadata = producer
+            .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .map_err(|e| format!("cannot reach Kafka at {}: {e}", settings.brokers))?;
         let Some(found) = metadata
@@ -187,11 +186,6 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
         latencies
     });
 
-    let producer: FutureProducer = client_config(settings)
-        .set("linger.ms", "0")
-        .set("acks", "all")
-        .create()
-        .map_err(|e| format!("cannot create Kafka producer: {e}"))?;
     let progress = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
             "{spinner} round trip {bar:40} {pos}/{len} records acknowledged, eta {eta}",
