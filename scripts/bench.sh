@@ -190,6 +190,11 @@ def cmd_expected(pipeline_path, split_dir, start, limit):
         warmup += max(0, min(end, w) - lo)
     print(scores, samples, len(p["channels"]["ids"]), warmup)
 
+def cmd_window(pipeline_path):
+    """The longest window of the pipeline's models: rows per channel that only fill it."""
+    _, models = pipeline_info(pipeline_path)
+    print(max(m["window"] for m in models.values()))
+
 def cmd_settings(pipeline_path, out):
     """The configured delays that bound latency, read from the pipeline, the
     model configs and the source (librdkafka settings hard-coded there)."""
@@ -535,7 +540,7 @@ def table(header, rows, align=None):
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
-def core_section(core):
+def core_section(core, settings):
     out = ["## 1. Core throughput, inference ceiling, scaling (in process)", ""]
     if core is None:
         return out + ["Not measured in this run.", ""]
@@ -600,6 +605,8 @@ def core_section(core):
                         f"together {inf_us + own_us:.2f} µs, {'less' if inf_us + own_us < meas_us else 'more'} than measured "
                         f"({'contention between the stages' if inf_us + own_us < meas_us else 'the stages overlap on the two backend threads'})."))
     slow = [r for r in runs if r.get("pipeline_inference_us_per_window") and r.get("ceiling_inference_us_per_window")]
+    # A window is `window` rows of 25 f32 values (100 bytes a row).
+    window_kb = " or ".join(f"{w * 100 / 1000:.1f} KB" for w in settings.get("window", [])) or "a window's rows"
     if slow:
         r = slow[0]
         p_us, c_us = r["pipeline_inference_us_per_window"], r["ceiling_inference_us_per_window"]
@@ -607,7 +614,7 @@ def core_section(core):
                      f"{p_us:.2f} µs per window inside ONNX Runtime there, against {c_us:.2f} µs when the same calls run back to back "
                      f"({p_us / c_us:.1f}×): the engine's own thread shares the two cores with the backend threads, and time a call "
                      "spends preempted counts as inside it. Outside the calls, each backend thread lays out its batch's windows "
-                     "(6.4 KB each) from the rows the batch carries, just before the call reads them; the engine's thread queues "
+                     f"({window_kb} each) from the rows the batch carries, just before the call reads them; the engine's thread queues "
                      "only row numbers and copies each channel's run of rows once per batch (100 bytes per sample).")
     bsz = [(r["channels"], r.get("mean_batch_size")) for r in runs if r.get("mean_batch_size")]
     if bsz:
@@ -729,7 +736,7 @@ def latency_section(lats, settings):
     out += [
         "For each rate: fresh broker and PostgreSQL, `satwatch run`, then the warm-up rows (the first "
         f"{', '.join(str(w) for w in settings.get('window', [64]))} of each channel, which produce no score) replayed at full speed "
-        "and consumed, then `satwatch replay --rate R --start 64 --limit L` with L rows per channel "
+        f"and consumed, then `satwatch replay --rate R --start {max(settings.get('window', [64]))} --limit L` with L rows per channel "
         f"(at least {LAT_SAMPLES:,} samples or {LAT_SECONDS} s, whichever is shorter). Latency is from the sample's `ts` (stamped by the replay as "
         "it publishes) to its score row being durable: `satwatch_end_to_end_latency_seconds` (observed once the batch is committed to "
         "PostgreSQL *and* its forecasts are acknowledged by the broker; quantiles interpolated within buckets as Prometheus' "
@@ -832,7 +839,7 @@ def grouped_section(path):
     except FileNotFoundError:
         return []
     out = ["## 4. One call for all models, or one per model", "",
-           "`training/grouped_study.py` stacks the 27 forecasters' weights into one ONNX graph (input [27, B, 64, 25], checked "
+           "`training/grouped_study.py` stacks the 27 forecasters' weights into one ONNX graph (input [27, B, W, 25], W the window, checked "
            "against each model's own output) and times, on ONNX Runtime with one thread per session, a round of B windows for "
            "every model: 27 calls (what satwatch does), one grouped call, and either on two threads at once. Its reading of the "
            "figures is in `training/grouped_study.md`.", "", study, ""]
@@ -897,7 +904,7 @@ def cmd_render(results, out_path):
         "afresh before each `satwatch run`, with `scripts/services.sh` on the bench's own ports):", "",
         "```sh", commands, "```", "",
     ]
-    lines += core_section(core)
+    lines += core_section(core, settings)
     lines += e2e_section(e2e, settings)
     lines += latency_section(lats, settings)
     lines += grouped_section(os.path.join(results, "grouped.md"))
@@ -922,7 +929,7 @@ def cmd_print(results, section):
     global LAT_SAMPLES, LAT_SECONDS
     LAT_SAMPLES, LAT_SECONDS = machine.get("lat_samples", 0), machine.get("lat_seconds", 0)
     if section == "core":
-        text = core_section(load(os.path.join(results, "core.json")))
+        text = core_section(load(os.path.join(results, "core.json")), settings)
     elif section == "e2e":
         text = e2e_section(load(os.path.join(results, "e2e.json")), settings)
     else:
@@ -938,7 +945,7 @@ def cmd_machine(out, *kv):
     dump(old, out)
 
 COMMANDS = {
-    "expected": cmd_expected, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
+    "expected": cmd_expected, "window": cmd_window, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
     "core": cmd_core, "e2e": cmd_e2e, "latency": cmd_latency, "render": cmd_render,
     "print": cmd_print, "machine": cmd_machine, "div": cmd_div, "round_trip": cmd_round_trip,
 }
@@ -1358,15 +1365,16 @@ if [[ $SKIP_E2E != 1 ]]; then
         start_satwatch "lat-$rate"
         # Warm-up: the rows that only fill the windows, at full speed, consumed
         # before the measured part starts.
-        read -r _ warm _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 64)
-        start_replay "lat-$rate-warmup" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --max-rate --limit 64
+        read -r window < <(py window "$PIPELINE")
+        read -r _ warm _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 "$window")
+        start_replay "lat-$rate-warmup" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --max-rate --limit "$window"
         finish_replay "lat-$rate-warmup"
         wait_metric consumed "$warm"
         # Rows per channel: LAT_SAMPLES samples or LAT_SECONDS seconds, whichever is shorter.
         read -r channels < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 1 | cut -d' ' -f3)
         limit=$(((want + channels - 1) / channels))
-        read -r expected samples _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 64 "$limit")
-        start_replay "lat-$rate" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --rate "$rate" --start 64 --limit "$limit"
+        read -r expected samples _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" "$window" "$limit")
+        start_replay "lat-$rate" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --rate "$rate" --start "$window" --limit "$limit"
         log "   replaying $samples samples at $rate samples/s; waiting for $expected score rows"
         wait_scores "lat-$rate" "$expected"
         scores=$REPLY

@@ -51,11 +51,11 @@ fn a_model_file_that_disagrees_with_its_config_is_refused_with_the_config_line()
         model.join("1/model.onnx"),
     )
     .unwrap();
-    // The config claims a 32-sample window; the ONNX file takes 64.
+    // The config claims a 32-sample window; the ONNX file takes 128.
     let config = std::fs::read_to_string(root.join("model_repository/smap_T-1/config.pbtxt"))
         .unwrap()
-        .replace("dims: [ 64, 25 ]", "dims: [ 32, 25 ]")
-        .replace("string_value: \"64\"", "string_value: \"32\"");
+        .replace("dims: [ 128, 25 ]", "dims: [ 32, 25 ]")
+        .replace("string_value: \"128\"", "string_value: \"32\"");
     std::fs::write(model.join("config.pbtxt"), config).unwrap();
     let spec = repository::load_model(&model).unwrap();
     let err = OnnxBackend::load(&[Arc::new(spec.clone())], 1)
@@ -68,7 +68,7 @@ fn a_model_file_that_disagrees_with_its_config_is_refused_with_the_config_line()
         "names the dims line: {err}"
     );
     assert!(
-        err.contains("[-1, 64, 25]") || err.contains("64, 25"),
+        err.contains("[-1, 128, 25]") || err.contains("128, 25"),
         "says what the file has: {err}"
     );
 }

@@ -10,7 +10,6 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 
 const ROWS: i64 = 600;
-const WINDOW: i64 = 64;
 
 fn run_replay(
     with_bad_records: bool,
@@ -98,7 +97,7 @@ fn run_replay(
         }
     }
     replay(&broker, "A-1,T-1", ROWS / 2, ROWS / 2);
-    let expected = 2 * (ROWS - WINDOW);
+    let expected = 2 * (ROWS - window());
     wait_for_scores(
         &pg,
         expected,

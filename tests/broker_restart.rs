@@ -9,7 +9,6 @@ use common::*;
 
 const CHANNELS: &str = "A-1,E-2,T-1";
 const ROWS: i64 = 2000;
-const WINDOW: i64 = 64;
 
 #[test]
 fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
@@ -21,7 +20,7 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     } = Stack::start(3);
 
     replay(&broker, CHANNELS, 0, ROWS / 2);
-    let first = 3 * (ROWS / 2 - WINDOW);
+    let first = 3 * (ROWS / 2 - window());
     wait_for_scores(
         &pg,
         first,
@@ -47,7 +46,7 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     broker.resume();
     second_half.join().unwrap();
 
-    let total = 3 * (ROWS - WINDOW);
+    let total = 3 * (ROWS - window());
     wait_for_scores(
         &pg,
         total,
@@ -56,7 +55,7 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     );
     assert!(service.terminate(Duration::from_secs(30)).success());
 
-    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, window());
     let forecasts = read_topic(&broker, "forecasts");
     let mut keys: Vec<(String, i64)> = forecasts
         .iter()
@@ -73,7 +72,7 @@ fn a_broker_restart_mid_replay_loses_and_doubles_nothing() {
     keys.dedup();
     assert_eq!(
         keys.len() as i64,
-        3 * (ROWS - WINDOW + 1),
+        3 * (ROWS - window() + 1),
         "every forecast reached the topic (repeats allowed)"
     );
 }

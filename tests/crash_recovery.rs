@@ -14,7 +14,6 @@ use common::*;
 const CHANNELS: &str = "A-1,P-4,T-3";
 const START: i64 = 0;
 const ROWS: i64 = 5400;
-const WINDOW: i64 = 64;
 /// Slow enough that every kill lands mid-replay (about 30 s of it).
 const RATE: u32 = 500;
 
@@ -81,7 +80,7 @@ fn kill_9_at_random_moments_leaves_the_same_rows_and_events_as_an_uninterrupted_
     replay.join().unwrap();
     eprintln!("kills (n, when, scores rows before): {kills:?}");
 
-    let expected = 3 * (ROWS - WINDOW);
+    let expected = 3 * (ROWS - window());
     wait_for_scores(
         &pg,
         expected,
@@ -96,6 +95,6 @@ fn kill_9_at_random_moments_leaves_the_same_rows_and_events_as_an_uninterrupted_
     assert!(service.terminate(Duration::from_secs(30)).success());
     assert!(reference_run.terminate(Duration::from_secs(30)).success());
 
-    let checked = assert_same_outputs_as_reference(&pg, &broker, CHANNELS, START, ROWS, WINDOW);
+    let checked = assert_same_outputs_as_reference(&pg, &broker, CHANNELS, START, ROWS, window());
     eprintln!("checked after {} kills: {checked:?}", kills.len());
 }

@@ -9,7 +9,6 @@ use common::*;
 
 const CHANNELS: &str = "A-1,E-2,T-1";
 const ROWS: i64 = 1000;
-const WINDOW: i64 = 64;
 
 /// Sums every series of `name` whose labels contain all of `with`.
 fn sum(metrics: &str, name: &str, with: &[&str]) -> f64 {
@@ -36,7 +35,7 @@ fn metrics_agree_with_the_replay_and_the_tables() {
     let during = service.get("/metrics").expect("metrics answer").1;
     assert!(during.contains("# TYPE satwatch_samples_consumed_total counter"));
 
-    let scored = 3 * (ROWS - WINDOW);
+    let scored = 3 * (ROWS - window());
     wait_for_scores(
         &pg,
         scored,
@@ -106,7 +105,7 @@ fn metrics_agree_with_the_replay_and_the_tables() {
         &["model=\"smap_T-1\""],
     );
     assert!(
-        executions >= 1.0 && executions <= (ROWS - WINDOW + 1) as f64,
+        executions >= 1.0 && executions <= (ROWS - window() + 1) as f64,
         "batches of at least one window"
     );
     let events: BTreeMap<String, i64> = pg

@@ -10,7 +10,6 @@ use common::*;
 
 const CHANNELS: &str = "A-1,E-2,T-1";
 const ROWS: i64 = 3000;
-const WINDOW: i64 = 64;
 const TOKEN: &str = "t0ken-for-tests";
 
 /// A copy of the model repository and a pipeline that serves it.
@@ -148,7 +147,7 @@ fn a_new_version_swaps_in_under_load_and_broken_ones_are_refused() {
     replay.join().unwrap();
     wait_for_scores(
         &pg,
-        3 * (ROWS - WINDOW),
+        3 * (ROWS - window()),
         "everything to be scored",
         Duration::from_secs(60),
     );
@@ -160,7 +159,7 @@ fn a_new_version_swaps_in_under_load_and_broken_ones_are_refused() {
     let log = service.log_text();
     assert!(service.terminate(Duration::from_secs(30)).success());
 
-    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, window());
     for table in ["scores", "forecasts"] {
         let row = &pg.query(&format!(
             "SELECT max(seq) FILTER (WHERE model_version = 1), min(seq) FILTER (WHERE model_version = 2),

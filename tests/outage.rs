@@ -22,7 +22,6 @@ const CHANNEL_COUNT: i64 = 26;
 const ROWS: i64 = 7300;
 /// Rows per channel replayed and scored before the outage.
 const BEFORE: i64 = 600;
-const WINDOW: i64 = 64;
 /// How long PostgreSQL stays down.
 const OUTAGE: Duration = Duration::from_secs(30);
 /// How much satwatch's resident memory may grow during the outage: 96 MiB.
@@ -72,7 +71,7 @@ fn a_30s_postgres_outage_turns_readiness_503_bounds_memory_and_loses_nothing() {
     replay(&broker, CHANNELS, 0, BEFORE);
     wait_for_scores(
         &pg,
-        CHANNEL_COUNT * (BEFORE - WINDOW),
+        CHANNEL_COUNT * (BEFORE - window()),
         "the rows before the outage to be scored",
         Duration::from_secs(120),
     );
@@ -168,7 +167,7 @@ fn a_30s_postgres_outage_turns_readiness_503_bounds_memory_and_loses_nothing() {
     println!("readiness after the outage: 200 {}", ready_body.trim());
     wait_for_scores(
         &pg,
-        CHANNEL_COUNT * (ROWS - WINDOW),
+        CHANNEL_COUNT * (ROWS - window()),
         "everything to be scored after PostgreSQL returns",
         Duration::from_secs(240),
     );
@@ -179,9 +178,9 @@ fn a_30s_postgres_outage_turns_readiness_503_bounds_memory_and_loses_nothing() {
     );
     assert!(service.terminate(Duration::from_secs(30)).success());
 
-    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, window());
     assert_eq!(
         pg.count("SELECT count(*) FROM forecasts"),
-        CHANNEL_COUNT * (ROWS - WINDOW + 1)
+        CHANNEL_COUNT * (ROWS - window() + 1)
     );
 }

@@ -8,10 +8,9 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use serde_json::Value;
 
-const CHANNELS: [&str; 3] = ["A-1", "E-2", "T-1"];
+// P-4 has two labelled anomalies in these rows (from 950 and 2150), so events are raised.
+const CHANNELS: [&str; 3] = ["A-1", "P-4", "T-1"];
 const ROWS: i64 = 3000;
-/// Samples per window: the first score is at seq WINDOW.
-const WINDOW: i64 = 64;
 
 #[test]
 fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commits() {
@@ -30,7 +29,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
     produce(&broker, "telemetry.acs", b"A-1", malformed);
     replay(&broker, &channels, ROWS / 2, ROWS / 2);
 
-    let expected_per_channel = ROWS - WINDOW;
+    let expected_per_channel = ROWS - window();
     let expected = expected_per_channel * CHANNELS.len() as i64;
     wait_for_scores(
         &pg,
@@ -53,12 +52,17 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
             (row.get(0), row.get(1), row.get(2), row.get(3));
         assert_eq!(
             (n, distinct, min, max),
-            (expected_per_channel, expected_per_channel, WINDOW, ROWS - 1),
+            (
+                expected_per_channel,
+                expected_per_channel,
+                window(),
+                ROWS - 1
+            ),
             "{channel}"
         );
     }
 
-    // Forecasts: one per full window (from seq WINDOW-1), in the table and on the topic, agreeing.
+    // Forecasts: one per full window (from seq window() - 1), in the table and on the topic, agreeing.
     let forecast_rows = pg.count("SELECT count(*) FROM forecasts");
     assert_eq!(
         forecast_rows,
@@ -160,7 +164,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
     assert!(header("satwatch-source").is_some_and(|s| s.starts_with("telemetry.acs/")));
 
     // The group's committed offsets cover everything that was consumed.
-    let topics = ["telemetry.acs", "telemetry.eps", "telemetry.tcs"];
+    let topics = ["telemetry.acs", "telemetry.ps", "telemetry.tcs"];
     for (topic, partition, committed, end) in committed_vs_end(&broker, "satwatch", &topics) {
         if end > 0 {
             assert_eq!(

@@ -18,7 +18,6 @@ use common::*;
 
 const CHANNELS: &str = "A-1,E-2,T-1";
 const ROWS: i64 = 400;
-const WINDOW: i64 = 64;
 const PASSWORD: &str = "tls-pa55-w0rd";
 
 /// A CA, a server certificate it signed for 127.0.0.1 and localhost, a
@@ -202,7 +201,7 @@ fn scores_are_written_over_verified_tls_with_password_authentication() {
     replay(&broker, CHANNELS, 0, ROWS);
     wait_for_scores(
         &pg,
-        3 * (ROWS - WINDOW),
+        3 * (ROWS - window()),
         "every sample past warm-up to be scored over TLS",
         Duration::from_secs(120),
     );
@@ -220,7 +219,7 @@ fn scores_are_written_over_verified_tls_with_password_authentication() {
     let log = service.log_text();
     assert!(!log.contains(PASSWORD), "the password leaked: {log}");
     assert!(service.terminate(Duration::from_secs(30)).success());
-    assert_one_score_per_sample(&pg, CHANNELS, ROWS, WINDOW);
+    assert_one_score_per_sample(&pg, CHANNELS, ROWS, window());
 
     // The explicit opt-in: no CA at all, encryption without verification.
     let pipeline = pipeline_variant(logs.path(), "skip-verify.toml", |t| {

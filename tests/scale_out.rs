@@ -12,7 +12,6 @@ use common::*;
 const CHANNELS: &str = "A-1,F-1,P-2,P-4,T-1,T-3";
 const START: i64 = 0;
 const ROWS: i64 = 5400;
-const WINDOW: i64 = 64;
 const RATE: u32 = 1200;
 
 fn samples_consumed(service: &Satwatch) -> f64 {
@@ -63,7 +62,7 @@ fn a_second_instance_joining_and_leaving_mid_replay_loses_and_doubles_nothing() 
     let left_at = pg.count("SELECT count(*) FROM scores");
     replay.join().unwrap();
 
-    let expected = 6 * (ROWS - WINDOW);
+    let expected = 6 * (ROWS - window());
     wait_for_scores(
         &pg,
         expected,
@@ -78,7 +77,7 @@ fn a_second_instance_joining_and_leaving_mid_replay_loses_and_doubles_nothing() 
     assert!(first.terminate(Duration::from_secs(30)).success());
     assert!(reference_run.terminate(Duration::from_secs(30)).success());
 
-    let checked = assert_same_outputs_as_reference(&pg, &broker, CHANNELS, START, ROWS, WINDOW);
+    let checked = assert_same_outputs_as_reference(&pg, &broker, CHANNELS, START, ROWS, window());
     eprintln!(
         "second instance joined at {joined_at} scores rows, consumed {taken} samples, left at {left_at}; checked: {checked:?}"
     );

@@ -5,9 +5,10 @@
     ~/.cache/satwatch/venv/bin/python training/grouped_study.py [--out FILE] [--batches 1,4,16,64,256]
 
 Reads the shipped model_repository/smap_*/1/model.onnx (all the same residual MLP:
-Flatten, Gemm 1600->32, Relu, Gemm 32->10, plus window[:, -1, 0]) and builds, in a temp dir,
-one grouped ONNX model: input `windows` [C, B, 64, 25] -> output `forecast` [C, B, 10], a
-batched MatMul over stacked [C, 1600, 32] and [C, 32, 10] weights plus biases and the
+Flatten, Gemm W*25->hidden, Relu, Gemm hidden->10, plus window[:, -1, 0]; W is the models'
+satwatch.window) and builds, in a temp dir, one grouped ONNX model: input `windows`
+[C, B, W, 25] -> output `forecast` [C, B, 10], a batched MatMul over stacked
+[C, W*25, hidden] and [C, hidden, 10] weights plus biases and the
 residual. It checks the grouped models against each channel's own model on real normalised
 windows from data/smap/test and stops if any forecast differs by more than --tol.
 
@@ -35,7 +36,16 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-W, F, H = 64, 25, 10  # window rows, features, horizon
+WINDOW_PARAM = r'key: "satwatch\.window" value: \{ string_value: "(\d+)"'
+
+
+def shipped_window() -> int:
+    """The shipped models' window (they all share it; load_channels checks each)."""
+    cfg = min((ROOT / "model_repository").glob("smap_*/config.pbtxt"))
+    return int(re.search(WINDOW_PARAM, cfg.read_text())[1])
+
+
+W, F, H = shipped_window(), 25, 10  # window rows, features, horizon
 
 
 def load_channels():
@@ -43,6 +53,8 @@ def load_channels():
     out = []
     for cfg in sorted((ROOT / "model_repository").glob("smap_*/config.pbtxt")):
         p = dict(re.findall(r'key: "satwatch\.(\w+)" value: \{ string_value: "([^"]*)"', cfg.read_text()))
+        if int(p["window"]) != W:
+            sys.exit(f"{cfg}: window {p['window']}, but the first model's is {W}; the grouped model needs one window")
         center = np.array(p["norm_center"].split(","), np.float32)
         scale = np.array(p["norm_scale"].split(","), np.float32)
         path = cfg.parent / "1/model.onnx"

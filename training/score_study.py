@@ -4,7 +4,7 @@ numpy mirror of the detector in threshold_study.py. Final figures come from `sat
 
     ~/.cache/satwatch/venv/bin/python training/score_study.py [key=value ...]
 
-Caches all 10 horizon steps of every forecast in /tmp/satwatch_forecasts_h10.npz. Scores:
+Caches all 10 horizon steps of every forecast in /tmp/satwatch_forecasts_h10_<digest>.npz. Scores:
 the shipped one (one-step error, EWMA, train-error stds, SPOT with floor, level novelty);
 `low=1`: a low-side SPOT on a slowly smoothed error (`low_src=e1`) or value change
 (`low_src=dx`), for anomalies where the signal goes quiet; `run_k`/`run_min`: the stuck score
@@ -17,13 +17,11 @@ TP/FP/FN/train events where any is off.
 import os, re
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path("/tmp/satwatch_forecasts_h10.npz")
 
 
 def build_cache():
     import onnxruntime as ort
     import numpy as np
-    W=64
     out={}
     for cfg in sorted((ROOT/"model_repository").glob("smap_*/config.pbtxt")):
         ch=cfg.parent.name[5:]
@@ -44,12 +42,13 @@ def build_cache():
 
 import csv, json, sys, numpy as np
 sys.path.insert(0, str(ROOT / 'training'))
-from threshold_study import P2, gpd_quantile, events
+from threshold_study import P2, gpd_quantile, events, repository_fingerprint, shipped_window
+W=shipped_window();H=10
+CACHE = Path(f"/tmp/satwatch_forecasts_h10_{repository_fingerprint()}.npz")
 if not CACHE.exists():
     build_cache()
 d=dict(np.load(CACHE))
 labels={r["chan_id"]:json.loads(r["anomaly_sequences"]) for r in csv.DictReader(open(ROOT / 'data/smap/labeled_anomalies.csv'))}
-W=64;H=10
 CALSKIP=os.environ.get('CALSKIP')=='1'
 
 class Spot:

@@ -5,7 +5,7 @@ label-free thresholds before writing them in Rust. Final figures come from `satw
     ~/.cache/satwatch/venv/bin/python training/threshold_study.py [key=value ...]
 
 Runs the shipped ONNX forecasters over data/smap/{train,test} with onnxruntime (cached in
-/tmp/satwatch_forecasts.npz), then replays the detector in Python: one-step error, EWMA,
+/tmp/satwatch_forecasts_<digest of the repository>.npz), then replays the detector in Python: one-step error, EWMA,
 surprise in train-error stds, level novelty against the first 640 scores' range, and the
 dynamic threshold (SPOT: P² initial quantile, method-of-moments generalised Pareto tail,
 floor), and the stuck score (a value repeated exactly for more than `stuck` times the longest
@@ -15,14 +15,35 @@ Settings as key=value: alpha, cal, tq, risk, min_peaks, floor, fixed, gap, stuck
 stuck_min. `training/score_study.py` tries other scores on the same cache.
 """
 
-import csv, json, re, sys
+import csv, hashlib, json, re, sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path("/tmp/satwatch_forecasts.npz")
-W = 64
+REPOSITORY = ROOT / "model_repository"
+
+
+def shipped_window():
+    """The shipped models' window (satwatch.window; train.py gives all of them the same)."""
+    windows = {int(re.search(r'key: "satwatch\.window" value: \{ string_value: "(\d+)"', c.read_text())[1])
+               for c in REPOSITORY.glob("smap_*/config.pbtxt")}
+    if len(windows) != 1:
+        sys.exit(f"expected one window across the shipped models, found {sorted(windows)}")
+    return windows.pop()
+
+
+def repository_fingerprint():
+    """A digest of the shipped configs and models: caches of their forecasts are named by it,
+    so a retrained repository never reads another repository's cached forecasts."""
+    h = hashlib.sha256()
+    for f in sorted(REPOSITORY.glob("smap_*/config.pbtxt")) + sorted(REPOSITORY.glob("smap_*/1/model.onnx")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+CACHE = Path(f"/tmp/satwatch_forecasts_{repository_fingerprint()}.npz")
+W = shipped_window()
 
 
 def forecasts():
@@ -31,7 +52,7 @@ def forecasts():
     import onnxruntime as ort
 
     out = {}
-    for cfg in sorted((ROOT / "model_repository").glob("smap_*/config.pbtxt")):
+    for cfg in sorted(REPOSITORY.glob("smap_*/config.pbtxt")):
         ch = cfg.parent.name[5:]
         p = dict(re.findall(r'key: "satwatch\.(\w+)" value: \{ string_value: "([^"]*)"', cfg.read_text()))
         center = np.array(p["norm_center"].split(","), np.float32)

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, required=True, help="SMAP folder with train/ (and test/)")
     p.add_argument("--out", type=Path, required=True, help="model repository to (re)write")
     p.add_argument("--channels", default="", help="comma-separated, e.g. A-1,E-2 (default: all in <data>/train)")
-    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--window", type=int, default=128)
     p.add_argument("--horizon", type=int, default=10)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

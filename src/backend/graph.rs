@@ -698,7 +698,7 @@ mod tests {
     #[test]
     fn the_shipped_model_is_two_dense_layers_and_the_last_target_value() {
         let plan = load(&shipped("T-1")).unwrap();
-        assert_eq!((plan.window, plan.features), (64, 25));
+        assert_eq!((plan.window, plan.features), (128, 25));
         assert_eq!(
             (plan.input_name.as_str(), plan.output_name.as_str()),
             ("window", "forecast")
@@ -708,9 +708,9 @@ mod tests {
             .iter()
             .map(|l| (l.inputs, l.outputs, l.relu))
             .collect();
-        assert_eq!(shapes, [(1600, 32, true), (32, 10, false)]);
-        // window[:, 63:64, 0]: the target feature of the newest sample.
-        assert_eq!(plan.residual, Some(63 * 25));
+        assert_eq!(shapes, [(3200, 32, true), (32, 10, false)]);
+        // window[:, 127:128, 0]: the target feature of the newest sample.
+        assert_eq!(plan.residual, Some(127 * 25));
     }
 
     /// Rewrites one node of the shipped model and returns the parse error.
@@ -770,22 +770,23 @@ mod tests {
         let mut model =
             proto::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
         let reference = parse(&model.encode_to_vec(), &path).unwrap();
-        // Store out.weight transposed ([32, 10]), halve it and double alpha;
-        // triple the bias and take a third with beta: same function.
+        // Store out.weight transposed ([hidden, horizon]), halve it and double
+        // alpha; triple the bias and take a third with beta: same function.
         let graph = model.graph.as_mut().unwrap();
         let weight = graph
             .initializer
             .iter_mut()
             .find(|t| t.name() == "out.weight")
             .unwrap();
+        let (horizon, hidden) = (weight.dims[0], weight.dims[1]);
         let w: Vec<f32> = le_values(weight.raw_data(), f32::from_le_bytes).unwrap();
         let mut t = vec![0.0f32; w.len()];
-        for o in 0..10 {
-            for i in 0..32 {
-                t[i * 10 + o] = w[o * 32 + i] / 2.0;
+        for o in 0..horizon as usize {
+            for i in 0..hidden as usize {
+                t[i * horizon as usize + o] = w[o * hidden as usize + i] / 2.0;
             }
         }
-        weight.dims = vec![32, 10];
+        weight.dims = vec![hidden, horizon];
         weight.raw_data = Some(t.iter().flat_map(|v| v.to_le_bytes()).collect());
         let bias = graph
             .initializer

@@ -27,6 +27,15 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The shipped models' window (`satwatch.window`, the same for all of them): a
+/// channel's first `window()` samples only fill it, and its first score is at
+/// that seq.
+pub fn window() -> i64 {
+    let model = repo_root().join("model_repository/smap_A-1");
+    let spec = satwatch::repository::load_model(&model).expect("the shipped A-1 model loads");
+    spec.window as i64
+}
+
 pub fn satwatch_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_satwatch"))
 }
