@@ -5,9 +5,10 @@
 //! number of its newest row; the rows stay here until the batch holding the
 //! window is cut, when they are copied once, compactly (a run of consecutive
 //! windows shares its rows), into the batch. So a sample costs one row of
-//! memory traffic on the engine's thread, not one window: a window is 128
-//! times a row (the shipped models' `satwatch.window`), and writing windows into a long queue was most of the
-//! pipeline's own work (BENCHMARKS.md, "What limits these figures").
+//! memory traffic on the engine's thread, not one window: a window is
+//! `satwatch.window` rows (128 for the shipped models), and writing windows
+//! into a long queue was most of the pipeline's own work (BENCHMARKS.md,
+//! "What limits these figures").
 
 use std::ops::RangeInclusive;
 
