@@ -1347,6 +1347,8 @@ fi
 if [[ $SKIP_E2E != 1 ]]; then
     note "3. latency: for each rate R, fresh services (PostgreSQL with track_commit_timestamp = on), topics, satwatch run, then:"
     IFS=, read -r -a rate_list <<<"$RATES"
+    # Rows per channel that only fill the window: replayed before each measured part.
+    read -r window < <(py window "$PIPELINE")
     for rate in "${rate_list[@]}"; do
         section="3. latency at $rate samples/s"
         log "== $section"
@@ -1365,7 +1367,6 @@ if [[ $SKIP_E2E != 1 ]]; then
         start_satwatch "lat-$rate"
         # Warm-up: the rows that only fill the windows, at full speed, consumed
         # before the measured part starts.
-        read -r window < <(py window "$PIPELINE")
         read -r _ warm _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 "$window")
         start_replay "lat-$rate-warmup" replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --max-rate --limit "$window"
         finish_replay "lat-$rate-warmup"

@@ -35,17 +35,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from threshold_study import shipped_window  # noqa: E402  (exits unless all models share one window)
+
 ROOT = Path(__file__).resolve().parent.parent
-WINDOW_PARAM = r'key: "satwatch\.window" value: \{ string_value: "(\d+)"'
-
-
-def shipped_window() -> int:
-    """The shipped models' window (they all share it; load_channels checks each)."""
-    cfg = min((ROOT / "model_repository").glob("smap_*/config.pbtxt"))
-    return int(re.search(WINDOW_PARAM, cfg.read_text())[1])
-
-
-W, F, H = shipped_window(), 25, 10  # window rows, features, horizon
+W, F, H = shipped_window(), 25, 10  # window rows (one for every shipped model), features, horizon
 
 
 def load_channels():
@@ -53,8 +47,6 @@ def load_channels():
     out = []
     for cfg in sorted((ROOT / "model_repository").glob("smap_*/config.pbtxt")):
         p = dict(re.findall(r'key: "satwatch\.(\w+)" value: \{ string_value: "([^"]*)"', cfg.read_text()))
-        if int(p["window"]) != W:
-            sys.exit(f"{cfg}: window {p['window']}, but the first model's is {W}; the grouped model needs one window")
         center = np.array(p["norm_center"].split(","), np.float32)
         scale = np.array(p["norm_scale"].split(","), np.float32)
         path = cfg.parent / "1/model.onnx"
