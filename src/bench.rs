@@ -157,8 +157,10 @@ pub async fn measure(
 
     let threads = pipeline.file.engine.backend_threads;
     let calls = std::mem::take(&mut *recorder.calls.lock().expect("recording never panics"));
+    let first_channel = inputs_again.first().ok_or("the pipeline has no channels")?;
+    let ceiling_inputs = ceiling_inputs(pipeline, specs, first_channel, &calls)?;
     let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
-    let ceiling = replay_calls(backend, specs, &calls, threads)?;
+    let ceiling = replay_calls(backend, specs, &calls, threads, &ceiling_inputs)?;
 
     let free: Arc<dyn Backend> = Arc::new(FreeBackend {
         horizons: specs.iter().map(|s| s.horizon).collect(),
@@ -201,18 +203,47 @@ fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<
     Ok(engine.channel_state_bytes())
 }
 
+fn call_floats(specs: &[Arc<ModelSpec>], (model, rows): (usize, usize)) -> usize {
+    rows * specs[model].window * specs[model].features
+}
+
+/// One buffer for every call of the ceiling, as long as the largest: real
+/// windows of the first channel, normalised by its model, repeated. Real
+/// values, not a constant: the cost of a product can depend on its operands
+/// (subnormal weights met by non-zero inputs ran 11 to 15 times slower on an
+/// Intel Xeon; see `training/train.py`'s `flush_subnormals`), so a ceiling
+/// should see inputs like the pipeline's.
+fn ceiling_inputs(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    first_channel: &Array2<f32>,
+    calls: &[(usize, usize)],
+) -> Result<Vec<f32>, String> {
+    let largest = calls
+        .iter()
+        .map(|&call| call_floats(specs, call))
+        .max()
+        .unwrap_or(0);
+    let rows = calls.iter().map(|&(_, rows)| rows).max().unwrap_or(0);
+    let spec = pipeline
+        .channels
+        .first()
+        .and_then(|c| specs.iter().find(|s| s.name == c.model))
+        .ok_or("the pipeline has no channels")?;
+    let windows = real_windows(first_channel, spec, rows.max(1))?;
+    Ok(windows.iter().copied().cycle().take(largest).collect())
+}
+
 /// Calls the backend with exactly `calls` (model, rows) on `threads` threads,
-/// every call reading one (cache-hot) buffer.
+/// every call reading (a prefix of) `inputs`, one cache-hot buffer.
 fn replay_calls(
     backend: Arc<dyn Backend>,
     specs: &[Arc<ModelSpec>],
     calls: &[(usize, usize)],
     threads: usize,
+    inputs: &[f32],
 ) -> Result<Duration, String> {
-    let floats = |&(m, rows): &(usize, usize)| rows * specs[m].window * specs[m].features;
-    let largest = calls.iter().map(floats).max().unwrap_or(0);
-    // Values do not change an MLP's cost; a plausible constant keeps it honest.
-    let inputs = vec![0.1f32; largest];
+    let floats = |&call: &(usize, usize)| call_floats(specs, call);
     let next = AtomicUsize::new(0);
     let failure = Mutex::new(None);
     let started = Instant::now();
