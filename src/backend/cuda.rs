@@ -58,15 +58,20 @@ pub fn probe(device: usize) -> Result<Arc<CudaContext>, String> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err("no CUDA driver/GPU present (libcuda.so could not be loaded)".into());
     }
+    // cudarc is built against CUDA 12.8 and asks the loader for the CUDA 12
+    // names; CUDA 13 installs only have `.so.13` ones.
+    let missing = |what: &str, lib: &str| {
+        format!(
+            "the CUDA driver is present but {what} could not be loaded (looked for {lib}.so and \
+             {lib}.so.12 on the loader's path; with CUDA 13, link {lib}.so to {lib}.so.13 in a \
+             directory on LD_LIBRARY_PATH, as scripts/gpu_check.sh does)"
+        )
+    };
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(
-            "the CUDA driver is present but cuBLAS (libcublas.so.12) could not be loaded".into(),
-        );
+        return Err(missing("cuBLAS", "libcublas"));
     }
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(
-            "the CUDA driver is present but NVRTC (libnvrtc.so.12) could not be loaded".into(),
-        );
+        return Err(missing("NVRTC", "libnvrtc"));
     }
     let count = CudaContext::device_count()
         .map_err(|err| format!("the CUDA driver did not initialise ({err}): no usable GPU"))?;
