@@ -219,18 +219,21 @@ fn ceiling_inputs(
     first_channel: &Array2<f32>,
     calls: &[(usize, usize)],
 ) -> Result<Vec<f32>, String> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
     let largest = calls
         .iter()
         .map(|&call| call_floats(specs, call))
         .max()
         .unwrap_or(0);
-    let rows = calls.iter().map(|&(_, rows)| rows).max().unwrap_or(0);
+    let rows = calls.iter().map(|&(_, rows)| rows).max().unwrap_or(1);
     let spec = pipeline
         .channels
         .first()
         .and_then(|c| specs.iter().find(|s| s.name == c.model))
         .ok_or("the pipeline has no channels")?;
-    let windows = real_windows(first_channel, spec, rows.max(1))?;
+    let windows = real_windows(first_channel, spec, rows)?;
     Ok(windows.iter().copied().cycle().take(largest).collect())
 }
 

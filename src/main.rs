@@ -307,6 +307,13 @@ async fn execute(command: Command) -> Result<(), String> {
             let backend = backend::select(&specs, &pipeline.file.engine)
                 .map_err(|e| e.to_string())?
                 .backend;
+            let window = specs.iter().map(|s| s.window).max().unwrap_or(0);
+            if limit.is_some_and(|rows| rows <= window) {
+                return Err(format!(
+                    "--limit must be above the models' window ({window} rows): with fewer rows per \
+                     channel no window fills and nothing is inferred"
+                ));
+            }
             let mut base = Vec::with_capacity(pipeline.channels.len());
             for channel in &pipeline.channels {
                 let features = satwatch::repository::model_features(&specs, &channel.model);
