@@ -252,14 +252,19 @@ fn replay_calls(
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(model, rows)) = calls.get(i) else {
-                    break;
-                };
-                if let Err(err) = backend.infer(model, &inputs[..floats(&(model, rows))], rows) {
-                    *failure.lock().expect("no panics here") = Some(err.to_string());
-                    break;
+            scope.spawn(|| {
+                // As on the pipeline's inference threads.
+                crate::backend::treat_subnormals_as_zero();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(model, rows)) = calls.get(i) else {
+                        break;
+                    };
+                    if let Err(err) = backend.infer(model, &inputs[..floats(&(model, rows))], rows)
+                    {
+                        *failure.lock().expect("no panics here") = Some(err.to_string());
+                        break;
+                    }
                 }
             });
         }
@@ -341,6 +346,8 @@ pub fn sweep(
     if pool == 0 {
         return Err("no windows to benchmark with".into());
     }
+    // As on the pipeline's inference threads.
+    crate::backend::treat_subnormals_as_zero();
     let mut figures = Vec::with_capacity(batch_sizes.len());
     for &rows in batch_sizes {
         if rows == 0 {
