@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::{
     backend::{Backend, BackendError},
     config::Pipeline,
+    metrics::Metrics,
     offline,
     repository::ModelSpec,
 };
@@ -75,6 +76,9 @@ pub struct BenchRun {
     pub windows_per_s: f64,
     /// Fraction of the backend threads' wall time spent inside inference calls.
     pub inference_share: f64,
+    /// Fraction of the backend threads' wall time spent laying out windows
+    /// for those calls (`satwatch_inference_compute_input_duration_us_total`).
+    pub layout_share: f64,
     pub batches: usize,
     pub mean_batch_size: f64,
     pub ceiling_elapsed_s: f64,
@@ -147,9 +151,15 @@ pub async fn measure(
     let started = Instant::now();
     let mut windows = 0u64;
     let inputs_again = inputs.clone();
-    let counters = offline::stream(pipeline, specs, recorder.clone(), inputs, |out| {
-        windows += out.forecasts.len() as u64
-    })
+    let metrics = Arc::new(Metrics::new());
+    let counters = offline::stream(
+        pipeline,
+        specs,
+        recorder.clone(),
+        inputs,
+        metrics.clone(),
+        |out| windows += out.forecasts.len() as u64,
+    )
     .await?;
     let elapsed = started.elapsed();
     let (cpu_after, peak_rss) = cpu_and_peak_rss();
@@ -160,13 +170,26 @@ pub async fn measure(
     let first_channel = inputs_again.first().ok_or("the pipeline has no channels")?;
     let ceiling_inputs = ceiling_inputs(pipeline, specs, first_channel, &calls)?;
     let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
+    let laying_out = Duration::from_micros(
+        specs
+            .iter()
+            .map(|s| {
+                let version = s.version.to_string();
+                metrics
+                    .input_duration_us
+                    .with_label_values(&[s.name.as_str(), version.as_str()])
+                    .get()
+            })
+            .sum(),
+    );
     let ceiling = replay_calls(backend, specs, &calls, threads, &ceiling_inputs)?;
 
     let free: Arc<dyn Backend> = Arc::new(FreeBackend {
         horizons: specs.iter().map(|s| s.horizon).collect(),
     });
     let started = Instant::now();
-    offline::stream(pipeline, specs, free, inputs_again, |_| {}).await?;
+    let unobserved = Arc::new(Metrics::new());
+    offline::stream(pipeline, specs, free, inputs_again, unobserved, |_| {}).await?;
     let free_elapsed = started.elapsed();
 
     let elapsed_s = elapsed.as_secs_f64();
@@ -182,6 +205,7 @@ pub async fn measure(
         samples_per_s: samples as f64 / elapsed_s,
         windows_per_s,
         inference_share: inside.as_secs_f64() / (elapsed_s * threads as f64),
+        layout_share: laying_out.as_secs_f64() / (elapsed_s * threads as f64),
         batches: calls.len(),
         mean_batch_size: windows as f64 / calls.len().max(1) as f64,
         ceiling_elapsed_s: ceiling.as_secs_f64(),

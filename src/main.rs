@@ -333,9 +333,9 @@ async fn execute(command: Command) -> Result<(), String> {
                         .await?;
                 if !json {
                     eprintln!(
-                        "{:>5} channels: {:>9.0} samples/s, {:>9.0} windows/s ({:.0}% of the {:.0} windows/s ceiling), {:.0}% in inference, mean batch {:.1}, {:.0} B/channel, {:.0} samples/s with free models",
+                        "{:>5} channels: {:>9.0} samples/s, {:>9.0} windows/s ({:.0}% of the {:.0} windows/s ceiling), {:.0}% in inference, {:.0}% laying out windows, mean batch {:.1}, {:.0} B/channel, {:.0} samples/s with free models",
                         result.channels, result.samples_per_s, result.windows_per_s, 100.0 * result.ratio_to_ceiling,
-                        result.ceiling_windows_per_s, 100.0 * result.inference_share, result.mean_batch_size, result.bytes_per_channel,
+                        result.ceiling_windows_per_s, 100.0 * result.inference_share, 100.0 * result.layout_share, result.mean_batch_size, result.bytes_per_channel,
                         result.free_model_samples_per_s
                     );
                 }

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub inference_count: IntCounterVec,
     pub execution_count: IntCounterVec,
     pub queue_duration_us: IntCounterVec,
+    pub input_duration_us: IntCounterVec,
     pub compute_duration_us: IntCounterVec,
     pub batch_size: HistogramVec,
     /// From the sample's `ts` to its outputs being durable.
@@ -153,6 +154,12 @@ impl Metrics {
                 &r,
                 "satwatch_inference_queue_duration_us_total",
                 "Microseconds windows waited in the batcher.",
+                model,
+            ),
+            input_duration_us: counter(
+                &r,
+                "satwatch_inference_compute_input_duration_us_total",
+                "Microseconds laying out batches' windows for backend calls.",
                 model,
             ),
             compute_duration_us: counter(

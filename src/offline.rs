@@ -20,12 +20,14 @@ use crate::{
 
 /// Streams `inputs[i]` (rows of channel `i` of the pipeline) through the
 /// engine, channels interleaved row by row as live streams arrive, and hands
-/// every output batch to `on_outputs`. Returns the engine's counters.
+/// every output batch to `on_outputs`. Returns the engine's counters; the
+/// inference metrics land in `metrics`, as they do in `run`.
 pub async fn stream(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
     backend: Arc<dyn Backend>,
     inputs: Vec<Arc<Array2<f32>>>,
+    metrics: Arc<Metrics>,
     mut on_outputs: impl FnMut(Outputs),
 ) -> Result<Counters, String> {
     assert_eq!(
@@ -36,13 +38,7 @@ pub async fn stream(
     let (samples_tx, samples_rx) = mpsc::channel(4096);
     let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
     let processor = processor::spawn(
-        pipeline,
-        specs,
-        backend,
-        samples_rx,
-        outputs_tx,
-        Arc::new(Metrics::new()),
-        None,
+        pipeline, specs, backend, samples_rx, outputs_tx, metrics, None,
     )?;
     let feeder = tokio::spawn(async move {
         let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);

@@ -263,6 +263,10 @@ fn complete(
         .with_label_values(&model_labels)
         .inc_by(completion.queue_time.as_micros() as u64);
     metrics
+        .input_duration_us
+        .with_label_values(&model_labels)
+        .inc_by(completion.input_time.as_micros() as u64);
+    metrics
         .compute_duration_us
         .with_label_values(&model_labels)
         .inc_by(completion.compute_time.as_micros() as u64);

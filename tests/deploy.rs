@@ -1163,6 +1163,7 @@ fn dashboard_prometheus_queries_use_exported_metrics() {
         "satwatch_inference_count_total",
         "satwatch_inference_exec_count_total",
         "satwatch_inference_queue_duration_us_total",
+        "satwatch_inference_compute_input_duration_us_total",
         "satwatch_inference_compute_infer_duration_us_total",
     ] {
         assert!(all.contains(needed), "{DASHBOARD}: no panel shows {needed}");

@@ -108,6 +108,13 @@ fn metrics_agree_with_the_replay_and_the_tables() {
         executions >= 1.0 && executions <= (ROWS - window() + 1) as f64,
         "batches of at least one window"
     );
+    assert!(
+        after.lines().any(
+            |l| l.starts_with("satwatch_inference_compute_input_duration_us_total{")
+                && l.contains("model=\"smap_T-1\"")
+        ),
+        "the time laying out windows is counted per model"
+    );
     let events: BTreeMap<String, i64> = pg
         .query("SELECT state, count(*) FROM anomaly_events GROUP BY state")
         .into_iter()

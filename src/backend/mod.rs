@@ -68,6 +68,9 @@ pub struct Completion {
     pub result: Result<Vec<f32>, BackendError>,
     /// Time from the oldest window's enqueue to dispatch.
     pub queue_time: Duration,
+    /// Time laying out the batch's windows for the call (Triton's "compute
+    /// input").
+    pub input_time: Duration,
     /// Time inside the backend call.
     pub compute_time: Duration,
 }
@@ -99,7 +102,9 @@ impl BackendPool {
                         // the call reads them, so they are still in cache.
                         let mut windows = Vec::new();
                         for (batch, dispatched) in queue {
+                            let laying_out = Instant::now();
                             let inputs = batch.inputs.windows(&mut windows);
+                            let input_time = laying_out.elapsed();
                             let rows = batch.entries.len();
                             let started = Instant::now();
                             let result = match &batch.runner {
@@ -114,6 +119,7 @@ impl BackendPool {
                                     batch,
                                     result,
                                     queue_time,
+                                    input_time,
                                     compute_time,
                                 })
                                 .is_err()

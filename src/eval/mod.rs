@@ -185,33 +185,40 @@ async fn detect(
         .expect("the template is valid"),
     );
     let feed = inputs.iter().map(|v| Arc::new(v.clone())).collect();
-    offline::stream(pipeline, specs, backend, feed, |out| {
-        progress.inc(out.forecasts.len() as u64);
-        for row in &out.scores {
-            let run = &mut runs[index[&*row.channel]];
-            run.score[row.seq as usize] = Some(row.score);
-            run.threshold[row.seq as usize] = Some(row.threshold);
-        }
-        for forecast in &out.forecasts {
-            let run = &mut runs[index[&*forecast.channel]];
-            if let Some(slot) = run.forecast.get_mut(forecast.seq as usize + 1) {
-                *slot = forecast.horizon.first().copied();
+    offline::stream(
+        pipeline,
+        specs,
+        backend,
+        feed,
+        Arc::new(crate::metrics::Metrics::new()),
+        |out| {
+            progress.inc(out.forecasts.len() as u64);
+            for row in &out.scores {
+                let run = &mut runs[index[&*row.channel]];
+                run.score[row.seq as usize] = Some(row.score);
+                run.threshold[row.seq as usize] = Some(row.threshold);
             }
-        }
-        for event in &out.events {
-            let run = &mut runs[index[&*event.channel]];
-            match event.state {
-                EventState::Open => run.open_since = Some(event.start_seq),
-                EventState::Closed => {
-                    run.open_since = None;
-                    run.events.push((
-                        event.start_seq,
-                        event.end_seq.expect("a closed event has an end"),
-                    ));
+            for forecast in &out.forecasts {
+                let run = &mut runs[index[&*forecast.channel]];
+                if let Some(slot) = run.forecast.get_mut(forecast.seq as usize + 1) {
+                    *slot = forecast.horizon.first().copied();
                 }
             }
-        }
-    })
+            for event in &out.events {
+                let run = &mut runs[index[&*event.channel]];
+                match event.state {
+                    EventState::Open => run.open_since = Some(event.start_seq),
+                    EventState::Closed => {
+                        run.open_since = None;
+                        run.events.push((
+                            event.start_seq,
+                            event.end_seq.expect("a closed event has an end"),
+                        ));
+                    }
+                }
+            }
+        },
+    )
     .await?;
     progress.finish_and_clear();
     for run in &mut runs {
