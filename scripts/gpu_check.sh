@@ -23,7 +23,8 @@
 # time; ONNX Runtime comes from ORT_DYLIB_PATH as everywhere else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 OUT=${1:-.local/gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -105,8 +106,8 @@ done
 
 step "eval with every model on cuda, and on onnx"
 # gpu_fallback = "refuse": a machine without a usable GPU must not report CPU figures as cuda's.
-sed -e "s|^path = \"../model_repository\"|path = \"$ROOT/model_repository\"|" \
-    -e 's|^\[engine\]|[engine]\nbackend = "cuda"\ngpu_fallback = "refuse"|' pipelines/smap.toml >"$OUT/smap-cuda.toml"
+smap_pipeline_copy "$OUT/smap-cuda.toml" model_repository
+sed -i 's|^\[engine\]|[engine]\nbackend = "cuda"\ngpu_fallback = "refuse"|' "$OUT/smap-cuda.toml"
 for backend in cuda onnx; do
     pipeline=pipelines/smap.toml
     [[ $backend == cuda ]] && pipeline="$OUT/smap-cuda.toml"

@@ -22,6 +22,20 @@ log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 # die: one clear line on stderr and a non-zero exit.
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# smap_pipeline_copy DEST REPOSITORY: pipelines/smap.toml written to DEST with
+# its model repository set to REPOSITORY (made absolute), for the scripts that
+# run variants of the shipped pipeline from elsewhere. Fails if the shipped
+# file no longer has the line it replaces, rather than leave the copy pointing
+# at a relative path that resolves next to DEST.
+smap_pipeline_copy() {
+    local dest=$1 repository
+    repository=$(cd "$2" && pwd) || die "no model repository at $2"
+    grep -q '^path = "../model_repository"$' "$SATWATCH_ROOT/pipelines/smap.toml" ||
+        die "pipelines/smap.toml has no line path = \"../model_repository\" to repoint"
+    sed "s|^path = \"../model_repository\"$|path = \"$repository\"|" \
+        "$SATWATCH_ROOT/pipelines/smap.toml" >"$dest"
+}
+
 # find_ort_lib: print the path of libonnxruntime.so.$ORT_VERSION, or nothing.
 # An ORT_DYLIB_PATH already set by the caller wins when the file exists. The
 # venv's python minor version is globbed rather than hard-coded.

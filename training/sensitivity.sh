@@ -8,13 +8,15 @@
 #   training/sensitivity.sh [path/to/satwatch]   (default target/release/satwatch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 bin=${1:-target/release/satwatch}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 variant() { # name, then key=value pairs for [detect]
   local name=$1; shift
   local file="$tmp/pipeline.toml"
-  sed "s|^path = \"../model_repository\"|path = \"$PWD/model_repository\"|" pipelines/smap.toml >"$file"
+  smap_pipeline_copy "$file" model_repository
   for kv in "$@"; do
     sed -i "/^\[detect\]/,/^\[/ s|^${kv%%=*} = .*|${kv%%=*} = ${kv#*=}|" "$file"
   done

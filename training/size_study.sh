@@ -15,6 +15,8 @@
 # for the default set on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 python=${PYTHON:-$HOME/.cache/satwatch/train-venv/bin/python}
 bin=${SATWATCH_BIN:-target/release/satwatch}
 [[ -x $python ]] || { echo "size_study: no training python at $python (see training/README.md, Retrain)" >&2; exit 1; }
@@ -44,7 +46,7 @@ done
 echo "| window | hidden | seed | val / naive (geo-mean) | train events | test TP / FP / FN | event P | event R | point F1 |"
 echo "|---:|---:|---:|---:|---:|---|---:|---:|---:|"
 for v in "${variants[@]}"; do
-  sed "s|^path = \"../model_repository\"|path = \"$tmp/$v\"|" pipelines/smap.toml >"$tmp/$v.toml"
+  smap_pipeline_copy "$tmp/$v.toml" "$tmp/$v"
   test=$("$bin" eval --pipeline "$tmp/$v.toml" --data data/smap --json 2>/dev/null)
   train=$("$bin" eval --pipeline "$tmp/$v.toml" --data data/smap --split train --json 2>/dev/null)
   python3 - "$v" "$tmp/$v.log" "$test" "$train" <<'PY'
