@@ -40,7 +40,7 @@ def build_cache():
     np.savez(CACHE,**out)
 
 
-import csv, json, sys, numpy as np
+import collections, csv, json, sys, numpy as np
 sys.path.insert(0, str(ROOT / 'training'))
 from threshold_study import P2, gpd_quantile, events, repository_fingerprint, shipped_window
 W=shipped_window();H=10
@@ -88,6 +88,7 @@ def run(x,F,cal,S):
         lowscore=-slow  # larger = quieter
         low=Spot(S['cal'],S['tq'],S['low_risk'],S['min_peaks'],-1e9,1e9)
     lo_=hi_=0.0; seen=0
+    recent=collections.deque(); outside=0
     run_len=0; max_run=0; k=S['run_k']; mr=S['run_min']
     for j,i in enumerate(t):
         thr=hi.thr(); s=sur[j]; hi.update(s, s>thr); a=s>thr
@@ -98,7 +99,13 @@ def run(x,F,cal,S):
             a = a or la
         if seen<640:
             lo_,hi_=(x[i],x[i]) if seen==0 else (min(lo_,x[i]),max(hi_,x[i])); seen+=1
-        elif max(x[i]-hi_,lo_-x[i],0)/max(hi_-lo_,0.05)>S['level']: a=True
+        else:
+            novelty=max(x[i]-hi_,lo_-x[i],0)/max(hi_-lo_,0.05)
+            if novelty>S['level']: a=True
+            if S['exc_samples']>0:
+                out=novelty>S['exc_margin']; recent.append(out); outside+=out
+                if len(recent)>640: outside-=recent.popleft()
+                if outside>S['exc_samples']: a=True
         if k>0:
             if x[i]==x[i-1]: run_len+=1
             else:
@@ -131,7 +138,7 @@ def evaluate(S, chans=None, verbose=False):
         print('  '+' '.join(f'{c}:{v[0]}/{v[1]}/{v[2]}/{v[3]}' for c,v in per.items() if v[1] or v[2] or v[3]))
     return per
 
-BASE=dict(alpha=0.1,cal=640,tq=0.98,risk=1e-3,min_peaks=10,floor=2.5,fixed=10.0,gap=50,level=0.5,low=False,low_src='e1',low_alpha=0.02,low_risk=1e-3,low_frac=1.0,run_k=0.0,run_min=0)
+BASE=dict(alpha=0.1,cal=640,tq=0.98,risk=1e-3,min_peaks=10,floor=2.5,fixed=10.0,gap=50,level=0.5,low=False,low_src='e1',low_alpha=0.02,low_risk=1e-3,low_frac=1.0,run_k=0.0,run_min=0,exc_samples=0,exc_margin=0.01)
 if __name__=='__main__':
     S=dict(BASE)
     for kv in sys.argv[1:]:

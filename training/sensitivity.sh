@@ -34,9 +34,12 @@ PY
 }
 echo "| variant | train events | test TP / FP / FN | event P | event R | point F1 |"
 echo "|---|---:|---|---:|---:|---:|"
-variant "shipped (risk 1e-3, min_threshold 2.5, stuck run 2x / 50)"
-variant "stuck score off (before)" stuck_run_factor=0
-variant "stuck score off, fixed threshold 10 only" stuck_run_factor=0 calibration_samples=0
+variant "shipped (risk 1e-3, min_threshold 2.5, stuck run 2x / 50, excursions 128 / 0.01)"
+variant "excursion score off (before)" excursion_samples=0
+variant "excursion and stuck scores off" excursion_samples=0 stuck_run_factor=0
+variant "excursion and stuck scores off, fixed threshold 10 only" excursion_samples=0 stuck_run_factor=0 calibration_samples=0
+for margin in 0 0.02 0.05 0.1; do variant "excursion_margin $margin" excursion_margin=$margin; done
+for samples in 64 100 200 320; do variant "excursion_samples $samples" excursion_samples=$samples; done
 for factor in 1.5 3.0; do variant "stuck_run_factor $factor" stuck_run_factor=$factor; done
 for run in 20 40 60 100; do variant "min_stuck_run $run" min_stuck_run=$run; done
 for floor in 2.0 3.0; do variant "min_threshold $floor" min_threshold=$floor; done

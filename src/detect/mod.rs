@@ -8,14 +8,17 @@
 //!
 //! `score = (ewma(|value - forecast|) - error_mean) / error_std`
 //!
-//! Two label-free parts join it, each scaled so that reaching its own limit
-//! means reaching the threshold: *level novelty* (the value lies outside the
-//! range the stream showed over its baseline) and a *stuck run* (the value
-//! has repeated exactly for longer than `stuck_run_factor` times the longest
-//! such run the stream has shown, and for at least `min_stuck_run` samples).
-//! A stuck run is the one anomaly a forecaster scores as good news: a
-//! frozen value is easy to predict, so its error falls while the stream
-//! behaves as it never did.
+//! Three label-free parts join it, each scaled so that reaching its own limit
+//! means reaching the threshold: *level novelty* (the value lies far outside
+//! the range the stream showed over its baseline), a *sustained excursion*
+//! (the value lay even a little outside that range in more than
+//! `excursion_samples` of the last `baseline_samples` samples) and a *stuck
+//! run* (the value has repeated exactly for longer than `stuck_run_factor`
+//! times the longest such run the stream has shown, and for at least
+//! `min_stuck_run` samples). A stuck run and a sustained excursion are what
+//! a forecaster scores as good news: a frozen value is easy to predict, and
+//! a cycle whose peaks run a little high is predicted as well as before, one
+//! window later, while the stream behaves as it never did.
 //!
 //! A sample is anomalous when its score exceeds the threshold in force: the
 //! fixed `threshold` until the stream has a history, then a threshold fitted
@@ -54,6 +57,15 @@ pub struct DetectSettings {
     /// width, is anomalous whatever its forecast error.
     #[serde(default = "default_level_threshold")]
     pub level_threshold: f32,
+    /// The stream is anomalous while more than this many of its last
+    /// `baseline_samples` scored samples lay outside the baseline range by
+    /// more than `excursion_margin` (0 turns the excursion score off).
+    #[serde(default)]
+    pub excursion_samples: u64,
+    /// How far outside the baseline range, in units of its width, a value
+    /// counts as an excursion.
+    #[serde(default = "default_excursion_margin")]
+    pub excursion_margin: f32,
     /// Scores that set the dynamic threshold's initial level (0 turns the
     /// dynamic threshold off: `threshold` alone is used).
     #[serde(default)]
@@ -95,6 +107,9 @@ fn default_min_event_gap() -> u64 {
 fn default_level_threshold() -> f32 {
     0.5
 }
+fn default_excursion_margin() -> f32 {
+    0.01
+}
 fn default_initial_quantile() -> f64 {
     0.98
 }
@@ -119,6 +134,8 @@ impl Default for DetectSettings {
             min_event_gap: default_min_event_gap(),
             baseline_samples: 0,
             level_threshold: default_level_threshold(),
+            excursion_samples: 0,
+            excursion_margin: default_excursion_margin(),
             calibration_samples: 0,
             initial_quantile: default_initial_quantile(),
             risk: default_risk(),
@@ -145,6 +162,19 @@ impl DetectSettings {
             return Err(format!(
                 "detect.level_threshold = {} must be > 0",
                 self.level_threshold
+            ));
+        }
+        if !(self.excursion_margin >= 0.0 && self.excursion_margin.is_finite()) {
+            return Err(format!(
+                "detect.excursion_margin = {} must be >= 0",
+                self.excursion_margin
+            ));
+        }
+        if self.excursion_samples >= self.baseline_samples && self.excursion_samples > 0 {
+            return Err(format!(
+                "detect.excursion_samples = {} must be below detect.baseline_samples = {}: \
+                 excursions are counted over the last baseline_samples samples",
+                self.excursion_samples, self.baseline_samples
             ));
         }
         if self.min_event_gap == 0 {
@@ -278,6 +308,10 @@ pub struct DetectorState {
     /// run in progress then counts as normal.
     #[serde(default)]
     stuck: StuckRun,
+    /// Absent from checkpoints written before the excursion score existed:
+    /// the count starts afresh.
+    #[serde(default)]
+    excursions: Excursions,
 }
 
 impl Default for DetectorState {
@@ -288,6 +322,7 @@ impl Default for DetectorState {
             open: None,
             threshold: None,
             stuck: StuckRun::default(),
+            excursions: Excursions::default(),
             // Finite placeholders (JSON has no infinities): the first
             // baseline sample replaces both.
             baseline: Baseline {
@@ -305,6 +340,45 @@ struct Baseline {
     seen: u64,
     low: f32,
     high: f32,
+}
+
+/// Which of the stream's recent scored samples lay outside its baseline
+/// range: one bit per sample, the newest `baseline_samples` of them, in a
+/// ring (80 bytes for 640 samples). Words are u32 so that a checkpoint's
+/// JSON numbers stay exact in any reader.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Excursions {
+    /// Samples the ring covers: `baseline_samples` when it was made.
+    span: u64,
+    bits: Vec<u32>,
+    /// Samples recorded since the baseline; the ring's next slot is this
+    /// modulo `baseline_samples`.
+    recorded: u64,
+    /// Bits set in the ring.
+    count: u64,
+}
+
+impl Excursions {
+    /// Records whether the newest sample was an excursion, forgetting the
+    /// sample `span` samples before it; returns how many of the last `span`
+    /// were.
+    fn record(&mut self, span: u64, excursion: bool) -> u64 {
+        if self.span != span {
+            // New, or checkpointed under another baseline length.
+            *self = Self {
+                span,
+                bits: vec![0; span.div_ceil(32) as usize],
+                ..Self::default()
+            };
+        }
+        let slot = self.recorded % span;
+        let (word, bit) = ((slot / 32) as usize, slot % 32);
+        let forgotten = u64::from((self.bits[word] >> bit) & 1);
+        self.bits[word] = (self.bits[word] & !(1 << bit)) | (u32::from(excursion) << bit);
+        self.count = self.count + u64::from(excursion) - forgotten;
+        self.recorded += 1;
+        self.count
+    }
 }
 
 /// The stream's runs of exactly repeated values.
@@ -389,6 +463,22 @@ impl ChannelDetector {
         Some((value - b.high).max(b.low - value).max(0.0) / width)
     }
 
+    /// How many of the last `baseline_samples` samples lay more than
+    /// `excursion_margin` widths outside the baseline range (`novelty` is
+    /// this sample's distance), in units of `excursion_samples` (anomalous
+    /// above 1); None while the excursion score is off.
+    fn excursion(&mut self, novelty: f32) -> Option<f32> {
+        let limit = self.settings.excursion_samples;
+        if limit == 0 {
+            return None;
+        }
+        let count = self.state.excursions.record(
+            self.settings.baseline_samples,
+            novelty > self.settings.excursion_margin,
+        );
+        Some(count as f32 / limit as f32)
+    }
+
     /// How long `value` has repeated exactly, in units of the longest run
     /// the stream may show before it counts as stuck (anomalous above 1);
     /// None while the stuck score is off or the run began in the baseline.
@@ -469,11 +559,13 @@ impl ChannelDetector {
         // One score: the level novelty and the stuck run are scaled so that
         // reaching their own limits means reaching the score threshold.
         let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
-        let level = self
-            .level_novelty(value)
-            .map(|l| l / self.settings.level_threshold * threshold);
+        let novelty = self.level_novelty(value);
+        let level = novelty.map(|l| l / self.settings.level_threshold * threshold);
+        let excursion = novelty
+            .and_then(|l| self.excursion(l))
+            .map(|e| e * threshold);
         let stuck = self.stuck_run(value, in_baseline).map(|r| r * threshold);
-        let score = [level, stuck]
+        let score = [level, excursion, stuck]
             .into_iter()
             .flatten()
             .fold(surprise, f32::max);
@@ -818,6 +910,15 @@ mod tests {
                 baseline_samples: 0,
                 ..Default::default()
             },
+            DetectSettings {
+                excursion_margin: -0.1,
+                ..Default::default()
+            },
+            DetectSettings {
+                baseline_samples: 10,
+                excursion_samples: 10,
+                ..Default::default()
+            },
         ];
         let keys = [
             "calibration_samples",
@@ -828,6 +929,8 @@ mod tests {
             "stuck_run_factor",
             "min_stuck_run",
             "baseline_samples",
+            "excursion_margin",
+            "excursion_samples",
         ];
         for (settings, key) in bad.iter().zip(keys) {
             let err = settings.validate().unwrap_err();
@@ -851,16 +954,19 @@ mod tests {
             min_threshold: 0.2,
             stuck_run_factor: 2.0,
             min_stuck_run: 4,
+            excursion_samples: 2,
+            excursion_margin: 0.1,
         };
         let calibration = ErrorCalibration {
             mean: 0.1,
             std: 0.5,
         };
-        // Small errors with two bursts (seqs 3-4 and 40-41) and a stuck
-        // value (seqs 20-30).
+        // Small errors with two bursts (seqs 3-4 and 40-41), a stuck value
+        // (seqs 20-30) and an excursion beyond the baseline (seqs 42-43).
         let values: Vec<f32> = (0..60u64)
             .map(|i| match i {
                 3 | 4 | 40 | 41 => 2.5,
+                42 | 43 => 3.0,
                 20..=30 => 0.2,
                 _ => 0.1 * ((i * 7) % 5) as f32,
             })
@@ -918,5 +1024,110 @@ mod tests {
             json["threshold"]["fitted"].is_number(),
             "the seq-45 checkpoint carries a fitted threshold: {json}"
         );
+        assert!(
+            json["excursions"]["count"].as_u64() > Some(0),
+            "the seq-45 checkpoint carries excursions: {json}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_the_excursion_score_starts_its_count_afresh() {
+        let settings = DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 100.0,
+            min_event_gap: 1,
+            baseline_samples: 2,
+            level_threshold: 1e6,
+            excursion_samples: 1,
+            ..Default::default()
+        };
+        let mut d = ChannelDetector::new(
+            settings,
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        let mut seq = 0;
+        d.step(0, ts(), 0.0, &[0.0]);
+        stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 2.0]);
+        let mut json = serde_json::to_value(d.state()).unwrap();
+        json.as_object_mut().unwrap().remove("excursions");
+        let state = serde_json::from_value(json).unwrap();
+        let mut d = ChannelDetector::restore(
+            settings,
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1.0,
+            },
+            state,
+        );
+        let scores = stuck_scores(&mut d, &mut seq, &[2.0, 2.0]);
+        assert_eq!(scores, [100.0, 200.0], "1 then 2 excursions in the last 2");
+    }
+
+    /// A detector that scores only sustained excursions (its forecast errors
+    /// are a millionth of the train error's spread): a baseline of 4 samples,
+    /// anomalous while more than 2 of the last 4 lay more than 0.1 widths
+    /// outside it.
+    fn excursion_detector() -> ChannelDetector {
+        ChannelDetector::new(
+            DetectSettings {
+                ewma_alpha: 1.0,
+                threshold: 100.0,
+                min_event_gap: 1,
+                baseline_samples: 4,
+                level_threshold: 1e6,
+                excursion_samples: 2,
+                excursion_margin: 0.1,
+                ..Default::default()
+            },
+            ErrorCalibration {
+                mean: 0.0,
+                std: 1e6,
+            },
+        )
+    }
+
+    #[test]
+    fn a_level_a_little_off_for_long_enough_is_a_sustained_excursion() {
+        let mut d = excursion_detector();
+        d.step(0, ts(), 0.0, &[0.0]);
+        let mut seq = 0;
+        // Baseline range [0, 1]: no excursion score yet.
+        let rounded = |scores: Vec<f32>| scores.iter().map(|s| s.round()).collect::<Vec<_>>();
+        let scores = stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
+        assert_eq!(rounded(scores), [0.0; 4]);
+        // 1.05 is within the margin; each 1.2 is an excursion (0.2 widths
+        // out), scored as its share of the limit of 2: the third is beyond it.
+        let scores = stuck_scores(&mut d, &mut seq, &[1.05, 1.2, 1.2, 1.2]);
+        assert_eq!(rounded(scores), [0.0, 50.0, 100.0, 150.0]);
+        // Below the range counts too; back inside, the count decays as the
+        // excursions leave the last 4 samples, and the stream is anomalous
+        // until it falls to the limit.
+        let anomalous: Vec<bool> = [-0.2, 0.5, 0.5, 0.5, 0.5]
+            .into_iter()
+            .map(|v| {
+                seq += 1;
+                d.step(seq, ts(), v, &[v]).0.unwrap().anomalous
+            })
+            .collect();
+        assert_eq!(anomalous, [true, true, false, false, false]);
+        assert_eq!(d.state().excursions.count, 0);
+    }
+
+    #[test]
+    fn excursions_are_counted_over_the_last_baseline_samples_only() {
+        let mut d = excursion_detector();
+        d.step(0, ts(), 0.0, &[0.0]);
+        let mut seq = 0;
+        stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
+        // One excursion every other sample never puts 3 in any 4 in a row.
+        let values: Vec<f32> = (0..40)
+            .map(|i| if i % 2 == 0 { 1.5 } else { 0.5 })
+            .collect();
+        let scores = stuck_scores(&mut d, &mut seq, &values);
+        assert!(scores.iter().all(|&s| s <= 100.0), "{scores:?}");
+        assert_eq!(d.state().excursions.bits.len(), 1, "4 bits fit one word");
     }
 }
