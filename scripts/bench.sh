@@ -508,6 +508,9 @@ def cmd_latency(results, rate, out):
     replay = parse_replay(p("replay.log"))
     exact = meta.get("exact")
     round_trip = load(os.path.join(results, f"round-trip-{rate}.json"))
+    cpu_path = os.path.join(results, f"round-trip-{rate}.cpu.json")
+    if round_trip is not None and os.path.exists(cpu_path):
+        round_trip["broker_cores"] = load(cpu_path).get("broker_cores")
     dump({"rate": int(rate), "meta": meta, "replay": replay, "metrics": fig, "exact": exact,
           "round_trip": round_trip}, out)
 
@@ -521,6 +524,14 @@ def cmd_round_trip(path):
     print(f"   broker alone (no pipeline), {rt['published']:,} records at {rt['achieved_per_s']:,.0f}/s over "
           f"{rt['partitions']} partitions: publish -> consumed p50 {c['p50_ms']:.1f} / p99 {c['p99_ms']:.1f} ms, "
           f"publish -> acknowledged p50 {a['p50_ms']:.1f} / p99 {a['p99_ms']:.1f} ms", flush=True)
+
+def cmd_round_trip_cpu(prefix):
+    """The broker's cores over a round trip, from its two snapshots, into PREFIX.cpu.json."""
+    before, after = load(prefix + ".snap-before.json"), load(prefix + ".snap-after.json")
+    tansu = usage_between(before, after, after["t"] - before["t"]).get("tansu") or {}
+    dump({"broker_cores": tansu.get("cores")}, prefix + ".cpu.json")
+    if tansu.get("cores") is not None:
+        print(f"   the broker used {tansu['cores']:.2f} cores meanwhile", flush=True)
 
 # ---------------------------------------------------------------- report
 
@@ -772,10 +783,10 @@ def latency_section(lats, settings):
                      ms(own.get("p50_s")), ms(own.get("p99_s")),
                      ms(ex.get("p50")), ms(ex.get("p99")), ms(ex.get("p999")), ms(ex.get("max")),
                      f(m.get("mean_batch_size"), 1), f(m.get("mean_queue_ms_per_batch"), 2), f(m.get("mean_pg_write_ms"), 1),
-                     ms(rt_ms(l, "p50_ms")), ms(rt_ms(l, "p99_ms"))])
+                     ms(rt_ms(l, "p50_ms")), ms(rt_ms(l, "p99_ms")), f((l.get("round_trip") or {}).get("broker_cores"), 2)])
     out += [table(["offered samples/s", "samples", "achieved samples/s", "scored", "scored during the replay", "p50 ms", "p99 ms", "p99.9 ms",
                    "own p50 ms", "own p99 ms", "commit p50 ms", "commit p99 ms", "commit p99.9 ms", "commit max ms", "mean batch", "batcher wait ms", "PG write ms",
-                   "broker alone p50 ms", "broker alone p99 ms"], rows), ""]
+                   "broker alone p50 ms", "broker alone p99 ms", "broker alone: broker cores"], rows), ""]
     out += ["(p50/p99/p99.9: the histogram; own: satwatch's own share, `satwatch_processing_latency_seconds`, from the moment "
             "satwatch takes the record from Kafka to its score row being committed, i.e. the commit latency less the producer, the "
             "broker and the consumer fetch; commit …: exact, to the PostgreSQL commit; batcher wait: mean time the oldest window "
@@ -783,7 +794,7 @@ def latency_section(lats, settings):
             "committed before the replay exited, near 100 % when records flow as they are offered; broker alone: "
             "`satwatch bench --round-trip` on services of its own just before, publish to consume with no pipeline in between: "
             "records at the same rate, keyed and spread over the same partitions as the replay's, consumed with the consumer "
-            "settings `satwatch run` uses.)", ""]
+            "settings `satwatch run` uses; broker cores: the broker's CPU seconds over that run per wall second.)", ""]
     if held_back:
         out += ["> **Warning: these latencies are not satwatch's.** At " + ", ".join(f"{r:,}/s only {100*s_:.0f} %" for r, s_ in held_back)
                 + " of the samples were scored before the replay finished, while satwatch scored every sample it was given within "
@@ -804,7 +815,10 @@ def latency_section(lats, settings):
                     + (" — but see the warning above: the load generator, not satwatch, set this figure." if any(r == 1000 for r, _ in held_back) else ".")
                     + (f" The broker alone, with no pipeline (`satwatch bench --round-trip` at 1,000 records/s): publish to consume "
                        f"p50 {rt_ms(at1k, 'p50_ms')*1e3:,.1f} / p99 {rt_ms(at1k, 'p99_ms')*1e3:,.1f} ms, "
-                       f"{'already over' if rt_ms(at1k, 'p99_ms') >= target else 'within'} the target before satwatch does anything."
+                       f"{'already over' if rt_ms(at1k, 'p99_ms') >= target else 'within'} the target before satwatch does anything"
+                       + (f"; serving those 1,000 records/s kept the broker {at1k['round_trip']['broker_cores']:.2f} cores busy, polling its storage "
+                          "for every partition of every fetch, so its delivery time is its own CPU time."
+                          if (at1k.get("round_trip") or {}).get("broker_cores") is not None else ".")
                        if rt_ms(at1k, "p99_ms") is not None else ""), ""]
         else:
             out += [f"**Target**: p99 at 1,000 samples/s below {target*1e3:g} ms: not measured in this run.", ""]
@@ -961,6 +975,7 @@ COMMANDS = {
     "expected": cmd_expected, "window": cmd_window, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
     "core": cmd_core, "e2e": cmd_e2e, "latency": cmd_latency, "render": cmd_render,
     "print": cmd_print, "machine": cmd_machine, "div": cmd_div, "round_trip": cmd_round_trip,
+    "round_trip_cpu": cmd_round_trip_cpu,
 }
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     fail("usage: SUBCOMMAND ARGS (" + ", ".join(COMMANDS) + ")")
@@ -1372,10 +1387,15 @@ if [[ $SKIP_E2E != 1 ]]; then
         want=$((rate * LAT_SECONDS < LAT_SAMPLES ? rate * LAT_SECONDS : LAT_SAMPLES))
         rt_seconds=$(py div "$want" "$rate")
         record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
+        # The broker's CPU over the round trip: tansu polls its storage for
+        # every fetch, so an idle-looking load can keep it busy.
+        py snap "$RESULTS/round-trip-$rate.snap-before.json" "tansu=$tansu_pid"
         "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
             >"$RESULTS/round-trip-$rate.json" 2>"$RESULTS/round-trip-$rate.log" ||
             die "satwatch bench --round-trip failed (log: $RESULTS/round-trip-$rate.log)"
+        py snap "$RESULTS/round-trip-$rate.snap-after.json" "tansu=$tansu_pid"
         py round_trip "$RESULTS/round-trip-$rate.json"
+        py round_trip_cpu "$RESULTS/round-trip-$rate"
         fresh_services 1
         start_satwatch "lat-$rate"
         # Warm-up: the rows that only fill the windows, at full speed, consumed
