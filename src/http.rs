@@ -155,10 +155,13 @@ async fn repository_index(State(state): State<AppState>) -> Response {
 }
 
 /// Load and unload change what is served: explicit mode only, and only with
-/// the configured token.
-fn authorise(state: &AppState, headers: &HeaderMap) -> Result<Arc<RepositoryControl>, Response> {
+/// the configured token. The refusal is the status and reason for `error`.
+fn authorise(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<RepositoryControl>, (StatusCode, String)> {
     if state.mode != ControlMode::Explicit {
-        return Err(error(
+        return Err((
             StatusCode::BAD_REQUEST,
             format!(
                 "model control mode is {:?}: load and unload need [repository] mode = \"explicit\"",
@@ -168,7 +171,7 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> Result<Arc<RepositoryCont
         ));
     }
     let Some(token) = &state.token else {
-        return Err(error(
+        return Err((
             StatusCode::FORBIDDEN,
             "load and unload are disabled: set SATWATCH_REPOSITORY_TOKEN (or [repository] control_token) to enable them".into(),
         ));
@@ -178,13 +181,13 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> Result<Arc<RepositoryCont
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        return Err(error(
+        return Err((
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
         ));
     }
     state.control.clone().ok_or_else(|| {
-        error(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             "repository control is not running".into(),
         )
@@ -212,7 +215,7 @@ async fn load_model(
 ) -> Response {
     let control = match authorise(&state, &headers) {
         Ok(control) => control,
-        Err(response) => return response,
+        Err((status, reason)) => return error(status, reason),
     };
     match control.load(&model).await {
         Ok(version) => {
@@ -229,7 +232,7 @@ async fn unload_model(
 ) -> Response {
     let control = match authorise(&state, &headers) {
         Ok(control) => control,
-        Err(response) => return response,
+        Err((status, reason)) => return error(status, reason),
     };
     match control.unload(&model) {
         Ok(()) => StatusCode::OK.into_response(),

@@ -106,32 +106,48 @@ pub fn spawn(
         pipeline.file.engine.backend_threads,
         completions_tx,
     );
+    let links = Links {
+        samples,
+        completions: completions_rx,
+        outputs,
+        updates,
+    };
     Ok(tokio::spawn(process(
         engine,
         pool,
-        completions_rx,
-        samples,
-        outputs,
+        links,
         pipeline.file.engine.max_pending_windows,
         metrics,
         ChannelLabels::new(&pipeline.channels),
-        updates,
     )))
+}
+
+/// The engine's task's queues: what comes in and what goes out.
+struct Links {
+    samples: mpsc::Receiver<Input>,
+    /// Finished backend calls, from the pool's threads.
+    completions: mpsc::UnboundedReceiver<Completion>,
+    outputs: mpsc::Sender<Outputs>,
+    /// Model control's updates; None offline.
+    updates: Option<mpsc::Receiver<ModelUpdate>>,
 }
 
 /// Processes samples until the sample channel closes and every queued window
 /// has been scored; returns the engine for its counters.
-pub async fn process(
+async fn process(
     mut engine: Engine,
     pool: BackendPool,
-    mut completions: mpsc::UnboundedReceiver<Completion>,
-    mut samples: mpsc::Receiver<Input>,
-    outputs: mpsc::Sender<Outputs>,
+    links: Links,
     max_pending_windows: usize,
     metrics: Arc<Metrics>,
     labels: ChannelLabels,
-    updates: Option<mpsc::Receiver<ModelUpdate>>,
 ) -> Result<Engine, ProcessError> {
+    let Links {
+        mut samples,
+        mut completions,
+        outputs,
+        updates,
+    } = links;
     // Offline runs have no model control: a closed channel stands in.
     let mut updates = updates.unwrap_or_else(|| mpsc::channel(1).1);
     let mut updates_open = true;

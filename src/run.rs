@@ -23,7 +23,7 @@ use crate::{
         control::{RepositoryControl, Served},
         ModelSpec,
     },
-    sink::{self, postgres, PgWriter, Publisher},
+    sink::{self, postgres, PgWriter, Publisher, SinkParts},
     source::{self, SourceParts},
     telemetry::{ChannelShape, Decoder},
 };
@@ -162,14 +162,16 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     .map_err(RunError)?;
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,
-        PgWriter::new(pg.clone()),
-        PgWriter::new(pg.clone()),
-        publisher.clone(),
-        acks_tx,
-        pipeline.file.sink.clone(),
-        metrics.clone(),
-        health.clone(),
-        tracker,
+        SinkParts {
+            pg: PgWriter::new(pg.clone()),
+            checkpoint_pg: PgWriter::new(pg.clone()),
+            publisher: publisher.clone(),
+            acks: acks_tx,
+            settings: pipeline.file.sink.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            partitions: tracker,
+        },
     ));
     let source = tokio::spawn(source::consume(
         subscription,

@@ -11,13 +11,12 @@ use common::*;
 
 const ROWS: i64 = 600;
 
-fn run_replay(
-    with_bad_records: bool,
-) -> (
-    BTreeMap<(String, i64), (f32, f32, bool)>,
-    Vec<Record>,
-    String,
-) {
+/// Score rows by (channel, seq): (score, threshold, anomalous).
+type Scores = BTreeMap<(String, i64), (f32, f32, bool)>;
+
+/// Replays two channels (with or without bad records among them); returns
+/// the score rows, the dead-letter records and the metrics text.
+fn run_replay(with_bad_records: bool) -> (Scores, Vec<Record>, String) {
     let Stack {
         broker,
         pg,

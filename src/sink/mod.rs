@@ -37,6 +37,21 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// published. Bounds the memory a slow broker holds; past it, writing waits.
 const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
+/// What the sink needs besides the engine's outputs.
+pub struct SinkParts {
+    /// Writes score, forecast and event rows.
+    pub pg: PgWriter,
+    /// Writes checkpoints, after their batch's records are published.
+    pub checkpoint_pg: PgWriter,
+    pub publisher: Publisher,
+    /// Where the source learns which records are durable.
+    pub acks: mpsc::UnboundedSender<Vec<Origin>>,
+    pub settings: SinkSettings,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub partitions: Arc<Mutex<OffsetTracker>>,
+}
+
 /// Writes until `outputs` closes and its last batch is durable.
 ///
 /// Two stages, so that a sample's score row waits for its own batch's write
@@ -44,17 +59,17 @@ const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// PostgreSQL and moves on; [`publish_loop`] publishes the committed batches'
 /// records in order, then writes their checkpoints and acknowledges their
 /// source records.
-pub async fn write_loop(
-    mut outputs: mpsc::Receiver<Outputs>,
-    mut pg: PgWriter,
-    checkpoint_pg: PgWriter,
-    publisher: Publisher,
-    acks: mpsc::UnboundedSender<Vec<Origin>>,
-    settings: SinkSettings,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    partitions: Arc<Mutex<OffsetTracker>>,
-) {
+pub async fn write_loop(mut outputs: mpsc::Receiver<Outputs>, parts: SinkParts) {
+    let SinkParts {
+        mut pg,
+        checkpoint_pg,
+        publisher,
+        acks,
+        settings,
+        metrics,
+        health,
+        partitions,
+    } = parts;
     let (committed_tx, committed_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
     let publishing = tokio::spawn(publish_loop(
         committed_rx,
