@@ -632,11 +632,16 @@ mod tests {
                 min_event_gap: gap,
                 ..Default::default()
             },
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
+            unit_errors(),
         )
+    }
+
+    /// Errors in their own units: the surprise is the smoothed error.
+    fn unit_errors() -> ErrorCalibration {
+        ErrorCalibration {
+            mean: 0.0,
+            std: 1.0,
+        }
     }
 
     fn ts() -> DateTime<Utc> {
@@ -673,13 +678,7 @@ mod tests {
             level_threshold: 0.5,
             ..Default::default()
         };
-        let mut d = ChannelDetector::new(
-            settings,
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
-        );
+        let mut d = ChannelDetector::new(settings, unit_errors());
         d.step(0, ts(), 0.0, &[0.0]);
         // Baseline: values 0.0, 0.2, 0.4 (range width 0.4), forecast exact.
         for (seq, v) in [(1, 0.0), (2, 0.2), (3, 0.4)] {
@@ -715,16 +714,13 @@ mod tests {
                 min_stuck_run: 3,
                 ..Default::default()
             },
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
+            unit_errors(),
         )
     }
 
     /// Steps `values` through `d` from `seq`, the forecast always exact;
     /// returns the scores.
-    fn stuck_scores(d: &mut ChannelDetector, seq: &mut u64, values: &[f32]) -> Vec<f32> {
+    fn exact_forecast_scores(d: &mut ChannelDetector, seq: &mut u64, values: &[f32]) -> Vec<f32> {
         values
             .iter()
             .map(|&v| {
@@ -740,17 +736,17 @@ mod tests {
         d.step(0, ts(), 0.0, &[0.0]);
         let mut seq = 0;
         // Baseline 1, 2; then runs of 3 repeats (four equal values).
-        stuck_scores(&mut d, &mut seq, &[1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0]);
+        exact_forecast_scores(&mut d, &mut seq, &[1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0]);
         assert_eq!(d.state().stuck.longest, 3);
         // The limit is max(2 · 3, 3) = 6 repeats: the 6th is at it, the 7th beyond.
-        let scores = stuck_scores(&mut d, &mut seq, &[4.0; 7]);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[4.0; 7]);
         assert!((scores[5] - 100.0).abs() < 1e-3, "at the limit: {scores:?}");
         assert!(scores[6] > 100.0, "stuck beyond it: {scores:?}");
         let (scored, _) = d.step(seq + 1, ts(), 4.0, &[4.0]);
         assert!(scored.unwrap().anomalous, "still stuck: {scored:?}");
         // It moves again: no longer stuck, and the stuck run taught nothing.
         seq += 1;
-        let scores = stuck_scores(&mut d, &mut seq, &[5.0]);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[5.0]);
         assert_eq!(scores, [1.0], "the forecast error |5 - 4| alone");
         assert_eq!(
             d.state().stuck.longest,
@@ -764,10 +760,10 @@ mod tests {
         let mut d = stuck_detector(5);
         d.step(0, ts(), 7.0, &[7.0]);
         let mut seq = 0;
-        let scores = stuck_scores(&mut d, &mut seq, &[7.0; 100]);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[7.0; 100]);
         assert!(scores.iter().all(|&s| s == 0.0), "{scores:?}");
         // Its first change ends a normal run of 99 repeats (100 scored values).
-        stuck_scores(&mut d, &mut seq, &[8.0]);
+        exact_forecast_scores(&mut d, &mut seq, &[8.0]);
         assert_eq!(d.state().stuck.longest, 99);
     }
 
@@ -835,13 +831,7 @@ mod tests {
             min_threshold: 0.5,
             ..Default::default()
         };
-        let mut d = ChannelDetector::new(
-            settings,
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
-        );
+        let mut d = ChannelDetector::new(settings, unit_errors());
         d.step(0, ts(), 0.0, &[0.0]);
         // A stream whose normal errors have an exponential tail (the 50
         // quantiles -ln((k + 1/2) / 50), scrambled; at most ln 100 = 4.6),
@@ -1041,28 +1031,15 @@ mod tests {
             excursion_samples: 1,
             ..Default::default()
         };
-        let mut d = ChannelDetector::new(
-            settings,
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
-        );
+        let mut d = ChannelDetector::new(settings, unit_errors());
         let mut seq = 0;
         d.step(0, ts(), 0.0, &[0.0]);
-        stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 2.0]);
+        exact_forecast_scores(&mut d, &mut seq, &[0.0, 1.0, 2.0]);
         let mut json = serde_json::to_value(d.state()).unwrap();
         json.as_object_mut().unwrap().remove("excursions");
         let state = serde_json::from_value(json).unwrap();
-        let mut d = ChannelDetector::restore(
-            settings,
-            ErrorCalibration {
-                mean: 0.0,
-                std: 1.0,
-            },
-            state,
-        );
-        let scores = stuck_scores(&mut d, &mut seq, &[2.0, 2.0]);
+        let mut d = ChannelDetector::restore(settings, unit_errors(), state);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[2.0, 2.0]);
         assert_eq!(scores, [100.0, 200.0], "1 then 2 excursions in the last 2");
     }
 
@@ -1096,11 +1073,11 @@ mod tests {
         let mut seq = 0;
         // Baseline range [0, 1]: no excursion score yet.
         let rounded = |scores: Vec<f32>| scores.iter().map(|s| s.round()).collect::<Vec<_>>();
-        let scores = stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
         assert_eq!(rounded(scores), [0.0; 4]);
         // 1.05 is within the margin; each 1.2 is an excursion (0.2 widths
         // out), scored as its share of the limit of 2: the third is beyond it.
-        let scores = stuck_scores(&mut d, &mut seq, &[1.05, 1.2, 1.2, 1.2]);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &[1.05, 1.2, 1.2, 1.2]);
         assert_eq!(rounded(scores), [0.0, 50.0, 100.0, 150.0]);
         // Below the range counts too; back inside, the count decays as the
         // excursions leave the last 4 samples, and the stream is anomalous
@@ -1121,12 +1098,12 @@ mod tests {
         let mut d = excursion_detector();
         d.step(0, ts(), 0.0, &[0.0]);
         let mut seq = 0;
-        stuck_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
+        exact_forecast_scores(&mut d, &mut seq, &[0.0, 1.0, 0.5, 0.5]);
         // One excursion every other sample never puts 3 in any 4 in a row.
         let values: Vec<f32> = (0..40)
             .map(|i| if i % 2 == 0 { 1.5 } else { 0.5 })
             .collect();
-        let scores = stuck_scores(&mut d, &mut seq, &values);
+        let scores = exact_forecast_scores(&mut d, &mut seq, &values);
         assert!(scores.iter().all(|&s| s <= 100.0), "{scores:?}");
         assert_eq!(d.state().excursions.bits.len(), 1, "4 bits fit one word");
     }
