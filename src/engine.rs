@@ -437,11 +437,18 @@ impl Engine {
             .count()
     }
 
-    /// Approximate bytes of per-channel state.
+    /// Approximate bytes of per-channel state: the channel's fields, its
+    /// window's rows, the Kafka offsets of those rows (none offline) and the
+    /// detector's heap.
     pub fn channel_state_bytes(&self) -> usize {
         self.channels
             .iter()
-            .map(|c| std::mem::size_of::<ChannelState>() + c.window.heap_bytes())
+            .map(|c| {
+                std::mem::size_of::<ChannelState>()
+                    + c.window.heap_bytes()
+                    + c.offsets.capacity() * std::mem::size_of::<i64>()
+                    + c.detector.heap_bytes(self.models[c.model].spec.horizon)
+            })
             .sum()
     }
 
@@ -849,6 +856,34 @@ mod tests {
             ..Default::default()
         };
         Engine::new(&[channel], &[spec()], detect).unwrap()
+    }
+
+    #[test]
+    fn channel_state_counts_the_offsets_and_the_detectors_heap() {
+        let channel = ChannelConfig {
+            id: "X-1".into(),
+            subsystem: "xs".into(),
+            topic: "telemetry.xs".into(),
+            model: "m".into(),
+        };
+        let without = Engine::new(&[channel.clone()], &[spec()], DetectSettings::default())
+            .unwrap()
+            .channel_state_bytes();
+        let detect = DetectSettings {
+            baseline_samples: 640,
+            excursion_samples: 128,
+            ..Default::default()
+        };
+        let with = Engine::new(&[channel], &[spec()], detect)
+            .unwrap()
+            .channel_state_bytes();
+        assert_eq!(with - without, 640 / 8, "one bit per baseline sample");
+        let fields = std::mem::size_of::<ChannelState>();
+        let window = engine().channels[0].window.heap_bytes();
+        assert!(
+            without >= fields + window + 2 * 8 + 4,
+            "two offsets and a one-step forecast: {without} bytes"
+        );
     }
 
     fn sample(seq: u64, value: f32) -> Sample {

@@ -441,6 +441,24 @@ impl ChannelDetector {
         &self.state
     }
 
+    /// Heap bytes the state holds once the stream runs, for per-channel
+    /// accounting: the last forecast (`horizon` values) and the excursion
+    /// ring, counted from the start although both are allocated later.
+    pub fn heap_bytes(&self, horizon: usize) -> usize {
+        let forecast = self
+            .state
+            .last_forecast
+            .as_ref()
+            .map_or(0, |(_, h)| h.capacity())
+            .max(horizon);
+        let ring = if self.settings.excursion_samples > 0 {
+            self.settings.baseline_samples.div_ceil(32) as usize
+        } else {
+            0
+        };
+        forecast * std::mem::size_of::<f32>() + ring * std::mem::size_of::<u32>()
+    }
+
     /// How far `value` lies outside the baseline range, in range widths;
     /// None while the baseline is still being established (or the level
     /// score is off).
@@ -556,8 +574,9 @@ impl ChannelDetector {
         // The threshold learns from the surprise alone, before this sample's
         // verdict is known to anyone, and only from surprises below it.
         dynamic.update(&spot, surprise, surprise > threshold);
-        // One score: the level novelty and the stuck run are scaled so that
-        // reaching their own limits means reaching the score threshold.
+        // One score: the level novelty, the excursion count and the stuck
+        // run are scaled so that reaching their own limits means reaching
+        // the score threshold.
         let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
         let novelty = self.level_novelty(value);
         let level = novelty.map(|l| l / self.settings.level_threshold * threshold);
