@@ -91,8 +91,11 @@ DATA=data/smap
 SPLIT="test"
 READY_TIMEOUT=60
 STOP_TIMEOUT=30
+# The one-inference-thread comparison runs these replica counts.
+ONE_THREAD_REPLICAS=1,10
 if [[ $QUICK == 1 ]]; then
     REPLICAS=${SATWATCH_BENCH_REPLICAS:-1,10}
+    ONE_THREAD_REPLICAS=1
     E2E_LIMIT=2000    # rows per channel end to end
     LAT_SAMPLES=5000  # per latency rate: this many samples ...
     LAT_SECONDS=5     # ... or this many seconds, whichever is shorter
@@ -551,7 +554,41 @@ def table(header, rows, align=None):
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
-def core_section(core, settings):
+def one_thread_part(core, one):
+    """The pipeline with one inference thread, next to the shipped thread count's runs."""
+    if not one or "runs" not in one:
+        return []
+    shipped = {r["channels"]: r for r in core["runs"]}
+    threads = core["runs"][0].get("backend_threads")
+    rows = []
+    for r in one["runs"]:
+        s = shipped.get(r["channels"])
+        rows.append([f(r["channels"]), f(r["samples_per_s"]), f(r.get("ceiling_windows_per_s")),
+                     f(100 * r["ratio_to_ceiling"], 1, " %") if r.get("ratio_to_ceiling") is not None else "n/a",
+                     f(100 * r["samples_per_s"] / s["samples_per_s"], 0, " %") if s else "n/a",
+                     f(100 * s["ratio_to_ceiling"], 1, " %") if s and s.get("ratio_to_ceiling") is not None else "n/a"])
+    out = ["**With one inference thread** (`satwatch bench --backend-threads 1`; the pipeline file has "
+           f"{threads if threads is not None else 'its own number'}): the engine's own thread then has a core to itself instead of "
+           "sharing two cores with two inference threads, and the ceiling is one thread's.", "",
+           table(["channels", "samples/s", "ceiling windows/s", "pipeline / ceiling", "samples/s against the shipped threads'",
+                  "pipeline / ceiling with the shipped threads"], rows), ""]
+    pairs = [(r, shipped[r["channels"]]) for r in one["runs"]
+             if r["channels"] in shipped and r.get("ratio_to_ceiling") is not None
+             and shipped[r["channels"]].get("ratio_to_ceiling") is not None]
+    if pairs:
+        span = lambda xs: (f"{min(xs):.0f} %" if round(min(xs)) == round(max(xs)) else f"{min(xs):.0f}–{max(xs):.0f} %")
+        one_r = span([100 * r["ratio_to_ceiling"] for r, _ in pairs])
+        two_r = span([100 * s["ratio_to_ceiling"] for _, s in pairs])
+        rate = span([100 * r["samples_per_s"] / s["samples_per_s"] for r, s in pairs])
+        text = (f"With one inference thread the pipeline reaches {one_r} of its ceiling, against {two_r} with "
+                f"{threads if threads is not None else 'the shipped number of'} threads, at {rate} of their throughput.")
+        if all(r["ratio_to_ceiling"] > s["ratio_to_ceiling"] for r, s in pairs):
+            text += (" The gap is the sharing of the cores: with a core of its own the engine's work overlaps the calls "
+                     "instead of taking turns with them. The pipeline file keeps the faster setting.")
+        out += [text, ""]
+    return out
+
+def core_section(core, settings, one_thread=None):
     out = ["## 1. Core throughput, inference ceiling, scaling (in process)", ""]
     if core is None:
         return out + ["Not measured in this run.", ""]
@@ -583,6 +620,9 @@ def core_section(core, settings):
                 " / ".join([f(1e6 / r["windows_per_s"], 2),
                             f(1e6 / r["ceiling_windows_per_s"], 2) if r.get("ceiling_windows_per_s") else "n/a",
                             f(1e6 / r["free_model_samples_per_s"], 2) if r.get("free_model_samples_per_s") else "n/a"])] for r in runs]), "",
+    ]
+    out += one_thread_part(core, one_thread)
+    out += [
         "**Scaling**", "",
         table(["channels", "samples/s", "peak RSS (MiB)", "channel state (MiB)", "bytes per channel"],
               [[f(r["channels"]), f(r["samples_per_s"]),
@@ -931,7 +971,7 @@ def cmd_render(results, out_path):
         "afresh before each `satwatch run`, with `scripts/services.sh` on the bench's own ports):", "",
         "```sh", commands, "```", "",
     ]
-    lines += core_section(core, settings)
+    lines += core_section(core, settings, load(os.path.join(results, "core-1thread.json")))
     lines += e2e_section(e2e, settings)
     lines += latency_section(lats, settings)
     lines += grouped_section(os.path.join(results, "grouped.md"))
@@ -956,7 +996,8 @@ def cmd_print(results, section):
     global LAT_SAMPLES, LAT_SECONDS
     LAT_SAMPLES, LAT_SECONDS = machine.get("lat_samples", 0), machine.get("lat_seconds", 0)
     if section == "core":
-        text = core_section(load(os.path.join(results, "core.json")), settings)
+        text = core_section(load(os.path.join(results, "core.json")), settings,
+                            load(os.path.join(results, "core-1thread.json")))
     elif section == "e2e":
         text = e2e_section(load(os.path.join(results, "e2e.json")), settings)
     else:
@@ -1320,6 +1361,8 @@ log "bench: $(nproc) cores ($cpu_model), load average $(cut -d' ' -f1-3 /proc/lo
 
 section="1. core (satwatch bench)"
 log "== $section"
+# Only this run's figures: a comparison left from an earlier run must not show.
+rm -f "$RESULTS/core-1thread.json"
 bench_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$REPLICAS" --json)
 if [[ -n $CORE_JSON ]]; then
     [[ -f $CORE_JSON ]] || die "SATWATCH_BENCH_CORE_JSON=$CORE_JSON: no such file"
@@ -1332,6 +1375,13 @@ elif "$BIN" bench --help >/dev/null 2>&1; then
     timeout "$WAIT_TIMEOUT" "$BIN" "${bench_args[@]}" >"$RESULTS/core.raw.json" 2>"$RESULTS/core.log" \
         || die "satwatch bench failed or ran past ${WAIT_TIMEOUT}s (log: $RESULTS/core.log)"
     py core "$RESULTS/core.raw.json" "$RESULTS/core.json" measured
+    # The same with one inference thread: on two cores the engine's own
+    # thread then has a core to itself (and the ceiling is one thread's).
+    one_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$ONE_THREAD_REPLICAS" --backend-threads 1 --json)
+    record_cmd "$BIN" "${one_args[@]}"
+    timeout "$WAIT_TIMEOUT" "$BIN" "${one_args[@]}" >"$RESULTS/core-1thread.raw.json" 2>"$RESULTS/core-1thread.log" \
+        || die "satwatch bench --backend-threads 1 failed or ran past ${WAIT_TIMEOUT}s (log: $RESULTS/core-1thread.log)"
+    py core "$RESULTS/core-1thread.raw.json" "$RESULTS/core-1thread.json" measured
 else
     log "   $BIN has no 'bench' subcommand: section 1 is skipped"
     py core - "$RESULTS/core.json" "\`$BIN_SHOWN\` has no \`bench\` subcommand (build a newer satwatch)."

@@ -65,6 +65,8 @@ impl Backend for FreeBackend {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRun {
+    /// Inference threads: the pipeline's and the ceiling's.
+    pub backend_threads: usize,
     pub channels: usize,
     pub replicas: usize,
     /// Samples streamed (including each channel's warm-up).
@@ -197,6 +199,7 @@ pub async fn measure(
     let ceiling_windows_per_s = windows as f64 / ceiling.as_secs_f64();
     let channel_state_bytes = channel_state_bytes(pipeline, specs)?;
     Ok(BenchRun {
+        backend_threads: threads,
         channels: pipeline.channels.len(),
         replicas,
         samples,

@@ -138,6 +138,11 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// backend with no usable GPU is refused, never replaced.
         #[arg(long)]
         backend: Option<BackendChoice>,
+        /// Inference threads for the pipeline runs (and so for their
+        /// ceiling) instead of the pipeline's [engine] backend_threads: on
+        /// few cores, whether the engine's own thread shares them.
+        #[arg(long)]
+        backend_threads: Option<usize>,
         /// Backend micro-benchmark at these batch sizes (e.g.
         /// 1,4,16,64,256,1024,4096) instead of the pipeline runs.
         #[arg(long, value_delimiter = ',')]
@@ -280,6 +285,7 @@ async fn execute(command: Command) -> Result<(), String> {
             limit,
             json,
             backend: choice,
+            backend_threads,
             batch_sizes,
             channel,
             min_time_ms,
@@ -298,6 +304,12 @@ async fn execute(command: Command) -> Result<(), String> {
                 pipeline.file.engine.backend = choice;
                 // A benchmark of a GPU backend must not quietly measure the CPU.
                 pipeline.file.engine.gpu_fallback = GpuFallback::Refuse;
+            }
+            if let Some(threads) = backend_threads {
+                if threads == 0 {
+                    return Err("--backend-threads must be at least 1".into());
+                }
+                pipeline.file.engine.backend_threads = threads;
             }
             if let Some(sizes) = batch_sizes {
                 pipeline.select_channels(&channel)?;

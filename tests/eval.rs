@@ -1,4 +1,5 @@
-//! `satwatch eval --json` on two channels, checked against the label file.
+//! The offline runs: `satwatch eval --json` on two channels, checked against
+//! the label file, and `satwatch bench --json`, checked against the data.
 
 mod common;
 
@@ -92,4 +93,58 @@ fn eval_json_agrees_with_the_labels_and_its_own_counts() {
         .map(|l| l.rows)
         .sum();
     assert_eq!(totals["samples"].as_u64(), Some(samples));
+}
+
+/// `satwatch bench` with `args` added; its stdout as JSON, or its stderr.
+fn bench(args: &[&str]) -> Result<Value, String> {
+    let output = Command::new(satwatch_bin())
+        .args([
+            "bench",
+            "--pipeline",
+            SMAP_PIPELINE,
+            "--data",
+            "data/smap",
+            "--json",
+        ])
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).expect("--json prints one JSON object"))
+}
+
+#[test]
+fn bench_forecasts_every_window_on_the_threads_it_is_given() {
+    let rows = 200;
+    let figures = bench(&[
+        "--replicas",
+        "1,2",
+        "--limit",
+        "200",
+        "--backend-threads",
+        "1",
+    ])
+    .unwrap();
+    let window = common::window();
+    for (run, replicas) in figures["runs"].as_array().unwrap().iter().zip([1, 2]) {
+        let channels = 27 * replicas;
+        assert_eq!(run["channels"], channels, "{run}");
+        assert_eq!(run["backend_threads"], 1, "{run}");
+        assert_eq!(run["samples"], channels * rows, "{run}");
+        assert_eq!(
+            run["windows"],
+            channels * (rows - window + 1),
+            "one forecast per full window: {run}"
+        );
+        let ratio = run["ratio_to_ceiling"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio.is_finite(), "{run}");
+    }
+    let refused = bench(&["--replicas", "1", "--backend-threads", "0"]).unwrap_err();
+    assert!(
+        refused.contains("--backend-threads must be at least 1"),
+        "{refused}"
+    );
 }
