@@ -698,7 +698,7 @@ def core_section(core, settings, one_thread=None):
             per = f"a constant {bpc[0][1]/1024:.1f} KiB per channel"
         else:
             per = "about " + ", ".join(f"{b/1024:.1f} KiB per channel at {c:,}" for c, b in bpc)
-        notes.append(f"Channel state (the window's rows, room for as many again, detector state) costs {per} at rest; "
+        notes.append(f"Channel state (the window's rows, room for as many again, the Kafka offsets kept for them, the detector's state) costs {per} at rest; "
                      "a queued window adds one row (100 bytes) to its channel and an entry to its model's queue until its batch is "
                      "cut, about 200 bytes in all, so a full queue (`max_pending_windows`) adds a few MB. Peak RSS adds the loaded models, ONNX Runtime's buffers, "
                      "the batches in flight and the data set held in memory.")
