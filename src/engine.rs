@@ -842,31 +842,28 @@ mod tests {
         })
     }
 
-    fn engine() -> Engine {
-        let channel = ChannelConfig {
+    fn channel() -> ChannelConfig {
+        ChannelConfig {
             id: "X-1".into(),
             subsystem: "xs".into(),
             topic: "telemetry.xs".into(),
             model: "m".into(),
-        };
+        }
+    }
+
+    fn engine() -> Engine {
         let detect = DetectSettings {
             ewma_alpha: 1.0,
             threshold: 5.0,
             min_event_gap: 1,
             ..Default::default()
         };
-        Engine::new(&[channel], &[spec()], detect).unwrap()
+        Engine::new(&[channel()], &[spec()], detect).unwrap()
     }
 
     #[test]
     fn channel_state_counts_the_offsets_and_the_detectors_heap() {
-        let channel = ChannelConfig {
-            id: "X-1".into(),
-            subsystem: "xs".into(),
-            topic: "telemetry.xs".into(),
-            model: "m".into(),
-        };
-        let without = Engine::new(&[channel.clone()], &[spec()], DetectSettings::default())
+        let without = Engine::new(&[channel()], &[spec()], DetectSettings::default())
             .unwrap()
             .channel_state_bytes();
         let detect = DetectSettings {
@@ -874,7 +871,7 @@ mod tests {
             excursion_samples: 128,
             ..Default::default()
         };
-        let with = Engine::new(&[channel], &[spec()], detect)
+        let with = Engine::new(&[channel()], &[spec()], detect)
             .unwrap()
             .channel_state_bytes();
         assert_eq!(with - without, 640 / 8, "one bit per baseline sample");
@@ -1025,14 +1022,8 @@ mod tests {
     fn a_run_of_windows_travels_as_its_rows_and_is_laid_out_window_by_window() {
         let mut spec = (*spec()).clone();
         spec.batching.preferred_batch_sizes = vec![4];
-        let channel = ChannelConfig {
-            id: "X-1".into(),
-            subsystem: "xs".into(),
-            topic: "telemetry.xs".into(),
-            model: "m".into(),
-        };
         let mut engine =
-            Engine::new(&[channel], &[Arc::new(spec)], DetectSettings::default()).unwrap();
+            Engine::new(&[channel()], &[Arc::new(spec)], DetectSettings::default()).unwrap();
         let now = Instant::now();
         for seq in 0..5 {
             engine.admit(&sample(seq, seq as f32), now);
