@@ -588,7 +588,28 @@ def one_thread_part(core, one):
         out += [text, ""]
     return out
 
-def core_section(core, settings, one_thread=None):
+def files_part(core, files):
+    """The pipeline serving the model files as they are, next to the row form's runs."""
+    if not files or "runs" not in files:
+        return []
+    shipped = {r["channels"]: r for r in core["runs"]}
+    rows = []
+    for r in files["runs"]:
+        s = shipped.get(r["channels"])
+        rows.append([f(r["channels"]), f(r["samples_per_s"]), f(s["samples_per_s"]) if s else "n/a",
+                     f(100 * s["samples_per_s"] / r["samples_per_s"] - 100, 0, " %") if s else "n/a",
+                     f(100 * r["layout_share"], 1, " %") if r.get("layout_share") is not None else "n/a",
+                     f(r.get("ceiling_windows_per_s")), f(s.get("ceiling_windows_per_s")) if s else "n/a",
+                     f(100 * s["windows_per_s"] / r["ceiling_windows_per_s"], 1, " %") if s and r.get("ceiling_windows_per_s") else "n/a"])
+    return ["**The row form against the model files** (`satwatch bench --model-files`, i.e. `[engine] row_form = false`): "
+            "ONNX Runtime serves each model file as it is, on windows laid out one by one on the inference threads, "
+            "where the shipped setting serves the row form (a convolution over each run of rows; src/backend/rows.rs). "
+            "The last column is the row-form pipeline against the model files' own ceiling.", "",
+            table(["channels", "samples/s, model files", "samples/s, row form", "row form gains",
+                   "share laying out windows, model files", "ceiling windows/s, model files", "ceiling windows/s, row form",
+                   "row-form pipeline / model files' ceiling"], rows), ""]
+
+def core_section(core, settings, one_thread=None, files=None):
     out = ["## 1. Core throughput, inference ceiling, scaling (in process)", ""]
     if core is None:
         return out + ["Not measured in this run.", ""]
@@ -622,6 +643,7 @@ def core_section(core, settings, one_thread=None):
                             f(1e6 / r["free_model_samples_per_s"], 2) if r.get("free_model_samples_per_s") else "n/a"])] for r in runs]), "",
     ]
     out += one_thread_part(core, one_thread)
+    out += files_part(core, files)
     out += [
         "**Scaling**", "",
         table(["channels", "samples/s", "peak RSS (MiB)", "channel state (MiB)", "bytes per channel"],
@@ -971,7 +993,8 @@ def cmd_render(results, out_path):
         "afresh before each `satwatch run`, with `scripts/services.sh` on the bench's own ports):", "",
         "```sh", commands, "```", "",
     ]
-    lines += core_section(core, settings, load(os.path.join(results, "core-1thread.json")))
+    lines += core_section(core, settings, load(os.path.join(results, "core-1thread.json")),
+                          load(os.path.join(results, "core-files.json")))
     lines += e2e_section(e2e, settings)
     lines += latency_section(lats, settings)
     lines += grouped_section(os.path.join(results, "grouped.md"))
@@ -997,7 +1020,8 @@ def cmd_print(results, section):
     LAT_SAMPLES, LAT_SECONDS = machine.get("lat_samples", 0), machine.get("lat_seconds", 0)
     if section == "core":
         text = core_section(load(os.path.join(results, "core.json")), settings,
-                            load(os.path.join(results, "core-1thread.json")))
+                            load(os.path.join(results, "core-1thread.json")),
+                            load(os.path.join(results, "core-files.json")))
     elif section == "e2e":
         text = e2e_section(load(os.path.join(results, "e2e.json")), settings)
     else:
@@ -1362,7 +1386,7 @@ log "bench: $(nproc) cores ($cpu_model), load average $(cut -d' ' -f1-3 /proc/lo
 section="1. core (satwatch bench)"
 log "== $section"
 # Only this run's figures: a comparison left from an earlier run must not show.
-rm -f "$RESULTS/core-1thread.json"
+rm -f "$RESULTS/core-1thread.json" "$RESULTS/core-files.json"
 bench_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$REPLICAS" --json)
 if [[ -n $CORE_JSON ]]; then
     [[ -f $CORE_JSON ]] || die "SATWATCH_BENCH_CORE_JSON=$CORE_JSON: no such file"
@@ -1382,6 +1406,12 @@ elif "$BIN" bench --help >/dev/null 2>&1; then
     timeout "$WAIT_TIMEOUT" "$BIN" "${one_args[@]}" >"$RESULTS/core-1thread.raw.json" 2>"$RESULTS/core-1thread.log" \
         || die "satwatch bench --backend-threads 1 failed or ran past ${WAIT_TIMEOUT}s (log: $RESULTS/core-1thread.log)"
     py core "$RESULTS/core-1thread.raw.json" "$RESULTS/core-1thread.json" measured
+    # The model files as they are, on laid-out windows: what the row form gains.
+    files_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$ONE_THREAD_REPLICAS" --model-files --json)
+    record_cmd "$BIN" "${files_args[@]}"
+    timeout "$WAIT_TIMEOUT" "$BIN" "${files_args[@]}" >"$RESULTS/core-files.raw.json" 2>"$RESULTS/core-files.log" \
+        || die "satwatch bench --model-files failed or ran past ${WAIT_TIMEOUT}s (log: $RESULTS/core-files.log)"
+    py core "$RESULTS/core-files.raw.json" "$RESULTS/core-files.json" measured
 else
     log "   $BIN has no 'bench' subcommand: section 1 is skipped"
     py core - "$RESULTS/core.json" "\`$BIN_SHOWN\` has no \`bench\` subcommand (build a newer satwatch)."

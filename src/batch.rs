@@ -119,6 +119,9 @@ impl<T> Batcher<T> {
 pub struct BatchInputs {
     /// Every run's rows, run after run.
     pub rows: Vec<f32>,
+    /// Where each run starts in `rows` (in floats), in push order; a run ends
+    /// where the next starts.
+    pub run_starts: Vec<usize>,
     /// Where each window starts in `rows` (in floats), in the batch's order.
     pub starts: Vec<usize>,
     /// Floats per window.
@@ -136,12 +139,44 @@ impl BatchInputs {
     /// Empties it for reuse, keeping its buffers.
     pub fn clear(&mut self) {
         self.rows.clear();
+        self.run_starts.clear();
         self.starts.clear();
+    }
+
+    /// Windows in the batch.
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// Each run's rows, in push order.
+    pub fn runs(&self) -> impl Iterator<Item = &[f32]> + '_ {
+        let ends = self
+            .run_starts
+            .iter()
+            .skip(1)
+            .copied()
+            .chain(std::iter::once(self.rows.len()));
+        self.run_starts
+            .iter()
+            .zip(ends)
+            .map(|(&from, to)| &self.rows[from..to])
+    }
+
+    /// The run holding the window that starts at `start` (in floats), and
+    /// where in that run it starts.
+    pub fn locate(&self, start: usize) -> (usize, usize) {
+        let run = self.run_starts.partition_point(|&s| s <= start) - 1;
+        (run, start - self.run_starts[run])
     }
 
     /// Appends a run's rows; returns where they start (in floats).
     pub fn push_run(&mut self, rows: &[f32]) -> usize {
         let start = self.rows.len();
+        self.run_starts.push(start);
         self.rows.extend_from_slice(rows);
         start
     }
@@ -281,5 +316,22 @@ mod tests {
         let windows = inputs.windows(&mut scratch);
         assert_eq!(windows.as_ptr(), inputs.rows.as_ptr());
         assert_eq!(windows, &[1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn runs_and_the_run_each_window_starts_in() {
+        let mut inputs = BatchInputs::new(2);
+        let a = inputs.push_run(&[1.0, 2.0, 3.0]);
+        let b = inputs.push_run(&[10.0, 11.0]);
+        inputs.push_window(a + 1);
+        inputs.push_window(b);
+        let runs: Vec<&[f32]> = inputs.runs().collect();
+        assert_eq!(runs, [&[1.0, 2.0, 3.0][..], &[10.0, 11.0][..]]);
+        assert_eq!(inputs.len(), 2);
+        assert_eq!(inputs.locate(a + 1), (0, 1));
+        assert_eq!(inputs.locate(b), (1, 0));
+        inputs.clear();
+        assert_eq!(inputs.runs().count(), 0);
+        assert!(inputs.is_empty());
     }
 }

@@ -24,30 +24,56 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::{
-    backend::{Backend, BackendError},
+    backend::{Backend, BackendError, Scratch},
+    batch::BatchInputs,
     config::Pipeline,
     metrics::Metrics,
     offline,
     repository::ModelSpec,
 };
 
-/// Records every call it forwards: (model, rows), and the time inside them.
+/// A batch the pipeline formed: its model, and its windows per run of rows.
+#[derive(Debug, Clone)]
+struct Call {
+    model: usize,
+    runs: Vec<usize>,
+}
+
+/// Records every batch it forwards, and the time inside the model calls
+/// (laying out their inputs excluded: that is counted as the pipeline's).
 struct RecordingBackend {
     inner: Arc<dyn Backend>,
-    calls: Mutex<Vec<(usize, usize)>>,
+    calls: Mutex<Vec<Call>>,
     inside_ns: AtomicU64,
 }
 
 impl Backend for RecordingBackend {
     fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+        self.inner.infer(model, inputs, rows)
+    }
+
+    fn infer_batch(
+        &self,
+        model: usize,
+        batch: &BatchInputs,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<f32>, BackendError> {
+        let laid_out = scratch.input_time;
         let started = Instant::now();
-        let result = self.inner.infer(model, inputs, rows);
+        let result = self.inner.infer_batch(model, batch, scratch);
+        let inside = started
+            .elapsed()
+            .saturating_sub(scratch.input_time - laid_out);
         self.inside_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(inside.as_nanos() as u64, Ordering::Relaxed);
+        let mut runs = vec![0; batch.run_starts.len()];
+        for &start in &batch.starts {
+            runs[batch.locate(start).0] += 1;
+        }
         self.calls
             .lock()
             .expect("recording never panics")
-            .push((model, rows));
+            .push(Call { model, runs });
         result
     }
 }
@@ -60,6 +86,17 @@ struct FreeBackend {
 impl Backend for FreeBackend {
     fn infer(&self, model: usize, _inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
         Ok(vec![0.0; rows * self.horizons[model]])
+    }
+
+    /// Without laying the windows out: the shipped models run in their row
+    /// form, which reads the engine's runs as they are.
+    fn infer_batch(
+        &self,
+        model: usize,
+        batch: &BatchInputs,
+        _: &mut Scratch,
+    ) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; batch.len() * self.horizons[model]])
     }
 }
 
@@ -170,7 +207,7 @@ pub async fn measure(
     let threads = pipeline.file.engine.backend_threads;
     let calls = std::mem::take(&mut *recorder.calls.lock().expect("recording never panics"));
     let first_channel = inputs_again.first().ok_or("the pipeline has no channels")?;
-    let ceiling_inputs = ceiling_inputs(pipeline, specs, first_channel, &calls)?;
+    let ceiling_rows = ceiling_rows(pipeline, specs, first_channel, &calls)?;
     let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
     let laying_out = Duration::from_micros(
         specs
@@ -184,7 +221,7 @@ pub async fn measure(
             })
             .sum(),
     );
-    let ceiling = replay_calls(backend, specs, &calls, threads, &ceiling_inputs)?;
+    let ceiling = replay_calls(backend, specs, &calls, threads, &ceiling_rows)?;
 
     let free: Arc<dyn Backend> = Arc::new(FreeBackend {
         horizons: specs.iter().map(|s| s.horizon).collect(),
@@ -230,65 +267,89 @@ fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<
     Ok(engine.channel_state_bytes())
 }
 
-fn call_floats(specs: &[Arc<ModelSpec>], (model, rows): (usize, usize)) -> usize {
-    rows * specs[model].window * specs[model].features
+/// Floats of the longest run of rows among `calls`.
+fn longest_run_floats(specs: &[Arc<ModelSpec>], calls: &[Call]) -> usize {
+    calls
+        .iter()
+        .flat_map(|call| {
+            let spec = &specs[call.model];
+            call.runs
+                .iter()
+                .map(|&n| (n + spec.window - 1) * spec.features)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
-/// One buffer for every call of the ceiling, as long as the largest: real
-/// windows of the first channel, normalised by its model, repeated. Real
-/// values, not a constant: the cost of a product can depend on its operands
+/// One buffer for every call of the ceiling, as long as the longest run: the
+/// first channel's real rows, normalised by its model, repeated. Real values,
+/// not a constant: the cost of a product can depend on its operands
 /// (subnormal weights met by non-zero inputs ran 11 to 15 times slower on an
 /// Intel Xeon; see `training/train.py`'s `flush_subnormals`), so a ceiling
 /// should see inputs like the pipeline's.
-fn ceiling_inputs(
+fn ceiling_rows(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
     first_channel: &Array2<f32>,
-    calls: &[(usize, usize)],
+    calls: &[Call],
 ) -> Result<Vec<f32>, String> {
-    if calls.is_empty() {
+    let longest = longest_run_floats(specs, calls);
+    if longest == 0 {
         return Ok(Vec::new());
     }
-    let largest = calls
-        .iter()
-        .map(|&call| call_floats(specs, call))
-        .max()
-        .unwrap_or(0);
-    let rows = calls.iter().map(|&(_, rows)| rows).max().unwrap_or(1);
     let spec = pipeline
         .channels
         .first()
         .and_then(|c| specs.iter().find(|s| s.name == c.model))
         .ok_or("the pipeline has no channels")?;
-    let windows = real_windows(first_channel, spec, rows)?;
-    Ok(windows.iter().copied().cycle().take(largest).collect())
+    let rows = real_rows(first_channel, spec)?;
+    Ok(rows.iter().copied().cycle().take(longest).collect())
 }
 
-/// Calls the backend with exactly `calls` (model, rows) on `threads` threads,
-/// every call reading (a prefix of) `inputs`, one cache-hot buffer.
+/// Calls the backend with exactly the batches of `calls` (the same runs of
+/// rows) on `threads` threads, every run read from (a prefix of) `rows`, one
+/// cache-hot buffer. Returns the threads' time inside the calls, divided by
+/// their number: what `calls` take on `threads` threads with nothing else to
+/// do. Building each batch (a copy of its rows, as the engine does) is not
+/// counted, nor is laying out its inputs inside the call.
 fn replay_calls(
     backend: Arc<dyn Backend>,
     specs: &[Arc<ModelSpec>],
-    calls: &[(usize, usize)],
+    calls: &[Call],
     threads: usize,
-    inputs: &[f32],
+    rows: &[f32],
 ) -> Result<Duration, String> {
-    let floats = |&call: &(usize, usize)| call_floats(specs, call);
     let next = AtomicUsize::new(0);
+    let inside_ns = AtomicU64::new(0);
     let failure = Mutex::new(None);
-    let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 // As on the pipeline's inference threads.
                 crate::backend::treat_subnormals_as_zero();
+                let mut scratch = Scratch::default();
+                let mut batches: Vec<Option<BatchInputs>> = vec![None; specs.len()];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(model, rows)) = calls.get(i) else {
+                    let Some(call) = calls.get(i) else {
                         break;
                     };
-                    if let Err(err) = backend.infer(model, &inputs[..floats(&(model, rows))], rows)
-                    {
+                    let spec = &specs[call.model];
+                    let batch = batches[call.model]
+                        .get_or_insert_with(|| BatchInputs::new(spec.window * spec.features));
+                    batch.clear();
+                    for &n in &call.runs {
+                        let start = batch.push_run(&rows[..(n + spec.window - 1) * spec.features]);
+                        for w in 0..n {
+                            batch.push_window(start + w * spec.features);
+                        }
+                    }
+                    scratch.input_time = Duration::ZERO;
+                    let started = Instant::now();
+                    let result = backend.infer_batch(call.model, batch, &mut scratch);
+                    let inside = started.elapsed().saturating_sub(scratch.input_time);
+                    inside_ns.fetch_add(inside.as_nanos() as u64, Ordering::Relaxed);
+                    if let Err(err) = result {
                         *failure.lock().expect("no panics here") = Some(err.to_string());
                         break;
                     }
@@ -296,10 +357,11 @@ fn replay_calls(
             });
         }
     });
-    let elapsed = started.elapsed();
     match failure.into_inner().expect("no panics here") {
         Some(err) => Err(err),
-        None => Ok(elapsed),
+        None => Ok(Duration::from_nanos(
+            inside_ns.load(Ordering::Relaxed) / threads.max(1) as u64,
+        )),
     }
 }
 
@@ -318,6 +380,32 @@ pub struct BatchFigure {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+/// Every row of one channel, normalised as the pipeline does
+/// (`(x - center) / scale` with the model's train statistics), row-major.
+pub fn real_rows(values: &Array2<f32>, spec: &ModelSpec) -> Result<Vec<f32>, String> {
+    if values.nrows() < spec.window || values.ncols() != spec.features {
+        return Err(format!(
+            "{}: the data has {} rows of {} values; a window needs {} rows of {}",
+            spec.name,
+            values.nrows(),
+            values.ncols(),
+            spec.window,
+            spec.features
+        ));
+    }
+    let norm = &spec.normalisation;
+    Ok(values
+        .rows()
+        .into_iter()
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(f, x)| (x - norm.center[f]) / norm.scale[f])
+                .collect::<Vec<_>>()
+        })
+        .collect())
 }
 
 /// `count` real windows of one channel, normalised as the pipeline does
@@ -359,37 +447,49 @@ pub fn real_windows(
 
 /// Calls `backend` for `model` back to back at each batch size, on one
 /// thread, for at least `min_time` (and at least 5 calls) after 3 warm-up
-/// calls. Batches are cut from `windows` (`[n, per_row]`), repeated when a
-/// batch is larger than `n`.
+/// calls. A batch of `n` is `n` consecutive windows of one channel, one run
+/// of rows as the engine hands it over, cut from `rows` (a channel's
+/// normalised rows, `features` values each, repeated when a batch needs
+/// more). Time laying out inputs inside a call is not counted.
 pub fn sweep(
     backend: &dyn Backend,
     model: usize,
-    windows: &[f32],
-    per_row: usize,
+    rows: &[f32],
+    window: usize,
+    features: usize,
     batch_sizes: &[usize],
     min_time: Duration,
 ) -> Result<Vec<BatchFigure>, String> {
-    let pool = windows.len() / per_row.max(1);
-    if pool == 0 {
-        return Err("no windows to benchmark with".into());
+    if rows.len() < window * features || features == 0 {
+        return Err("not enough rows for a window to benchmark with".into());
     }
     // As on the pipeline's inference threads.
     crate::backend::treat_subnormals_as_zero();
     let mut figures = Vec::with_capacity(batch_sizes.len());
-    for &rows in batch_sizes {
-        if rows == 0 {
+    let mut scratch = Scratch::default();
+    for &n in batch_sizes {
+        if n == 0 {
             return Err("batch sizes must be >= 1".into());
         }
-        let inputs: Vec<f32> = (0..rows)
-            .flat_map(|r| {
-                let w = r % pool;
-                windows[w * per_row..(w + 1) * per_row].iter().copied()
-            })
+        let mut batch = BatchInputs::new(window * features);
+        let run: Vec<f32> = rows
+            .iter()
+            .copied()
+            .cycle()
+            .take((n + window - 1) * features)
             .collect();
-        let call = || {
-            backend
-                .infer(model, &inputs, rows)
-                .map_err(|e| e.to_string())
+        let start = batch.push_run(&run);
+        for w in 0..n {
+            batch.push_window(start + w * features);
+        }
+        let rows = n;
+        let mut call = || -> Result<(Vec<f32>, Duration), String> {
+            scratch.input_time = Duration::ZERO;
+            let t = Instant::now();
+            let out = backend
+                .infer_batch(model, &batch, &mut scratch)
+                .map_err(|e| e.to_string())?;
+            Ok((out, t.elapsed().saturating_sub(scratch.input_time)))
         };
         for _ in 0..3 {
             call()?;
@@ -397,12 +497,11 @@ pub fn sweep(
         let mut latencies = Vec::new();
         let started = Instant::now();
         while started.elapsed() < min_time || latencies.len() < 5 {
-            let t = Instant::now();
-            let out = call()?;
-            latencies.push(t.elapsed());
+            let (out, latency) = call()?;
+            latencies.push(latency);
             std::hint::black_box(out);
         }
-        let total = started.elapsed();
+        let total: Duration = latencies.iter().sum();
         latencies.sort_unstable();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];

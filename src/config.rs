@@ -210,6 +210,16 @@ pub struct EngineSettings {
     /// TensorRT may build FP16 kernels (default true).
     #[serde(default = "default_tensorrt_fp16")]
     pub tensorrt_fp16: bool,
+    /// ONNX Runtime on the CPU serves a model of the shipped dense family in
+    /// its row form, reading the rows that a batch's consecutive windows share
+    /// instead of a copy of every window (default true; see
+    /// `src/backend/rows.rs`). False serves every model file as it is.
+    #[serde(default = "default_row_form")]
+    pub row_form: bool,
+}
+
+fn default_row_form() -> bool {
+    true
 }
 
 impl Default for EngineSettings {
@@ -223,6 +233,7 @@ impl Default for EngineSettings {
             gpu_device: 0,
             tensorrt_cache_dir: None,
             tensorrt_fp16: default_tensorrt_fp16(),
+            row_form: default_row_form(),
         }
     }
 }

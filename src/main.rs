@@ -143,6 +143,11 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// few cores, whether the engine's own thread shares them.
         #[arg(long)]
         backend_threads: Option<usize>,
+        /// Serve every model file as it is on ONNX Runtime, on windows laid
+        /// out one by one, instead of the shipped family's row form
+        /// ([engine] row_form = false): to measure what the row form gains.
+        #[arg(long)]
+        model_files: bool,
         /// Backend micro-benchmark at these batch sizes (e.g.
         /// 1,4,16,64,256,1024,4096) instead of the pipeline runs.
         #[arg(long, value_delimiter = ',')]
@@ -286,6 +291,7 @@ async fn execute(command: Command) -> Result<(), String> {
             json,
             backend: choice,
             backend_threads,
+            model_files,
             batch_sizes,
             channel,
             min_time_ms,
@@ -310,6 +316,9 @@ async fn execute(command: Command) -> Result<(), String> {
                     return Err("--backend-threads must be at least 1".into());
                 }
                 pipeline.file.engine.backend_threads = threads;
+            }
+            if model_files {
+                pipeline.file.engine.row_form = false;
             }
             if let Some(sizes) = batch_sizes {
                 pipeline.select_channels(&channel)?;
@@ -400,12 +409,13 @@ fn micro_bench(
     let loaded =
         satwatch::dataset::load_channel(data, split, &pipeline.channels[0].id, spec.features)
             .map_err(|e| e.to_string())?;
-    let windows = satwatch::bench::real_windows(&loaded.values, spec, 1024)?;
+    let rows = satwatch::bench::real_rows(&loaded.values, spec)?;
     let figures = satwatch::bench::sweep(
         selection.backend.as_ref(),
         0,
-        &windows,
-        spec.window * spec.features,
+        &rows,
+        spec.window,
+        spec.features,
         sizes,
         std::time::Duration::from_millis(min_time_ms),
     )?;

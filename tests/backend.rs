@@ -27,15 +27,22 @@ fn shipped_models_reproduce_their_reference_forecasts() {
                 .unwrap();
         assert_eq!(input.shape(), &[8, spec.window, spec.features]);
 
-        let backend = OnnxBackend::load(&[Arc::new(spec)], 1).unwrap();
-        let rows = input.shape()[0];
-        let got = backend.infer(0, input.as_slice().unwrap(), rows).unwrap();
-        assert_eq!(got.len(), expected.len());
-        for (i, (g, e)) in got.iter().zip(expected.iter()).enumerate() {
-            assert!(
-                (g - e).abs() <= TOLERANCE,
-                "{channel}: forecast[{i}] = {g}, reference {e}"
-            );
+        // Served in the row form, and as the file is.
+        let spec = Arc::new(spec);
+        for backend in [
+            OnnxBackend::load(std::slice::from_ref(&spec), 1).unwrap(),
+            OnnxBackend::load_files(std::slice::from_ref(&spec), 1).unwrap(),
+        ] {
+            let rows = input.shape()[0];
+            let got = backend.infer(0, input.as_slice().unwrap(), rows).unwrap();
+            assert_eq!(got.len(), expected.len());
+            for (i, (g, e)) in got.iter().zip(expected.iter()).enumerate() {
+                assert!(
+                    (g - e).abs() <= TOLERANCE,
+                    "{channel} ({:?}): forecast[{i}] = {g}, reference {e}",
+                    backend.form(0)
+                );
+            }
         }
     }
 }
@@ -122,4 +129,69 @@ fn a_corrupt_model_file_is_refused_with_its_path() {
         .expect("a corrupt file is refused")
         .to_string();
     assert!(err.contains("model.onnx"), "{err}");
+}
+
+/// ONNX Runtime serves the shipped models in their row form (a convolution
+/// over a run's rows, src/backend/rows.rs). On real test telemetry, batches
+/// of uneven runs in an interleaved order, as the engine cuts them when
+/// channels share a model, must get the forecasts the model files give.
+#[test]
+fn row_form_gives_the_model_files_forecasts_on_real_runs_of_every_shipped_model() {
+    use satwatch::{backend::onnx::Form, backend::Scratch, batch::BatchInputs};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut models = 0;
+    for dir in std::fs::read_dir(root.join("model_repository")).unwrap() {
+        let spec = Arc::new(repository::load_model(&dir.unwrap().path()).unwrap());
+        let channel = spec.name.trim_start_matches("smap_").to_string();
+        let rows_form = OnnxBackend::load(std::slice::from_ref(&spec), 1).unwrap();
+        let files = OnnxBackend::load_files(std::slice::from_ref(&spec), 1).unwrap();
+        assert!(
+            matches!(rows_form.form(0), Form::Rows { .. }),
+            "{}: not served in its row form",
+            spec.name
+        );
+        assert!(matches!(files.form(0), Form::Windows { .. }));
+        let data = satwatch::dataset::load_channel(
+            &root.join("data/smap"),
+            "test",
+            &channel,
+            spec.features,
+        )
+        .unwrap();
+        let rows = satwatch::bench::real_rows(&data.values, &spec).unwrap();
+        let (w, f) = (spec.window, spec.features);
+        // Runs of 300, 41 and 1 windows from the start, middle and end of the split,
+        // their windows interleaved as queued windows of three channels are.
+        let mut batch = BatchInputs::new(w * f);
+        let mut runs = Vec::new();
+        let total = rows.len() / f;
+        for (n, from) in [(300, 0), (41, total / 2), (1, total - w)] {
+            let start = batch.push_run(&rows[from * f..(from + n + w - 1) * f]);
+            runs.push((start, n));
+        }
+        for i in 0..300 {
+            for &(start, n) in &runs {
+                if i < n {
+                    batch.push_window(start + i * f);
+                }
+            }
+        }
+        let got = rows_form
+            .infer_batch(0, &batch, &mut Scratch::default())
+            .unwrap();
+        let want = files
+            .infer_batch(0, &batch, &mut Scratch::default())
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got.len(), batch.len() * spec.horizon);
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{}: forecast value {i} is {g} in the row form, {e} from the file",
+                spec.name
+            );
+        }
+        models += 1;
+    }
+    assert_eq!(models, 27);
 }

@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod graph;
 pub mod native;
 pub mod onnx;
+pub mod rows;
 
 use std::{
     fmt,
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::{
+    batch::BatchInputs,
     config::EngineSettings,
     engine::ModelBatch,
     repository::{DeviceKind, ModelSpec},
@@ -59,6 +61,31 @@ pub trait Backend: Send + Sync {
     /// Runs model `model` (its index in the load order) on `rows` windows laid
     /// out `[rows, window, features]`; returns `[rows, horizon]`.
     fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError>;
+
+    /// Runs model `model` on a batch as the engine cut it (runs of rows that
+    /// consecutive windows share); returns `[windows, horizon]` in the batch's
+    /// order. By default the windows are laid out one by one into `scratch`
+    /// for [`Backend::infer`]; a backend that can read runs directly
+    /// overrides this and skips that copy.
+    fn infer_batch(
+        &self,
+        model: usize,
+        batch: &BatchInputs,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<f32>, BackendError> {
+        let laying_out = Instant::now();
+        let windows = batch.windows(&mut scratch.floats);
+        scratch.input_time += laying_out.elapsed();
+        self.infer(model, windows, batch.len())
+    }
+}
+
+/// An inference thread's reusable input buffer, and the time calls spent
+/// filling it (Triton's "compute input"), which [`Backend::infer_batch`] adds to.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    pub floats: Vec<f32>,
+    pub input_time: Duration,
 }
 
 /// A batch that has been through a backend.
@@ -98,20 +125,22 @@ impl BackendPool {
                     .name(format!("satwatch-infer-{i}"))
                     .spawn(move || {
                         treat_subnormals_as_zero();
-                        // The batch's windows are laid out here, just before
-                        // the call reads them, so they are still in cache.
-                        let mut windows = Vec::new();
+                        // A batch's inputs are laid out here, just before the
+                        // call reads them, so they are still in cache.
+                        let mut scratch = Scratch::default();
                         for (batch, dispatched) in queue {
-                            let laying_out = Instant::now();
-                            let inputs = batch.inputs.windows(&mut windows);
-                            let input_time = laying_out.elapsed();
-                            let rows = batch.entries.len();
+                            scratch.input_time = Duration::ZERO;
                             let started = Instant::now();
                             let result = match &batch.runner {
-                                Some(r) => r.backend.infer(r.index, inputs, rows),
-                                None => backend.infer(batch.model, inputs, rows),
+                                Some(r) => {
+                                    r.backend.infer_batch(r.index, &batch.inputs, &mut scratch)
+                                }
+                                None => {
+                                    backend.infer_batch(batch.model, &batch.inputs, &mut scratch)
+                                }
                             };
-                            let compute_time = started.elapsed();
+                            let input_time = scratch.input_time;
+                            let compute_time = started.elapsed().saturating_sub(input_time);
                             let queue_time =
                                 dispatched.saturating_duration_since(batch.oldest_enqueued);
                             if completions
@@ -380,17 +409,14 @@ fn list_models(names: &[&str]) -> String {
 }
 
 /// Loads `specs` on one backend.
-#[cfg_attr(
-    not(any(feature = "cuda", feature = "onnx-gpu")),
-    allow(unused_variables)
-)]
 pub fn load_kind(
     kind: BackendKind,
     specs: &[Arc<ModelSpec>],
     engine: &EngineSettings,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match kind {
-        BackendKind::Onnx => Arc::new(onnx::OnnxBackend::load(specs, 1)?),
+        BackendKind::Onnx if engine.row_form => Arc::new(onnx::OnnxBackend::load(specs, 1)?),
+        BackendKind::Onnx => Arc::new(onnx::OnnxBackend::load_files(specs, 1)?),
         BackendKind::Native => Arc::new(native::NativeBackend::load(specs)?),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Arc::new(cuda::CudaBackend::load(specs, engine.gpu_device)?),
@@ -426,6 +452,16 @@ impl Backend for Routed {
     fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
         let (backend, within) = self.route[model];
         self.backends[backend].infer(within, inputs, rows)
+    }
+
+    fn infer_batch(
+        &self,
+        model: usize,
+        batch: &BatchInputs,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<f32>, BackendError> {
+        let (backend, within) = self.route[model];
+        self.backends[backend].infer_batch(within, batch, scratch)
     }
 }
 

@@ -18,8 +18,8 @@ use ort::{
     value::TensorRef,
 };
 
-use super::{Backend, BackendError};
-use crate::repository::ModelSpec;
+use super::{graph, rows, Backend, BackendError, Scratch};
+use crate::{batch::BatchInputs, repository::ModelSpec};
 
 /// The ONNX Runtime release satwatch is built against (ort's `api-31`).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -83,29 +83,139 @@ pub struct OnnxBackend {
     /// `Session::run` takes `&mut self`; the engine keeps one batch per model
     /// in flight, so these locks are never contended.
     sessions: Vec<Mutex<Session>>,
+    /// Per model: what its session takes.
+    forms: Vec<Form>,
     names: Vec<String>,
     output_names: Vec<String>,
 }
 
+/// The input a model's session takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The model file as it is: windows `[batch, window, features]`.
+    Windows { window: usize, features: usize },
+    /// Its row form ([`rows`]): runs of rows `[runs, 1, rows, features]`,
+    /// the residual value (an offset into a window) added after the call.
+    Rows {
+        window: usize,
+        features: usize,
+        horizon: usize,
+        residual: Option<usize>,
+    },
+}
+
 impl OnnxBackend {
-    /// Loads every model and checks its tensors against its `config.pbtxt`.
+    /// Loads every model and checks its tensors against its `config.pbtxt`;
+    /// a model of the shipped family is served in its row form once it has
+    /// given the same forecasts as its file on a probe.
     pub fn load(
         specs: &[std::sync::Arc<ModelSpec>],
         intra_threads: usize,
     ) -> Result<Self, BackendError> {
+        Self::load_as(specs, intra_threads, true)
+    }
+
+    /// Loads every model and serves its file as it is, on laid-out windows.
+    pub fn load_files(
+        specs: &[std::sync::Arc<ModelSpec>],
+        intra_threads: usize,
+    ) -> Result<Self, BackendError> {
+        Self::load_as(specs, intra_threads, false)
+    }
+
+    fn load_as(
+        specs: &[std::sync::Arc<ModelSpec>],
+        intra_threads: usize,
+        row_form: bool,
+    ) -> Result<Self, BackendError> {
         let env = environment()?;
         let mut sessions = Vec::with_capacity(specs.len());
+        let mut forms = Vec::with_capacity(specs.len());
         for spec in specs {
-            let session = open_session(env, spec, intra_threads)?;
+            let mut session = open_session(env, spec, intra_threads)?;
             check_tensors(&session, spec)?;
+            let mut form = Form::Windows {
+                window: spec.window,
+                features: spec.features,
+            };
+            if row_form {
+                match row_session(env, spec, intra_threads, &mut session) {
+                    Ok((rows, served)) => (session, form) = (rows, served),
+                    Err(why) => tracing::debug!(model = %spec.name, "served on windows: {why}"),
+                }
+            }
             sessions.push(Mutex::new(session));
+            forms.push(form);
         }
         Ok(Self {
             sessions,
+            forms,
             names: specs.iter().map(|s| s.name.clone()).collect(),
             output_names: specs.iter().map(|s| s.output_name.clone()).collect(),
         })
     }
+
+    /// What model `model`'s session takes.
+    pub fn form(&self, model: usize) -> Form {
+        self.forms[model]
+    }
+}
+
+/// A session on the row form of `spec`'s model, checked against the file's
+/// own session `file` on a probe batch; why not, when the model is outside
+/// the family the row form expresses, or the two disagree.
+fn row_session(
+    env: &ort::environment::Environment,
+    spec: &ModelSpec,
+    intra_threads: usize,
+    file: &mut Session,
+) -> Result<(Session, Form), String> {
+    let plan = graph::load(&spec.model_path).map_err(|e| e.to_string())?;
+    if plan.layers.is_empty() || plan.window != spec.window || plan.features != spec.features {
+        return Err("not a dense model over the configured window".into());
+    }
+    let form = Form::Rows {
+        window: plan.window,
+        features: plan.features,
+        horizon: plan.outputs_per_row(),
+        residual: plan.residual,
+    };
+    let mut session = configured(env, spec, intra_threads)
+        .map_err(|e| e.to_string())?
+        .commit_from_memory(&rows::model_bytes(&plan))
+        .map_err(|e| format!("ONNX Runtime refused its row form: {e}"))?;
+    // A probe: two runs of different lengths (so padding is exercised) over
+    // values spread like normalised telemetry.
+    let mut probe = BatchInputs::new(plan.inputs_per_row());
+    let mut value = 0x2545_f491_u32;
+    for windows in [5, 2] {
+        let rows: Vec<f32> = (0..(windows + plan.window - 1) * plan.features)
+            .map(|_| {
+                value = value.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (value >> 8) as f32 / (1 << 23) as f32 - 1.0
+            })
+            .collect();
+        let start = probe.push_run(&rows);
+        for w in 0..windows {
+            probe.push_window(start + w * plan.features);
+        }
+    }
+    let mut scratch = Scratch::default();
+    let windows = probe.windows(&mut scratch.floats).to_vec();
+    let want = run_windows(file, spec, &windows, probe.len()).map_err(|e| e.to_string())?;
+    let got = run_rows(&mut session, form, &spec.output_name, &probe, &mut scratch)
+        .map_err(|e| e.to_string())?;
+    let worst = want
+        .iter()
+        .zip(&got)
+        .map(|(w, g)| (w - g).abs() / (1.0 + w.abs()))
+        .fold(0.0f32, f32::max);
+    if got.len() != want.len() || worst > 1e-4 {
+        return Err(format!(
+            "its row form disagrees with the file on a probe (relative difference {worst:e})"
+        ));
+    }
+    Ok((session, form))
 }
 
 fn open_session(
@@ -247,6 +357,14 @@ impl OnnxBackend {
         }
         Ok(Self {
             sessions,
+            // TensorRT's profiles and engine caches are built for the file's windows.
+            forms: specs
+                .iter()
+                .map(|s| Form::Windows {
+                    window: s.window,
+                    features: s.features,
+                })
+                .collect(),
             names: specs.iter().map(|s| s.name.clone()).collect(),
             output_names: specs.iter().map(|s| s.output_name.clone()).collect(),
         })
@@ -390,33 +508,158 @@ fn check_tensors(session: &Session, spec: &ModelSpec) -> Result<(), BackendError
     Ok(())
 }
 
+/// Runs `session` on `rows` windows laid out `[rows, window, features]`.
+fn run_windows(
+    session: &mut Session,
+    spec: &ModelSpec,
+    windows: &[f32],
+    rows: usize,
+) -> Result<Vec<f32>, ort::Error> {
+    let tensor = TensorRef::from_array_view(([rows, spec.window, spec.features], windows))?;
+    let outputs = session.run(ort::inputs![tensor])?;
+    let (_, values) = outputs[spec.output_name.as_str()].try_extract_tensor::<f32>()?;
+    Ok(values.to_vec())
+}
+
+/// Runs a row-form session on a batch: its runs grouped into calls by
+/// [`rows::group_runs`], each call's runs padded to its longest (read in
+/// place when they already are, as in the common case of one run, or of runs
+/// all as long), then every window's forecast picked out in batch order, plus
+/// its residual.
+fn run_rows(
+    session: &mut Session,
+    form: Form,
+    output: &str,
+    batch: &BatchInputs,
+    scratch: &mut Scratch,
+) -> Result<Vec<f32>, ort::Error> {
+    let Form::Rows {
+        window,
+        features,
+        horizon,
+        residual,
+    } = form
+    else {
+        unreachable!("only row-form sessions take runs");
+    };
+    let runs: Vec<&[f32]> = batch.runs().collect();
+    let windows_per_run: Vec<usize> = runs
+        .iter()
+        .map(|r| (r.len() / features + 1).saturating_sub(window))
+        .collect();
+    // Per run: where its first window's forecast lands in `forecasts`.
+    let mut first_forecast = vec![0; runs.len()];
+    let mut forecasts = Vec::with_capacity(batch.len() * horizon);
+    for call in rows::group_runs(&windows_per_run) {
+        let longest = windows_per_run[call[0]];
+        if longest == 0 {
+            continue; // Runs too short for a window hold none of the batch's.
+        }
+        let rows_per_run = longest + window - 1;
+        let floats_per_run = rows_per_run * features;
+        let in_place = call.windows(2).all(|p| p[1] == p[0] + 1)
+            && call.iter().all(|&r| runs[r].len() == floats_per_run);
+        let input: &[f32] = if in_place {
+            let from = batch.run_starts[call[0]];
+            &batch.rows[from..from + call.len() * floats_per_run]
+        } else {
+            let laying_out = std::time::Instant::now();
+            scratch.floats.clear();
+            scratch.floats.resize(call.len() * floats_per_run, 0.0);
+            for (slot, &r) in call.iter().enumerate() {
+                scratch.floats[slot * floats_per_run..][..runs[r].len()].copy_from_slice(runs[r]);
+            }
+            scratch.input_time += laying_out.elapsed();
+            &scratch.floats
+        };
+        for (slot, &r) in call.iter().enumerate() {
+            first_forecast[r] = forecasts.len() + slot * longest * horizon;
+        }
+        let tensor = TensorRef::from_array_view(([call.len(), 1, rows_per_run, features], input))?;
+        let outputs = session.run(ort::inputs![tensor])?;
+        let (_, values) = outputs[output].try_extract_tensor::<f32>()?;
+        forecasts.extend_from_slice(values);
+    }
+    let mut picked = Vec::with_capacity(batch.len() * horizon);
+    for &start in &batch.starts {
+        let (run, offset) = batch.locate(start);
+        let at = first_forecast[run] + offset / features * horizon;
+        let bias = residual.map_or(0.0, |r| batch.rows[start + r]);
+        picked.extend(forecasts[at..at + horizon].iter().map(|v| v + bias));
+    }
+    Ok(picked)
+}
+
 impl Backend for OnnxBackend {
     fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
         let fail = |reason: String| BackendError::Inference {
             model: self.names[model].clone(),
             reason,
         };
-        let features_per_row = inputs.len() / rows.max(1);
         let mut session = self.sessions[model]
             .lock()
             .map_err(|_| fail("a previous call panicked".into()))?;
-        let input_shape = session.inputs()[0]
-            .dtype()
-            .tensor_shape()
-            .map(|s| s.iter().copied().collect::<Vec<i64>>());
-        let (window, features) = match input_shape.as_deref() {
-            Some([_, w, f]) => (*w as usize, *f as usize),
-            _ => return Err(fail("unexpected input rank".into())),
+        let (shape, residual, horizon) = match self.forms[model] {
+            Form::Windows { window, features } => ([rows, window, features, 0], None, 0),
+            // Windows one by one are runs of one window each.
+            Form::Rows {
+                window,
+                features,
+                horizon,
+                residual,
+            } => ([rows, 1, window, features], residual, horizon),
         };
-        debug_assert_eq!(features_per_row, window * features);
-        let tensor = TensorRef::from_array_view(([rows, window, features], inputs))
-            .map_err(|e| fail(e.to_string()))?;
+        debug_assert_eq!(inputs.len(), rows * shape[1] * shape[2] * shape[3].max(1));
+        let tensor = if shape[3] == 0 {
+            TensorRef::from_array_view(([shape[0], shape[1], shape[2]], inputs))
+        } else {
+            TensorRef::from_array_view((shape, inputs))
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let outputs = session
             .run(ort::inputs![tensor])
             .map_err(|e| fail(e.to_string()))?;
         let (_, values) = outputs[self.output_names[model].as_str()]
             .try_extract_tensor::<f32>()
             .map_err(|e| fail(e.to_string()))?;
-        Ok(values.to_vec())
+        let mut values = values.to_vec();
+        if let Some(r) = residual {
+            let per_window = inputs.len() / rows.max(1);
+            for (i, forecast) in values.chunks_mut(horizon).enumerate() {
+                let bias = inputs[i * per_window + r];
+                forecast.iter_mut().for_each(|v| *v += bias);
+            }
+        }
+        Ok(values)
+    }
+
+    fn infer_batch(
+        &self,
+        model: usize,
+        batch: &BatchInputs,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<f32>, BackendError> {
+        let form = self.forms[model];
+        if matches!(form, Form::Windows { .. }) {
+            let laying_out = std::time::Instant::now();
+            let windows = batch.windows(&mut scratch.floats);
+            scratch.input_time += laying_out.elapsed();
+            return self.infer(model, windows, batch.len());
+        }
+        let fail = |reason: String| BackendError::Inference {
+            model: self.names[model].clone(),
+            reason,
+        };
+        let mut session = self.sessions[model]
+            .lock()
+            .map_err(|_| fail("a previous call panicked".into()))?;
+        run_rows(
+            &mut session,
+            form,
+            &self.output_names[model],
+            batch,
+            scratch,
+        )
+        .map_err(|e| fail(e.to_string()))
     }
 }
