@@ -83,13 +83,17 @@ pub struct ScoreRow {
     pub received: Option<Instant>,
 }
 
+/// A forecast's values, inline up to 16 steps (the shipped models forecast
+/// 10): one forecast per sample is made, so it allocates nothing.
+pub type Horizon = smallvec::SmallVec<[f32; 16]>;
+
 /// A forecast (CONTRACT "Forecast"), also a `forecasts` row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Forecast {
     pub channel: Arc<str>,
     pub seq: u64,
     /// `horizon[i]` forecasts the value at `seq + 1 + i`, in the input's units.
-    pub horizon: Vec<f32>,
+    pub horizon: Horizon,
     pub model: Arc<str>,
     pub model_version: u64,
 }
@@ -689,6 +693,10 @@ impl Engine {
             batch.entries.len() * horizon,
             "the backend returns [batch, horizon]"
         );
+        // One row of each per window: grow once, not by doubling.
+        out.scores.reserve(batch.entries.len());
+        out.forecasts.reserve(batch.entries.len());
+        out.done.reserve(batch.entries.len());
         let scale = spec.normalisation.scale[spec.target_feature];
         let center = spec.normalisation.center[spec.target_feature];
         // (channel, seq, window start) of each channel's last entry.
@@ -740,7 +748,7 @@ impl Engine {
             out.forecasts.push(Forecast {
                 channel: channel.id.clone(),
                 seq: entry.seq,
-                horizon: self.scratch.clone(),
+                horizon: Horizon::from_slice(&self.scratch),
                 model: model.name.clone(),
                 model_version: spec.version,
             });
@@ -888,7 +896,7 @@ mod tests {
             channel: 0,
             seq,
             ts: DateTime::UNIX_EPOCH,
-            values: vec![value],
+            values: crate::telemetry::Values::from_slice(&[value]),
             origin: Some(Origin {
                 partition: 0,
                 offset: seq as i64,
@@ -1012,7 +1020,7 @@ mod tests {
         engine.complete(batch, &[1.5], &mut out);
         assert_eq!(
             out.forecasts[0].horizon,
-            vec![4.0],
+            Horizon::from_slice(&[4.0]),
             "denormalised with version 4"
         );
         assert_eq!(out.scores[0].model_version, 4);

@@ -483,10 +483,27 @@ fn list(topics: &[String]) -> String {
     }
 }
 
+/// Async worker threads: `TOKIO_WORKER_THREADS` when set, else one fewer
+/// than the cores (at least one). The heavy work runs on the inference
+/// threads, outside the runtime; the async side (source, engine, sink, HTTP)
+/// needs little, and on two cores a second worker only moved the engine and
+/// the tasks feeding it onto different threads, waking each other across
+/// cores: `satwatch bench` ran 3 % faster with one.
+fn async_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+        })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(async_workers())
         .enable_all()
         .build()
         .expect("a Tokio runtime starts");

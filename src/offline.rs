@@ -15,7 +15,7 @@ use crate::{
     metrics::Metrics,
     processor::{self, Input},
     repository::ModelSpec,
-    telemetry::Sample,
+    telemetry::{Sample, Values},
 };
 
 /// Streams `inputs[i]` (rows of channel `i` of the pipeline) through the
@@ -35,7 +35,8 @@ pub async fn stream(
         pipeline.channels.len(),
         "one input per channel"
     );
-    let (samples_tx, samples_rx) = mpsc::channel(4096);
+    // About 4,096 samples in flight, as a row of every channel per message.
+    let (samples_tx, samples_rx) = mpsc::channel((4096 / inputs.len().max(1)).max(2));
     let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
     let processor = processor::spawn(
         pipeline, specs, backend, samples_rx, outputs_tx, metrics, None,
@@ -43,21 +44,26 @@ pub async fn stream(
     let feeder = tokio::spawn(async move {
         let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);
         for row in 0..longest {
-            for (channel, values) in inputs.iter().enumerate() {
-                if row >= values.nrows() {
-                    continue;
-                }
-                let sample = Sample {
+            // A row of every channel at once, as a Kafka fetch hands over
+            // many records.
+            let samples: Vec<Sample> = inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, values)| row < values.nrows())
+                .map(|(channel, values)| Sample {
                     channel: channel as u32,
                     seq: row as u64,
                     ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
-                    values: values.row(row).to_vec(),
+                    values: values.row(row).as_slice().map_or_else(
+                        || values.row(row).iter().copied().collect(),
+                        Values::from_slice,
+                    ),
                     origin: None,
                     received: None,
-                };
-                if samples_tx.send(Input::Sample(sample)).await.is_err() {
-                    return;
-                }
+                })
+                .collect();
+            if samples_tx.send(Input::Samples(samples)).await.is_err() {
+                return;
             }
         }
     });

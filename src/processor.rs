@@ -27,6 +27,9 @@ use crate::{
 #[derive(Debug)]
 pub enum Input {
     Sample(Sample),
+    /// Samples in order, handed over at once (the in-process feeder sends a
+    /// row of every channel): one hand-off instead of one per sample.
+    Samples(Vec<Sample>),
     /// A partition was assigned; its records follow.
     Restore(Restore),
 }
@@ -189,33 +192,16 @@ async fn process(
                 let now = std::time::Instant::now();
                 let mut settled = Outputs::default();
                 for input in received.drain(..) {
-                    let sample = match input {
-                        Input::Sample(sample) => sample,
+                    match input {
+                        Input::Sample(sample) => admit(&mut engine, &sample, now, &counters, &mut settled),
+                        Input::Samples(samples) => {
+                            for sample in &samples {
+                                admit(&mut engine, sample, now, &counters, &mut settled);
+                            }
+                        }
                         Input::Restore(restore) => {
                             tracing::debug!(partition = restore.partition, checkpoints = restore.checkpoints.len(), "channels restored");
                             engine.restore(restore);
-                            continue;
-                        }
-                    };
-                    let channel = sample.channel as usize;
-                    counters.consumed[channel].inc();
-                    let before = engine.counters().gaps;
-                    let admission = engine.admit(&sample, now);
-                    if engine.counters().gaps != before {
-                        counters.gap[channel].inc();
-                    }
-                    match admission {
-                        Admission::Queued => {}
-                        Admission::Duplicate | Admission::WarmUp | Admission::Refill => {
-                            match admission {
-                                Admission::Duplicate => counters.duplicate[channel].inc(),
-                                Admission::WarmUp => settled
-                                    .checkpoints
-                                    .extend(engine.warm_up_checkpoint(sample.channel)),
-                                _ => {}
-                            }
-                            // Nothing more will come of it: it is done now.
-                            settled.done.extend(sample.origin);
                         }
                     }
                 }
@@ -234,6 +220,38 @@ async fn process(
     };
     pool.shutdown();
     result.map(|()| engine)
+}
+
+/// Takes one sample into the engine; what is settled at once (a duplicate, a
+/// warm-up or refill sample) goes to `settled`.
+fn admit(
+    engine: &mut Engine,
+    sample: &Sample,
+    now: std::time::Instant,
+    counters: &ChannelCounters,
+    settled: &mut Outputs,
+) {
+    let channel = sample.channel as usize;
+    counters.consumed[channel].inc();
+    let before = engine.counters().gaps;
+    let admission = engine.admit(sample, now);
+    if engine.counters().gaps != before {
+        counters.gap[channel].inc();
+    }
+    match admission {
+        Admission::Queued => {}
+        Admission::Duplicate | Admission::WarmUp | Admission::Refill => {
+            match admission {
+                Admission::Duplicate => counters.duplicate[channel].inc(),
+                Admission::WarmUp => settled
+                    .checkpoints
+                    .extend(engine.warm_up_checkpoint(sample.channel)),
+                _ => {}
+            }
+            // Nothing more will come of it: it is done now.
+            settled.done.extend(sample.origin);
+        }
+    }
 }
 
 fn complete(

@@ -18,6 +18,10 @@ pub struct Origin {
     pub offset: i64,
 }
 
+/// A sample's values, inline up to 32 features (SMAP channels have 25): a
+/// sample allocates nothing on its way from the decoder to the window.
+pub type Values = smallvec::SmallVec<[f32; 32]>;
+
 /// A validated telemetry sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -25,7 +29,7 @@ pub struct Sample {
     pub channel: u32,
     pub seq: u64,
     pub ts: DateTime<Utc>,
-    pub values: Vec<f32>,
+    pub values: Values,
     pub origin: Option<Origin>,
     /// When satwatch took the record from Kafka (none offline): the start of
     /// satwatch's own share of the latency.
@@ -200,7 +204,7 @@ impl Decoder {
                 ),
             ));
         }
-        let mut floats = Vec::with_capacity(values.len());
+        let mut floats = Values::with_capacity(values.len());
         for (i, v) in values.iter().enumerate() {
             let f = *v as f32;
             if !f.is_finite() {
@@ -317,7 +321,7 @@ mod tests {
                 channel: 7,
                 seq: 4690,
                 ts,
-                values: vec![0.98, 0.0, 1.0],
+                values: Values::from_slice(&[0.98, 0.0, 1.0]),
                 origin: None,
                 received: None,
             }
