@@ -73,11 +73,22 @@ pub trait Backend: Send + Sync {
         batch: &BatchInputs,
         scratch: &mut Scratch,
     ) -> Result<Vec<f32>, BackendError> {
-        let laying_out = Instant::now();
-        let windows = batch.windows(&mut scratch.floats);
-        scratch.input_time += laying_out.elapsed();
-        self.infer(model, windows, batch.len())
+        lay_out_and_infer(self, model, batch, scratch)
     }
+}
+
+/// Lays a batch's windows out one by one into `scratch` (timing it as input
+/// time), then runs [`Backend::infer`] on them.
+pub fn lay_out_and_infer<B: Backend + ?Sized>(
+    backend: &B,
+    model: usize,
+    batch: &BatchInputs,
+    scratch: &mut Scratch,
+) -> Result<Vec<f32>, BackendError> {
+    let laying_out = Instant::now();
+    let windows = batch.windows(&mut scratch.floats);
+    scratch.input_time += laying_out.elapsed();
+    backend.infer(model, windows, batch.len())
 }
 
 /// An inference thread's reusable input buffer, and the time calls spent

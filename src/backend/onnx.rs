@@ -590,47 +590,57 @@ fn run_rows(
     Ok(picked)
 }
 
+impl OnnxBackend {
+    fn failure(&self, model: usize, reason: impl std::fmt::Display) -> BackendError {
+        BackendError::Inference {
+            model: self.names[model].clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn session(&self, model: usize) -> Result<std::sync::MutexGuard<'_, Session>, BackendError> {
+        self.sessions[model]
+            .lock()
+            .map_err(|_| self.failure(model, "a previous call panicked"))
+    }
+}
+
 impl Backend for OnnxBackend {
     fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
-        let fail = |reason: String| BackendError::Inference {
-            model: self.names[model].clone(),
-            reason,
-        };
-        let mut session = self.sessions[model]
-            .lock()
-            .map_err(|_| fail("a previous call panicked".into()))?;
-        let (shape, residual, horizon) = match self.forms[model] {
-            Form::Windows { window, features } => ([rows, window, features, 0], None, 0),
+        let fail = |e: ort::Error| self.failure(model, e);
+        let mut session = self.session(model)?;
+        let output = self.output_names[model].as_str();
+        match self.forms[model] {
+            Form::Windows { window, features } => {
+                let tensor =
+                    TensorRef::from_array_view(([rows, window, features], inputs)).map_err(fail)?;
+                let outputs = session.run(ort::inputs![tensor]).map_err(fail)?;
+                let (_, values) = outputs[output].try_extract_tensor::<f32>().map_err(fail)?;
+                Ok(values.to_vec())
+            }
             // Windows one by one are runs of one window each.
             Form::Rows {
                 window,
                 features,
                 horizon,
                 residual,
-            } => ([rows, 1, window, features], residual, horizon),
-        };
-        debug_assert_eq!(inputs.len(), rows * shape[1] * shape[2] * shape[3].max(1));
-        let tensor = if shape[3] == 0 {
-            TensorRef::from_array_view(([shape[0], shape[1], shape[2]], inputs))
-        } else {
-            TensorRef::from_array_view((shape, inputs))
-        }
-        .map_err(|e| fail(e.to_string()))?;
-        let outputs = session
-            .run(ort::inputs![tensor])
-            .map_err(|e| fail(e.to_string()))?;
-        let (_, values) = outputs[self.output_names[model].as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| fail(e.to_string()))?;
-        let mut values = values.to_vec();
-        if let Some(r) = residual {
-            let per_window = inputs.len() / rows.max(1);
-            for (i, forecast) in values.chunks_mut(horizon).enumerate() {
-                let bias = inputs[i * per_window + r];
-                forecast.iter_mut().for_each(|v| *v += bias);
+            } => {
+                let tensor = TensorRef::from_array_view(([rows, 1, window, features], inputs))
+                    .map_err(fail)?;
+                let outputs = session.run(ort::inputs![tensor]).map_err(fail)?;
+                let (_, values) = outputs[output].try_extract_tensor::<f32>().map_err(fail)?;
+                let mut values = values.to_vec();
+                if let Some(r) = residual {
+                    for (forecast, window) in values
+                        .chunks_mut(horizon)
+                        .zip(inputs.chunks(window * features))
+                    {
+                        forecast.iter_mut().for_each(|v| *v += window[r]);
+                    }
+                }
+                Ok(values)
             }
         }
-        Ok(values)
     }
 
     fn infer_batch(
@@ -639,27 +649,16 @@ impl Backend for OnnxBackend {
         batch: &BatchInputs,
         scratch: &mut Scratch,
     ) -> Result<Vec<f32>, BackendError> {
-        let form = self.forms[model];
-        if matches!(form, Form::Windows { .. }) {
-            let laying_out = std::time::Instant::now();
-            let windows = batch.windows(&mut scratch.floats);
-            scratch.input_time += laying_out.elapsed();
-            return self.infer(model, windows, batch.len());
+        match self.forms[model] {
+            Form::Windows { .. } => super::lay_out_and_infer(self, model, batch, scratch),
+            form => run_rows(
+                &mut *self.session(model)?,
+                form,
+                &self.output_names[model],
+                batch,
+                scratch,
+            )
+            .map_err(|e| self.failure(model, e)),
         }
-        let fail = |reason: String| BackendError::Inference {
-            model: self.names[model].clone(),
-            reason,
-        };
-        let mut session = self.sessions[model]
-            .lock()
-            .map_err(|_| fail("a previous call panicked".into()))?;
-        run_rows(
-            &mut session,
-            form,
-            &self.output_names[model],
-            batch,
-            scratch,
-        )
-        .map_err(|e| fail(e.to_string()))
     }
 }
