@@ -148,3 +148,32 @@ fn bench_forecasts_every_window_on_the_threads_it_is_given() {
         "{refused}"
     );
 }
+
+/// The shipped models are served in their row form: a batch of one channel's
+/// consecutive windows reaches ONNX Runtime as the rows they share, with no
+/// windows laid out; `--model-files` serves the files on laid-out windows,
+/// and forecasts exactly as many windows.
+#[test]
+fn bench_serves_the_row_form_and_the_model_files_on_request() {
+    let args = [
+        "--replicas",
+        "1",
+        "--limit",
+        "200",
+        "--backend-threads",
+        "1",
+    ];
+    let rows = bench(&args).unwrap();
+    let files = bench(&[&args[..], &["--model-files"]].concat()).unwrap();
+    let (rows, files) = (&rows["runs"][0], &files["runs"][0]);
+    assert_eq!(rows["windows"], files["windows"]);
+    assert_eq!(
+        rows["layout_share"].as_f64(),
+        Some(0.0),
+        "one run per batch is read in place: {rows}"
+    );
+    assert!(
+        files["layout_share"].as_f64().unwrap() > 0.0,
+        "the model files take laid-out windows: {files}"
+    );
+}
