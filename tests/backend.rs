@@ -160,12 +160,13 @@ fn row_form_gives_the_model_files_forecasts_on_real_runs_of_every_shipped_model(
         .unwrap();
         let rows = satwatch::bench::real_rows(&data.values, &spec).unwrap();
         let (w, f) = (spec.window, spec.features);
-        // Runs of 300, 41 and 1 windows from the start, middle and end of the split,
-        // their windows interleaved as queued windows of three channels are.
+        // Runs from the start, middle and end of the split, their windows
+        // interleaved as queued windows of several channels are: 300 windows
+        // alone, 41 and 39 in one call (the 39 padded), 1 alone.
         let mut batch = BatchInputs::new(w * f);
         let mut runs = Vec::new();
         let total = rows.len() / f;
-        for (n, from) in [(300, 0), (41, total / 2), (1, total - w)] {
+        for (n, from) in [(300, 0), (41, total / 2), (39, total / 3), (1, total - w)] {
             let start = batch.push_run(&rows[from * f..(from + n + w - 1) * f]);
             runs.push((start, n));
         }
