@@ -669,9 +669,10 @@ def core_section(core, settings, one_thread=None, files=None):
         notes.append(f"Another {100*lo_l:.0f}–{100*hi_l:.0f} % of it goes to preparing the calls' inputs "
                      "(`satwatch_inference_compute_input_duration_us_total`). ONNX Runtime serves the shipped models in their "
                      "row form (src/backend/rows.rs), which reads each channel's run of rows in place, so no window is copied "
-                     "out on its own; only a call whose runs differ in length copies them into one padded tensor, which is "
-                     "most calls at 2,700 channels, where a batch holds about a hundred short runs. Serving the model files "
-                     "instead, on windows laid out one by one, took 15–21 % of this time (the comparison below).")
+                     "out on its own: a batch's runs of up to four lengths go one call per length, read in place (at 2,700 "
+                     "channels a batch holds about a hundred runs of 5 and 6 windows); only runs of more lengths are "
+                     "copied into one padded tensor. Serving the model files instead, on windows laid out one by one, "
+                     "took 14–21 % of this time (the comparison below).")
     ratios = [(r["channels"], r.get("ratio_to_ceiling")) for r in runs if r.get("ratio_to_ceiling") is not None]
     if ratios:
         notes.append("The pipeline reaches " + ", ".join(f"{100*x:.0f} % ({c:,} channels)" for c, x in ratios)

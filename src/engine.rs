@@ -595,8 +595,14 @@ impl Engine {
                 }
             }
         }
-        for run in &mut self.runs {
+        // Longest runs first: runs of equal length then lie side by side, so
+        // a backend that calls them together (the row form) reads them in
+        // place.
+        self.runs
+            .sort_by_key(|run| std::cmp::Reverse(run.last - run.first));
+        for (index, run) in self.runs.iter_mut().enumerate() {
             let channel = &mut self.channels[run.channel as usize];
+            channel.run = index;
             run.offset = inputs.push_run(channel.window.rows(run.first + 1 - len..=run.last));
             if channel.queued == 0 {
                 channel.window.release_before(u64::MAX);

@@ -160,37 +160,42 @@ fn row_form_gives_the_model_files_forecasts_on_real_runs_of_every_shipped_model(
         .unwrap();
         let rows = satwatch::bench::real_rows(&data.values, &spec).unwrap();
         let (w, f) = (spec.window, spec.features);
-        // Runs from the start, middle and end of the split, their windows
-        // interleaved as queued windows of several channels are: 300 windows
-        // alone, 41 and 39 in one call (the 39 padded), 1 alone.
-        let mut batch = BatchInputs::new(w * f);
-        let mut runs = Vec::new();
         let total = rows.len() / f;
-        for (n, from) in [(300, 0), (41, total / 2), (39, total / 3), (1, total - w)] {
-            let start = batch.push_run(&rows[from * f..(from + n + w - 1) * f]);
-            runs.push((start, n));
-        }
-        for i in 0..300 {
-            for &(start, n) in &runs {
-                if i < n {
-                    batch.push_window(start + i * f);
+        // Runs from across the split, their windows interleaved as queued
+        // windows of several channels are. First three lengths: one call
+        // each, the two runs of 41 read in place; then six lengths: 41, 39,
+        // 38 and 37 padded into one call, 300 and 1 alone.
+        let layouts: [&[usize]; 2] = [&[300, 41, 41, 1], &[300, 41, 39, 38, 37, 1]];
+        for layout in layouts {
+            let mut batch = BatchInputs::new(w * f);
+            let mut runs = Vec::new();
+            for (k, &n) in layout.iter().enumerate() {
+                let from = (total - n - w) * k / layout.len();
+                let start = batch.push_run(&rows[from * f..(from + n + w - 1) * f]);
+                runs.push((start, n));
+            }
+            for i in 0..300 {
+                for &(start, n) in &runs {
+                    if i < n {
+                        batch.push_window(start + i * f);
+                    }
                 }
             }
-        }
-        let got = rows_form
-            .infer_batch(0, &batch, &mut Scratch::default())
-            .unwrap();
-        let want = files
-            .infer_batch(0, &batch, &mut Scratch::default())
-            .unwrap();
-        assert_eq!(got.len(), want.len());
-        assert_eq!(got.len(), batch.len() * spec.horizon);
-        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                "{}: forecast value {i} is {g} in the row form, {e} from the file",
-                spec.name
-            );
+            let got = rows_form
+                .infer_batch(0, &batch, &mut Scratch::default())
+                .unwrap();
+            let want = files
+                .infer_batch(0, &batch, &mut Scratch::default())
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            assert_eq!(got.len(), batch.len() * spec.horizon);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{} {layout:?}: forecast value {i} is {g} in the row form, {e} from the file",
+                    spec.name
+                );
+            }
         }
         models += 1;
     }

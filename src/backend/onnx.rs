@@ -184,12 +184,12 @@ fn row_session(
         .map_err(|e| e.to_string())?
         .commit_from_memory(&rows::model_bytes(&plan))
         .map_err(|e| format!("ONNX Runtime refused its row form: {e}"))?;
-    // A probe: runs of 8 and 7 windows, which share one call with the
-    // shorter padded, and one of 2 alone, over values spread like
-    // normalised telemetry.
+    // A probe over values spread like normalised telemetry: runs of five
+    // lengths, so they are padded, 8, 7 and 6 windows into one call, 5 and 2
+    // alone (rows::group_runs).
     let mut probe = BatchInputs::new(plan.inputs_per_row());
     let mut value = 0x2545_f491_u32;
-    for windows in [8, 7, 2] {
+    for windows in [8, 7, 6, 5, 2] {
         let rows: Vec<f32> = (0..(windows + plan.window - 1) * plan.features)
             .map(|_| {
                 value = value.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);

@@ -19,8 +19,10 @@
 //! after the call, from the rows. Windows laid out one by one are runs of one
 //! window each, so the same session serves both.
 //!
-//! Runs of a batch are padded to the longest in their call; [`group_runs`]
-//! keeps that padding small by splitting uneven runs into several calls.
+//! Runs of a batch of a few lengths go to one call per length, read in place
+//! (the engine lays a batch's runs out longest first); runs of many lengths
+//! are padded to the longest in their call, and [`group_runs`] keeps that
+//! padding small by splitting uneven runs into several calls.
 
 use prost::Message;
 
@@ -37,6 +39,11 @@ pub const INPUT: &str = "rows";
 
 /// Padding a call may carry: at most one window in this many is padding.
 const PADDING_LIMIT: usize = 8;
+
+/// Up to this many different run lengths in a batch, one call per length
+/// costs less than copying the runs into one padded tensor: at 270 and 2,700
+/// channels a batch's runs have two lengths (51 and 52 windows, or 5 and 6).
+const EXACT_CALLS: usize = 4;
 
 /// The row form of `plan` as an encoded ONNX model (opset 17), without the
 /// residual: its output is `plan.output_name`, `[runs × windows, horizon]`,
@@ -138,13 +145,29 @@ pub fn model_bytes(plan: &MlpPlan) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// Splits runs (given as their window counts) into calls, each padding its
-/// runs to its longest: longest runs first, and a run joins the current call
-/// only while at most one window in [`PADDING_LIMIT`] of that call is padding.
-/// Returns run indices per call. Runs of equal length always share one call.
+/// Splits runs (given as their window counts) into calls, longest runs
+/// first; returns run indices per call. With at most [`EXACT_CALLS`]
+/// different lengths, each length gets a call of its own: nothing is padded,
+/// and runs the engine laid side by side are read in place. Otherwise each
+/// call pads its runs to its longest, and a run joins the current call only
+/// while at most one window in [`PADDING_LIMIT`] of that call is padding.
+/// Runs of equal length always share one call.
 pub fn group_runs(windows_per_run: &[usize]) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..windows_per_run.len()).collect();
     order.sort_by_key(|&r| std::cmp::Reverse(windows_per_run[r]));
+    let mut lengths: Vec<usize> = windows_per_run.to_vec();
+    lengths.sort_unstable();
+    lengths.dedup();
+    if lengths.len() <= EXACT_CALLS {
+        let mut calls: Vec<Vec<usize>> = Vec::new();
+        for r in order {
+            match calls.last_mut() {
+                Some(call) if windows_per_run[call[0]] == windows_per_run[r] => call.push(r),
+                _ => calls.push(vec![r]),
+            }
+        }
+        return calls;
+    }
     let mut calls: Vec<Vec<usize>> = Vec::new();
     let mut real = 0;
     for r in order {
@@ -264,6 +287,18 @@ mod tests {
         assert_eq!(group_runs(&[51, 51, 51]), vec![vec![0, 1, 2]]);
         assert_eq!(group_runs(&[7]), vec![vec![0]]);
         assert!(group_runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_few_lengths_get_a_call_each_longest_first() {
+        assert_eq!(
+            group_runs(&[6, 5, 6, 5, 5]),
+            vec![vec![0, 2], vec![1, 3, 4]]
+        );
+        assert_eq!(
+            group_runs(&[9, 1, 3, 7]),
+            vec![vec![0], vec![3], vec![2], vec![1]]
+        );
     }
 
     #[test]
