@@ -395,16 +395,12 @@ pub fn real_rows(values: &Array2<f32>, spec: &ModelSpec) -> Result<Vec<f32>, Str
             spec.features
         ));
     }
-    let norm = &spec.normalisation;
+    let (norm, features) = (&spec.normalisation, spec.features);
+    // ndarray iterates in logical (row-major) order whatever the layout.
     Ok(values
-        .rows()
-        .into_iter()
-        .flat_map(|row| {
-            row.iter()
-                .enumerate()
-                .map(|(f, x)| (x - norm.center[f]) / norm.scale[f])
-                .collect::<Vec<_>>()
-        })
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x - norm.center[i % features]) / norm.scale[i % features])
         .collect())
 }
 
@@ -416,31 +412,17 @@ pub fn real_windows(
     spec: &ModelSpec,
     count: usize,
 ) -> Result<Vec<f32>, String> {
-    let (rows, window) = (values.nrows(), spec.window);
-    if rows < window || values.ncols() != spec.features {
-        return Err(format!(
-            "{}: the data has {rows} rows of {} values; a window needs {window} rows of {}",
-            spec.name,
-            values.ncols(),
-            spec.features
-        ));
-    }
-    let norm = &spec.normalisation;
-    let last_start = rows - window;
-    let mut out = Vec::with_capacity(count * window * spec.features);
+    let rows = real_rows(values, spec)?;
+    let (window, features) = (spec.window, spec.features);
+    let last_start = values.nrows() - window;
+    let mut out = Vec::with_capacity(count * window * features);
     for i in 0..count {
         let start = if count > 1 {
             i * last_start / (count - 1)
         } else {
             last_start
         };
-        for row in values.slice(ndarray::s![start..start + window, ..]).rows() {
-            out.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(f, x)| (x - norm.center[f]) / norm.scale[f]),
-            );
-        }
+        out.extend_from_slice(&rows[start * features..(start + window) * features]);
     }
     Ok(out)
 }

@@ -54,9 +54,8 @@ pub async fn stream(
                     channel: channel as u32,
                     seq: row as u64,
                     ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
-                    values: values.row(row).as_slice().map_or_else(
-                        || values.row(row).iter().copied().collect(),
-                        Values::from_slice,
+                    values: Values::from_slice(
+                        values.row(row).as_slice().expect("standard layout"),
                     ),
                     origin: None,
                     received: None,

@@ -104,6 +104,16 @@ pub enum Form {
     },
 }
 
+impl Form {
+    /// The model file as it is, with the window its config declares.
+    fn file(spec: &ModelSpec) -> Self {
+        Self::Windows {
+            window: spec.window,
+            features: spec.features,
+        }
+    }
+}
+
 impl OnnxBackend {
     /// Loads every model and checks its tensors against its `config.pbtxt`;
     /// a model of the shipped family is served in its row form once it has
@@ -134,10 +144,7 @@ impl OnnxBackend {
         for spec in specs {
             let mut session = open_session(env, spec, intra_threads)?;
             check_tensors(&session, spec)?;
-            let mut form = Form::Windows {
-                window: spec.window,
-                features: spec.features,
-            };
+            let mut form = Form::file(spec);
             if row_form {
                 match row_session(env, spec, intra_threads, &mut session) {
                     Ok((rows, served)) => (session, form) = (rows, served),
@@ -203,7 +210,13 @@ fn row_session(
     }
     let mut scratch = Scratch::default();
     let windows = probe.windows(&mut scratch.floats).to_vec();
-    let want = run_windows(file, spec, &windows, probe.len()).map_err(|e| e.to_string())?;
+    let want = run_tensor(
+        file,
+        &spec.output_name,
+        [probe.len(), spec.window, spec.features],
+        &windows,
+    )
+    .map_err(|e| e.to_string())?;
     let got = run_rows(&mut session, form, &spec.output_name, &probe, &mut scratch)
         .map_err(|e| e.to_string())?;
     let worst = want
@@ -359,13 +372,7 @@ impl OnnxBackend {
         Ok(Self {
             sessions,
             // TensorRT's profiles and engine caches are built for the file's windows.
-            forms: specs
-                .iter()
-                .map(|s| Form::Windows {
-                    window: s.window,
-                    features: s.features,
-                })
-                .collect(),
+            forms: specs.iter().map(|s| Form::file(s)).collect(),
             names: specs.iter().map(|s| s.name.clone()).collect(),
             output_names: specs.iter().map(|s| s.output_name.clone()).collect(),
         })
@@ -509,16 +516,16 @@ fn check_tensors(session: &Session, spec: &ModelSpec) -> Result<(), BackendError
     Ok(())
 }
 
-/// Runs `session` on `rows` windows laid out `[rows, window, features]`.
-fn run_windows(
+/// Runs `session` on one input tensor of `shape`; returns output `output`.
+fn run_tensor<const N: usize>(
     session: &mut Session,
-    spec: &ModelSpec,
-    windows: &[f32],
-    rows: usize,
+    output: &str,
+    shape: [usize; N],
+    input: &[f32],
 ) -> Result<Vec<f32>, ort::Error> {
-    let tensor = TensorRef::from_array_view(([rows, spec.window, spec.features], windows))?;
+    let tensor = TensorRef::from_array_view((shape, input))?;
     let outputs = session.run(ort::inputs![tensor])?;
-    let (_, values) = outputs[spec.output_name.as_str()].try_extract_tensor::<f32>()?;
+    let (_, values) = outputs[output].try_extract_tensor::<f32>()?;
     Ok(values.to_vec())
 }
 
@@ -576,10 +583,12 @@ fn run_rows(
         for (slot, &r) in call.iter().enumerate() {
             first_forecast[r] = forecasts.len() + slot * longest * horizon;
         }
-        let tensor = TensorRef::from_array_view(([call.len(), 1, rows_per_run, features], input))?;
-        let outputs = session.run(ort::inputs![tensor])?;
-        let (_, values) = outputs[output].try_extract_tensor::<f32>()?;
-        forecasts.extend_from_slice(values);
+        forecasts.extend(run_tensor(
+            session,
+            output,
+            [call.len(), 1, rows_per_run, features],
+            input,
+        )?);
     }
     let mut picked = Vec::with_capacity(batch.len() * horizon);
     for &start in &batch.starts {
@@ -613,11 +622,7 @@ impl Backend for OnnxBackend {
         let output = self.output_names[model].as_str();
         match self.forms[model] {
             Form::Windows { window, features } => {
-                let tensor =
-                    TensorRef::from_array_view(([rows, window, features], inputs)).map_err(fail)?;
-                let outputs = session.run(ort::inputs![tensor]).map_err(fail)?;
-                let (_, values) = outputs[output].try_extract_tensor::<f32>().map_err(fail)?;
-                Ok(values.to_vec())
+                run_tensor(&mut session, output, [rows, window, features], inputs).map_err(fail)
             }
             // Windows one by one are runs of one window each.
             Form::Rows {
@@ -626,11 +631,9 @@ impl Backend for OnnxBackend {
                 horizon,
                 residual,
             } => {
-                let tensor = TensorRef::from_array_view(([rows, 1, window, features], inputs))
-                    .map_err(fail)?;
-                let outputs = session.run(ort::inputs![tensor]).map_err(fail)?;
-                let (_, values) = outputs[output].try_extract_tensor::<f32>().map_err(fail)?;
-                let mut values = values.to_vec();
+                let mut values =
+                    run_tensor(&mut session, output, [rows, 1, window, features], inputs)
+                        .map_err(fail)?;
                 if let Some(r) = residual {
                     for (forecast, window) in values
                         .chunks_mut(horizon)
