@@ -7,6 +7,7 @@ use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use ustr::Ustr;
 
 use crate::{
     batch::{BatchInputs, Batcher},
@@ -69,9 +70,9 @@ pub struct ModelBatch {
 /// A `scores` row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreRow {
-    pub channel: Arc<str>,
+    pub channel: Ustr,
     /// Not a column: carried for per-subsystem metrics.
-    pub subsystem: Arc<str>,
+    pub subsystem: Ustr,
     pub seq: u64,
     pub ts: DateTime<Utc>,
     pub score: f32,
@@ -90,11 +91,11 @@ pub type Horizon = smallvec::SmallVec<[f32; 16]>;
 /// A forecast (CONTRACT "Forecast"), also a `forecasts` row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Forecast {
-    pub channel: Arc<str>,
+    pub channel: Ustr,
     pub seq: u64,
     /// `horizon[i]` forecasts the value at `seq + 1 + i`, in the input's units.
     pub horizon: Horizon,
-    pub model: Arc<str>,
+    pub model: Ustr,
     pub model_version: u64,
 }
 
@@ -102,8 +103,8 @@ pub struct Forecast {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AnomalyEvent {
     pub event_id: String,
-    pub channel: Arc<str>,
-    pub subsystem: Arc<str>,
+    pub channel: Ustr,
+    pub subsystem: Ustr,
     pub state: EventState,
     pub start_seq: u64,
     pub end_seq: Option<u64>,
@@ -111,7 +112,7 @@ pub struct AnomalyEvent {
     pub end_ts: Option<DateTime<Utc>>,
     pub peak_score: f32,
     pub threshold: f32,
-    pub model: Arc<str>,
+    pub model: Ustr,
     pub model_version: u64,
 }
 
@@ -138,7 +139,7 @@ impl EventState {
 /// if nothing had happened (same window, same detector state).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
-    pub channel: Arc<str>,
+    pub channel: Ustr,
     /// The partition the channel's samples come from ([`Origin::partition`]).
     pub partition: u32,
     pub last_seq: u64,
@@ -217,8 +218,8 @@ pub struct Counters {
 }
 
 struct ChannelState {
-    id: Arc<str>,
-    subsystem: Arc<str>,
+    id: Ustr,
+    subsystem: Ustr,
     model: usize,
     window: Window,
     /// Kafka offsets of the samples in `window`, oldest first (empty offline).
@@ -271,7 +272,7 @@ struct ModelState {
     runner: Option<Runner>,
     /// A version waiting for the batch in flight to complete.
     next: Option<(Arc<ModelSpec>, Runner)>,
-    name: Arc<str>,
+    name: Ustr,
     batcher: Batcher<Entry>,
     /// One batch per model is in flight at a time, so a channel's windows are
     /// scored in `seq` order (its detector state depends on that order).
@@ -321,7 +322,7 @@ impl Engine {
             .iter()
             .map(|spec| ModelState {
                 batcher: Batcher::new(spec.batching.clone()),
-                name: Arc::from(spec.name.as_str()),
+                name: Ustr::from(&spec.name),
                 spec: spec.clone(),
                 runner: None,
                 next: None,
@@ -341,8 +342,8 @@ impl Engine {
                 })?;
             let spec = &models[model];
             channel_states.push(ChannelState {
-                id: Arc::from(channel.id.as_str()),
-                subsystem: Arc::from(channel.subsystem.as_str()),
+                id: Ustr::from(&channel.id),
+                subsystem: Ustr::from(&channel.subsystem),
                 model,
                 window: Window::new(spec.window, &spec.normalisation),
                 offsets: VecDeque::with_capacity(spec.window),
@@ -403,7 +404,7 @@ impl Engine {
     pub fn warm_up_checkpoint(&self, channel: u32) -> Option<Checkpoint> {
         let c = &self.channels[channel as usize];
         Some(Checkpoint {
-            channel: c.id.clone(),
+            channel: c.id,
             partition: c.partition?,
             last_seq: c.last_seq?,
             refill_from: *c.offsets.front()?,
@@ -429,8 +430,8 @@ impl Engine {
         &self.models[model].spec
     }
 
-    pub fn channel_id(&self, channel: u32) -> &Arc<str> {
-        &self.channels[channel as usize].id
+    pub fn channel_id(&self, channel: u32) -> Ustr {
+        self.channels[channel as usize].id
     }
 
     /// Events open right now.
@@ -740,8 +741,8 @@ impl Engine {
             if let Some(scored) = scored {
                 self.counters.scored += 1;
                 out.scores.push(ScoreRow {
-                    channel: channel.id.clone(),
-                    subsystem: channel.subsystem.clone(),
+                    channel: channel.id,
+                    subsystem: channel.subsystem,
                     seq: entry.seq,
                     ts: entry.ts,
                     score: scored.score,
@@ -752,10 +753,10 @@ impl Engine {
                 });
             }
             out.forecasts.push(Forecast {
-                channel: channel.id.clone(),
+                channel: channel.id,
                 seq: entry.seq,
                 horizon: Horizon::from_slice(&self.scratch),
-                model: model.name.clone(),
+                model: model.name,
                 model_version: spec.version,
             });
             if let Some(change) = change {
@@ -769,13 +770,8 @@ impl Engine {
                         (EventState::Closed, span)
                     }
                 };
-                out.events.push(event_record(
-                    channel,
-                    &model.name,
-                    spec.version,
-                    state,
-                    span,
-                ));
+                out.events
+                    .push(event_record(channel, model.name, spec.version, state, span));
             }
             out.done.extend(entry.origin);
         }
@@ -783,7 +779,7 @@ impl Engine {
             let c = &self.channels[channel as usize];
             if let Some(partition) = c.partition {
                 out.checkpoints.push(Checkpoint {
-                    channel: c.id.clone(),
+                    channel: c.id,
                     partition,
                     last_seq,
                     refill_from,
@@ -796,15 +792,15 @@ impl Engine {
 
 fn event_record(
     channel: &ChannelState,
-    model: &Arc<str>,
+    model: Ustr,
     version: u64,
     state: EventState,
     span: EventSpan,
 ) -> AnomalyEvent {
     AnomalyEvent {
         event_id: format!("{}:{}", channel.id, span.start_seq),
-        channel: channel.id.clone(),
-        subsystem: channel.subsystem.clone(),
+        channel: channel.id,
+        subsystem: channel.subsystem,
         state,
         start_seq: span.start_seq,
         end_seq: span.end.map(|(seq, _)| seq),
@@ -812,7 +808,7 @@ fn event_record(
         end_ts: span.end.map(|(_, ts)| ts),
         peak_score: span.peak_score,
         threshold: span.threshold,
-        model: model.clone(),
+        model,
         model_version: version,
     }
 }

@@ -46,21 +46,24 @@ pub async fn stream(
         for row in 0..longest {
             // A row of every channel at once, as a Kafka fetch hands over
             // many records.
-            let samples: Vec<Sample> = inputs
-                .iter()
-                .enumerate()
-                .filter(|(_, values)| row < values.nrows())
-                .map(|(channel, values)| Sample {
-                    channel: channel as u32,
-                    seq: row as u64,
-                    ts: DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64),
-                    values: Values::from_slice(
-                        values.row(row).as_slice().expect("standard layout"),
-                    ),
-                    origin: None,
-                    received: None,
-                })
-                .collect();
+            // Sized up front: a filtered collect would grow by doubling,
+            // copying every sample again on each growth.
+            let mut samples = Vec::with_capacity(inputs.len());
+            let ts = DateTime::<Utc>::UNIX_EPOCH + Duration::from_secs(row as u64);
+            for (channel, values) in inputs.iter().enumerate() {
+                if row < values.nrows() {
+                    samples.push(Sample {
+                        channel: channel as u32,
+                        seq: row as u64,
+                        ts,
+                        values: Values::from_slice(
+                            values.row(row).as_slice().expect("standard layout"),
+                        ),
+                        origin: None,
+                        received: None,
+                    });
+                }
+            }
             if samples_tx.send(Input::Samples(samples)).await.is_err() {
                 return;
             }
