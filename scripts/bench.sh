@@ -1198,6 +1198,22 @@ fresh_services() {
     SATWATCH_BIN=$BIN ./init-kafka.sh | sed 's/^/    /'
 }
 
+# broker_round_trip NAME: the broker alone (`satwatch bench --round-trip` at
+# $rate for $rt_seconds) on the services just started, into $RESULTS/NAME.json,
+# with the broker's CPU over it: tansu polls its storage for every fetch, so an
+# idle-looking load can keep it busy.
+broker_round_trip() {
+    local name=$1
+    record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
+    py snap "$RESULTS/$name.snap-before.json" "tansu=$tansu_pid"
+    "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
+        >"$RESULTS/$name.json" 2>"$RESULTS/$name.log" ||
+        die "satwatch bench --round-trip failed (log: $RESULTS/$name.log)"
+    py snap "$RESULTS/$name.snap-after.json" "tansu=$tansu_pid"
+    py round_trip "$RESULTS/$name.json"
+    py round_trip_cpu "$RESULTS/$name"
+}
+
 # start_satwatch NAME: `satwatch run` in the background, wait until ready.
 start_satwatch() {
     SATWATCH_LOG=$RESULTS/$1.satwatch.log
@@ -1482,31 +1498,14 @@ if [[ $SKIP_E2E != 1 ]]; then
         fresh_services
         want=$((rate * LAT_SECONDS < LAT_SAMPLES ? rate * LAT_SECONDS : LAT_SAMPLES))
         rt_seconds=$(py div "$want" "$rate")
-        record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
-        # The broker's CPU over the round trip: tansu polls its storage for
-        # every fetch, so an idle-looking load can keep it busy.
-        py snap "$RESULTS/round-trip-$rate.snap-before.json" "tansu=$tansu_pid"
-        "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
-            >"$RESULTS/round-trip-$rate.json" 2>"$RESULTS/round-trip-$rate.log" ||
-            die "satwatch bench --round-trip failed (log: $RESULTS/round-trip-$rate.log)"
-        py snap "$RESULTS/round-trip-$rate.snap-after.json" "tansu=$tansu_pid"
-        py round_trip "$RESULTS/round-trip-$rate.json"
-        py round_trip_cpu "$RESULTS/round-trip-$rate"
+        broker_round_trip "round-trip-$rate"
         if [[ $rate == 1000 ]]; then
             # Again with one partition per topic (7 to poll instead of 21):
             # tansu queries its storage for every partition of every fetch, so
             # this is its floor on these cores for a single consumer.
             SATWATCH_PARTITIONS=1 fresh_services
-            name=round-trip-$rate-one-partition
             note "at 1,000/s, again on fresh services with one partition per topic (SATWATCH_PARTITIONS=1 ./init-kafka.sh):"
-            record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
-            py snap "$RESULTS/$name.snap-before.json" "tansu=$tansu_pid"
-            "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
-                >"$RESULTS/$name.json" 2>"$RESULTS/$name.log" ||
-                die "satwatch bench --round-trip failed (log: $RESULTS/$name.log)"
-            py snap "$RESULTS/$name.snap-after.json" "tansu=$tansu_pid"
-            py round_trip "$RESULTS/$name.json"
-            py round_trip_cpu "$RESULTS/$name"
+            broker_round_trip "round-trip-$rate-one-partition"
         fi
         fresh_services 1
         start_satwatch "lat-$rate"

@@ -68,6 +68,10 @@ pub struct ModelBatch {
 }
 
 /// A `scores` row.
+///
+/// Output rows name channels, subsystems and models with interned strings
+/// ([`Ustr`]): making a row copies a pointer, where cloning and dropping an
+/// `Arc<str>` were atomic operations on the engine's and the sink's threads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreRow {
     pub channel: Ustr,

@@ -53,7 +53,7 @@ impl ChannelLabels {
 /// tallied while a lot of inputs is taken in and added once per lot: an
 /// atomic add per sample stalled the engine's thread (it waits for the
 /// thread's pending stores), about 1 % of the pipeline's CPU.
-struct ChannelCounters {
+struct SubsystemCounters {
     /// Each channel's subsystem, as an index into the vectors below.
     subsystem_of: Vec<usize>,
     consumed: Vec<IntCounter>,
@@ -64,7 +64,7 @@ struct ChannelCounters {
     consumed_tally: Vec<u64>,
 }
 
-impl ChannelCounters {
+impl SubsystemCounters {
     fn new(metrics: &Metrics, labels: &ChannelLabels) -> Self {
         let mut subsystems: Vec<&str> = Vec::new();
         let subsystem_of = labels
@@ -187,7 +187,7 @@ async fn process(
     // Offline runs have no model control: a closed channel stands in.
     let mut updates = updates.unwrap_or_else(|| mpsc::channel(1).1);
     let mut updates_open = true;
-    let mut counters = ChannelCounters::new(&metrics, &labels);
+    let mut counters = SubsystemCounters::new(&metrics, &labels);
     let mut input_open = true;
     let mut received = Vec::with_capacity(1024);
     let result = loop {
@@ -262,7 +262,7 @@ fn admit(
     engine: &mut Engine,
     sample: &Sample,
     now: std::time::Instant,
-    counters: &mut ChannelCounters,
+    counters: &mut SubsystemCounters,
     settled: &mut Outputs,
 ) {
     let channel = sample.channel as usize;
@@ -293,7 +293,7 @@ fn complete(
     completion: Completion,
     out: &mut Outputs,
     metrics: &Metrics,
-    counters: &ChannelCounters,
+    counters: &SubsystemCounters,
 ) -> Result<(), ProcessError> {
     // The version the batch ran, which a swap may have superseded since.
     let spec = completion.batch.spec.clone();
