@@ -99,12 +99,16 @@ if [[ $QUICK == 1 ]]; then
     E2E_LIMIT=2000    # rows per channel end to end
     LAT_SAMPLES=5000  # per latency rate: this many samples ...
     LAT_SECONDS=5     # ... or this many seconds, whichever is shorter
+    CORE_LATENCY_SECONDS=1
 else
     REPLICAS=${SATWATCH_BENCH_REPLICAS:-1,10,100}
     E2E_LIMIT=""
     LAT_SAMPLES=20000
     LAT_SECONDS=20
+    CORE_LATENCY_SECONDS=5
 fi
+# Section 1's in-process latency: these offered loads at every replica count.
+CORE_LATENCY_RATES=1000,10000,100000
 
 [[ $STATE == /* && $STATE != / ]] || die "SATWATCH_BENCH_STATE must be an absolute path other than /: got '$STATE'"
 [[ $REPLICAS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "SATWATCH_BENCH_REPLICAS must be a comma-separated list of integers: got '$REPLICAS'"
@@ -614,6 +618,22 @@ def files_part(core, files):
                    "share laying out windows, model files", "ceiling windows/s, model files", "ceiling windows/s, row form",
                    "row-form pipeline / model files' ceiling"], rows), ""]
 
+def latency_part(core):
+    """Section 1's in-process latency at offered loads, if measured."""
+    lat = core.get("latency") or []
+    if not lat:
+        return []
+    return [
+        "**Latency in process, at offered loads** (`--latency-rates`): after each channel's warm-up rows, samples are "
+        "handed to the engine at the offered rate, in lots of about a millisecond's worth, each stamped as it goes; the "
+        "figure is the time to its score row reaching the sink: the engine, the batcher's wait (`max_queue_delay`), "
+        "inference and detection, with no broker and no database. This is the part of the end-to-end latency that "
+        "satwatch owns (section 3 has the rest), and how it grows with channels and load.", "",
+        table(["channels", "offered samples/s", "achieved samples/s", "scores", "p50 ms", "p99 ms", "p99.9 ms", "max ms"],
+              [[f(l["channels"]), f(l["samples_per_s"]), f(l.get("achieved_samples_per_s")), f(l.get("scored")),
+                f(l["p50_ms"], 2), f(l["p99_ms"], 2), f(l["p999_ms"], 2), f(l["max_ms"], 2)] for l in lat]), "",
+    ]
+
 def core_section(core, settings, one_thread=None, files=None):
     out = ["## 1. Core throughput, inference ceiling, scaling (in process)", ""]
     if core is None:
@@ -659,6 +679,7 @@ def core_section(core, settings, one_thread=None, files=None):
         "(Peak RSS is the process's high-water mark so far (`getrusage`): the runs share one process, so it only grows "
         "from row to row; channel state is computed from the engine's buffers, not sampled.)", "",
     ]
+    out += latency_part(core)
     # What limits it.
     notes = []
     shares = [r.get("inference_share") for r in runs if r.get("inference_share") is not None]
@@ -1419,7 +1440,8 @@ section="1. core (satwatch bench)"
 log "== $section"
 # Only this run's figures: a comparison left from an earlier run must not show.
 rm -f "$RESULTS/core-1thread.json" "$RESULTS/core-files.json"
-bench_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$REPLICAS" --json)
+bench_args=(bench --pipeline "$PIPELINE" --data "$DATA" --replicas "$REPLICAS"
+    --latency-rates "$CORE_LATENCY_RATES" --latency-seconds "$CORE_LATENCY_SECONDS" --json)
 if [[ -n $CORE_JSON ]]; then
     [[ -f $CORE_JSON ]] || die "SATWATCH_BENCH_CORE_JSON=$CORE_JSON: no such file"
     note "section 1 from $CORE_JSON (SATWATCH_BENCH_CORE_JSON), not measured"

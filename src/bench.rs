@@ -197,6 +197,7 @@ pub async fn measure(
         recorder.clone(),
         inputs,
         metrics.clone(),
+        None,
         |out| windows += out.forecasts.len() as u64,
     )
     .await?;
@@ -228,7 +229,16 @@ pub async fn measure(
     });
     let started = Instant::now();
     let unobserved = Arc::new(Metrics::new());
-    offline::stream(pipeline, specs, free, inputs_again, unobserved, |_| {}).await?;
+    offline::stream(
+        pipeline,
+        specs,
+        free,
+        inputs_again,
+        unobserved,
+        None,
+        |_| {},
+    )
+    .await?;
     let free_elapsed = started.elapsed();
 
     let elapsed_s = elapsed.as_secs_f64();
@@ -363,6 +373,112 @@ fn replay_calls(
             inside_ns.load(Ordering::Relaxed) / threads.max(1) as u64,
         )),
     }
+}
+
+/// satwatch's own latency at an offered load, in process: from a sample
+/// being handed to the engine to its score row reaching the sink.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyAt {
+    pub channels: usize,
+    /// The offered load.
+    pub samples_per_s: f64,
+    /// Samples handed over at that load (after the warm-up rows), and the
+    /// rate they went at.
+    pub samples: u64,
+    pub achieved_samples_per_s: f64,
+    /// Score rows measured.
+    pub scored: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Streams `inputs` through the engine at `samples_per_s` for about
+/// `seconds` (after each channel's warm-up rows, fed at full speed) and
+/// measures how long each sample takes to come out as a score row: the
+/// engine, the batcher's wait, inference and detection, with no broker and
+/// no database. The part of `run`'s end-to-end latency that satwatch owns,
+/// and how it grows with the channels.
+pub async fn measure_latency(
+    pipeline: &Pipeline,
+    specs: &[Arc<ModelSpec>],
+    backend: Arc<dyn Backend>,
+    inputs: &[Arc<Array2<f32>>],
+    samples_per_s: f64,
+    seconds: f64,
+) -> Result<LatencyAt, String> {
+    let warm_up = specs.iter().map(|s| s.window).max().unwrap_or(0);
+    let channels = inputs.len().max(1);
+    // At least two rows per channel past the warm-up (the first window's
+    // forecast scores the second), at most what the shortest channel has.
+    let shortest = inputs.iter().map(|v| v.nrows()).min().unwrap_or(0);
+    let paced_rows = ((samples_per_s * seconds / channels as f64).ceil() as usize)
+        .max(2)
+        .min(shortest.saturating_sub(warm_up));
+    if paced_rows < 2 {
+        return Err(format!(
+            "a latency run needs {} rows per channel ({warm_up} to fill the windows, then 2 \
+             or more at the offered load); the shortest channel has {shortest}",
+            warm_up + 2
+        ));
+    }
+    let rows = warm_up + paced_rows;
+    let inputs = inputs
+        .iter()
+        .map(|v| Arc::new(v.slice(ndarray::s![..rows, ..]).to_owned()))
+        .collect();
+    let mut latencies = Vec::new();
+    let pace = offline::Pace {
+        samples_per_s,
+        from_row: warm_up,
+    };
+    let mut first_paced: Option<Instant> = None;
+    let mut last_paced = None;
+    offline::stream(
+        pipeline,
+        specs,
+        backend,
+        inputs,
+        Arc::new(Metrics::new()),
+        Some(pace),
+        |out| {
+            let now = Instant::now();
+            for received in out.scores.iter().filter_map(|row| row.received) {
+                first_paced = Some(first_paced.map_or(received, |f| f.min(received)));
+                last_paced = Some(last_paced.map_or(received, |l: Instant| l.max(received)));
+                latencies.push(now - received);
+            }
+        },
+    )
+    .await?;
+    if latencies.is_empty() {
+        return Err("the latency run scored no sample".into());
+    }
+    latencies.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let at = |q: f64| ms(latencies[((latencies.len() - 1) as f64 * q).round() as usize]);
+    let samples = (paced_rows * channels) as u64;
+    let span = match (first_paced, last_paced) {
+        (Some(first), Some(last)) => (last - first).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(LatencyAt {
+        channels: pipeline.channels.len(),
+        samples_per_s,
+        samples,
+        // From the first sample's stamp to the last's.
+        achieved_samples_per_s: if span > 0.0 {
+            (samples - 1) as f64 / span
+        } else {
+            f64::NAN
+        },
+        scored: latencies.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+        max_ms: ms(*latencies.last().expect("not empty")),
+    })
 }
 
 /// One batch size of the backend micro-benchmark.

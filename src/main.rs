@@ -167,6 +167,15 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// end-to-end latency on this broker.
         #[arg(long)]
         round_trip: bool,
+        /// After each pipeline run, satwatch's own latency in process at
+        /// these offered loads in samples/s (e.g. 1000,10000,100000): a
+        /// sample handed to the engine to its score row reaching the sink,
+        /// with no broker and no database.
+        #[arg(long, value_delimiter = ',')]
+        latency_rates: Vec<f64>,
+        /// Latency runs: about this long at each offered load.
+        #[arg(long, default_value_t = 5.0)]
+        latency_seconds: f64,
         /// Round trip: records per second.
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
@@ -296,6 +305,8 @@ async fn execute(command: Command) -> Result<(), String> {
             channel,
             min_time_ms,
             round_trip,
+            latency_rates,
+            latency_seconds,
             rate,
             seconds,
         } => {
@@ -345,10 +356,33 @@ async fn execute(command: Command) -> Result<(), String> {
                     loaded.values.slice(ndarray::s![..rows, ..]).to_owned(),
                 ));
             }
+            if let Some(rate) = latency_rates.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
+                return Err(format!("--latency-rates: {rate} is not a positive rate"));
+            }
             let mut runs = Vec::new();
+            let mut latencies = Vec::new();
             for &n in &replicas {
                 let replicated = satwatch::bench::replicate(&pipeline, n);
-                let inputs = (0..n.max(1)).flat_map(|_| base.iter().cloned()).collect();
+                let inputs: Vec<_> = (0..n.max(1)).flat_map(|_| base.iter().cloned()).collect();
+                for &rate in &latency_rates {
+                    let figures = satwatch::bench::measure_latency(
+                        &replicated,
+                        &specs,
+                        backend.clone(),
+                        &inputs,
+                        rate,
+                        latency_seconds,
+                    )
+                    .await?;
+                    if !json {
+                        eprintln!(
+                            "{:>5} channels at {:>7.0} samples/s offered ({:.0} achieved): own latency p50 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms over {} scores",
+                            figures.channels, figures.samples_per_s, figures.achieved_samples_per_s,
+                            figures.p50_ms, figures.p99_ms, figures.p999_ms, figures.max_ms, figures.scored
+                        );
+                    }
+                    latencies.push(figures);
+                }
                 let result =
                     satwatch::bench::measure(&replicated, &specs, backend.clone(), inputs, n)
                         .await?;
@@ -363,7 +397,10 @@ async fn execute(command: Command) -> Result<(), String> {
                 runs.push(result);
             }
             if json {
-                println!("{}", serde_json::json!({ "runs": runs }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "runs": runs, "latency": latencies })
+                );
             }
             Ok(())
         }

@@ -177,3 +177,46 @@ fn bench_serves_the_row_form_and_the_model_files_on_request() {
         "the model files take laid-out windows: {files}"
     );
 }
+
+/// `--latency-rates`: samples handed to the engine at the offered load, each
+/// scored, and the time to its score row measured from its hand-over, so it
+/// includes the batcher's wait for more windows (`max_queue_delay`, 2 ms in
+/// the shipped configs: at this load a batch never fills before it).
+#[test]
+fn bench_measures_its_own_latency_at_an_offered_load() {
+    let figures = bench(&[
+        "--replicas",
+        "1",
+        "--limit",
+        "200",
+        "--latency-rates",
+        "2000",
+        "--latency-seconds",
+        "0.5",
+    ])
+    .unwrap();
+    let latency = figures["latency"].as_array().unwrap();
+    assert_eq!(latency.len(), 1, "{figures}");
+    let at = &latency[0];
+    // 2,000/s for 0.5 s over 27 channels: 38 rows each past the warm-up.
+    assert_eq!(at["samples"], 27 * 38, "{at}");
+    assert_eq!(at["scored"], 27 * 38, "every paced sample is scored: {at}");
+    let achieved = at["achieved_samples_per_s"].as_f64().unwrap();
+    assert!(
+        achieved > 0.0 && achieved < 2000.0 * 1.1,
+        "the feeder never runs ahead of the offered load: {at}"
+    );
+    let ms = |key: &str| at[key].as_f64().unwrap();
+    assert!(
+        ms("p50_ms") >= 1.5,
+        "the batcher's wait is part of it: {at}"
+    );
+    assert!(
+        ms("p50_ms") <= ms("p99_ms")
+            && ms("p99_ms") <= ms("p999_ms")
+            && ms("p999_ms") <= ms("max_ms"),
+        "{at}"
+    );
+    let refused = bench(&["--replicas", "1", "--latency-rates", "0"]).unwrap_err();
+    assert!(refused.contains("not a positive rate"), "{refused}");
+}

@@ -191,6 +191,7 @@ async fn detect(
         backend,
         feed,
         Arc::new(crate::metrics::Metrics::new()),
+        None,
         |out| {
             progress.inc(out.forecasts.len() as u64);
             for row in &out.scores {
