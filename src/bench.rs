@@ -13,6 +13,7 @@
 //! `scripts/bench.sh`, which runs this command too.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -424,9 +425,15 @@ pub async fn measure_latency(
         ));
     }
     let rows = warm_up + paced_rows;
+    // Replicas share their channel's array: cut each array once.
+    let mut cut: HashMap<*const Array2<f32>, Arc<Array2<f32>>> = HashMap::new();
     let inputs = inputs
         .iter()
-        .map(|v| Arc::new(v.slice(ndarray::s![..rows, ..]).to_owned()))
+        .map(|v| {
+            cut.entry(Arc::as_ptr(v))
+                .or_insert_with(|| Arc::new(v.slice(ndarray::s![..rows, ..]).to_owned()))
+                .clone()
+        })
         .collect();
     let mut latencies = Vec::new();
     let pace = offline::Pace {

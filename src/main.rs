@@ -364,6 +364,23 @@ async fn execute(command: Command) -> Result<(), String> {
             for &n in &replicas {
                 let replicated = satwatch::bench::replicate(&pipeline, n);
                 let inputs: Vec<_> = (0..n.max(1)).flat_map(|_| base.iter().cloned()).collect();
+                let result = satwatch::bench::measure(
+                    &replicated,
+                    &specs,
+                    backend.clone(),
+                    inputs.clone(),
+                    n,
+                )
+                .await?;
+                if !json {
+                    eprintln!(
+                        "{:>5} channels: {:>9.0} samples/s, {:>9.0} windows/s ({:.0}% of the {:.0} windows/s ceiling), {:.0}% in inference, {:.0}% laying out windows, mean batch {:.1}, {:.0} B/channel, {:.0} samples/s with free models",
+                        result.channels, result.samples_per_s, result.windows_per_s, 100.0 * result.ratio_to_ceiling,
+                        result.ceiling_windows_per_s, 100.0 * result.inference_share, 100.0 * result.layout_share, result.mean_batch_size, result.bytes_per_channel,
+                        result.free_model_samples_per_s
+                    );
+                }
+                runs.push(result);
                 for &rate in &latency_rates {
                     let figures = satwatch::bench::measure_latency(
                         &replicated,
@@ -383,18 +400,6 @@ async fn execute(command: Command) -> Result<(), String> {
                     }
                     latencies.push(figures);
                 }
-                let result =
-                    satwatch::bench::measure(&replicated, &specs, backend.clone(), inputs, n)
-                        .await?;
-                if !json {
-                    eprintln!(
-                        "{:>5} channels: {:>9.0} samples/s, {:>9.0} windows/s ({:.0}% of the {:.0} windows/s ceiling), {:.0}% in inference, {:.0}% laying out windows, mean batch {:.1}, {:.0} B/channel, {:.0} samples/s with free models",
-                        result.channels, result.samples_per_s, result.windows_per_s, 100.0 * result.ratio_to_ceiling,
-                        result.ceiling_windows_per_s, 100.0 * result.inference_share, 100.0 * result.layout_share, result.mean_batch_size, result.bytes_per_channel,
-                        result.free_model_samples_per_s
-                    );
-                }
-                runs.push(result);
             }
             if json {
                 println!(
