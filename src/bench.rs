@@ -31,6 +31,7 @@ use crate::{
     metrics::Metrics,
     offline,
     repository::ModelSpec,
+    round_trip::Quantiles,
 };
 
 /// A batch the pipeline formed: its model, and its windows per run of rows.
@@ -389,10 +390,8 @@ pub struct LatencyAt {
     pub achieved_samples_per_s: f64,
     /// Score rows measured.
     pub scored: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    #[serde(flatten)]
+    pub latency: Quantiles,
 }
 
 /// Streams `inputs` through the engine at `samples_per_s` for about
@@ -454,17 +453,13 @@ pub async fn measure_latency(
             for received in out.scores.iter().filter_map(|row| row.received) {
                 first_paced = Some(first_paced.map_or(received, |f| f.min(received)));
                 last_paced = Some(last_paced.map_or(received, |l: Instant| l.max(received)));
-                latencies.push(now - received);
+                latencies.push((now - received).as_secs_f64() * 1e3);
             }
         },
     )
     .await?;
-    if latencies.is_empty() {
-        return Err("the latency run scored no sample".into());
-    }
-    latencies.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let at = |q: f64| ms(latencies[((latencies.len() - 1) as f64 * q).round() as usize]);
+    let scored = latencies.len();
+    let latency = Quantiles::of(latencies).ok_or("the latency run scored no sample")?;
     let samples = (paced_rows * channels) as u64;
     let span = match (first_paced, last_paced) {
         (Some(first), Some(last)) => (last - first).as_secs_f64(),
@@ -480,11 +475,8 @@ pub async fn measure_latency(
         } else {
             f64::NAN
         },
-        scored: latencies.len(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        p999_ms: at(0.999),
-        max_ms: ms(*latencies.last().expect("not empty")),
+        scored,
+        latency,
     })
 }
 

@@ -395,7 +395,7 @@ async fn execute(command: Command) -> Result<(), String> {
                         eprintln!(
                             "{:>5} channels at {:>7.0} samples/s offered ({:.0} achieved): own latency p50 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms over {} scores",
                             figures.channels, figures.samples_per_s, figures.achieved_samples_per_s,
-                            figures.p50_ms, figures.p99_ms, figures.p999_ms, figures.max_ms, figures.scored
+                            figures.latency.p50_ms, figures.latency.p99_ms, figures.latency.p999_ms, figures.latency.max_ms, figures.scored
                         );
                     }
                     latencies.push(figures);

@@ -56,7 +56,8 @@ pub struct Quantiles {
 }
 
 impl Quantiles {
-    fn of(mut ms: Vec<f64>) -> Option<Self> {
+    /// Of these milliseconds; None if there are none.
+    pub fn of(mut ms: Vec<f64>) -> Option<Self> {
         if ms.is_empty() {
             return None;
         }
