@@ -59,6 +59,37 @@ pub struct KafkaSettings {
     /// Extra librdkafka properties for every client (e.g. `security.protocol`).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// How the `anomalies` and `forecasts` records and the consumed offsets
+    /// reach Kafka: in one transaction per commit (exactly once for a
+    /// `read_committed` consumer), or, for brokers without transactions,
+    /// published first and committed after (at least once).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// This instance's `transactional.id`: stable across its restarts, so
+    /// a restart fences the crashed process's open transaction at once,
+    /// and unique in the group. `SATWATCH_TRANSACTIONAL_ID` overrides; the
+    /// default is `<group_id>-<host name>-<HTTP port>`.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// A transaction left open by a crashed instance holds `read_committed`
+    /// readers back until this passes (or the instance restarts).
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+}
+
+/// See [`KafkaSettings::delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+impl KafkaSettings {
+    pub fn transaction_timeout(&self) -> Duration {
+        Duration::from_millis(self.transaction_timeout_ms)
+    }
 }
 
 /// How to reach PostgreSQL. TLS follows the URL's `sslmode` (`disable`,
@@ -292,6 +323,10 @@ fn default_forecasts_topic() -> String {
 fn default_dlq_topic() -> String {
     "telemetry.dlq".into()
 }
+fn default_transaction_timeout_ms() -> u64 {
+    10_000
+}
+
 fn default_max_record_bytes() -> usize {
     64 * 1024
 }
@@ -385,6 +420,9 @@ impl Pipeline {
         })?;
         if let Ok(brokers) = std::env::var("SATWATCH_BROKERS") {
             file.kafka.brokers = brokers;
+        }
+        if let Ok(id) = std::env::var("SATWATCH_TRANSACTIONAL_ID") {
+            file.kafka.transactional_id = Some(id).filter(|id| !id.is_empty());
         }
         file.postgres.apply_env();
         if let Ok(addr) = std::env::var("SATWATCH_HTTP_ADDR") {

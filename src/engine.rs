@@ -96,6 +96,10 @@ pub type Horizon = smallvec::SmallVec<[f32; 16]>;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Forecast {
     pub channel: Ustr,
+    /// Not a field of the record: the sample's Kafka record, which the
+    /// forecast is published with (in the transaction that commits it).
+    #[serde(skip)]
+    pub origin: Option<Origin>,
     pub seq: u64,
     /// `horizon[i]` forecasts the value at `seq + 1 + i`, in the input's units.
     pub horizon: Horizon,
@@ -106,6 +110,10 @@ pub struct Forecast {
 /// An anomaly event record (CONTRACT "Anomaly event").
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AnomalyEvent {
+    /// Not a field of the record: the Kafka record of the sample that
+    /// opened or closed the event, which it is published with.
+    #[serde(skip)]
+    pub origin: Option<Origin>,
     pub event_id: String,
     pub channel: Ustr,
     pub subsystem: Ustr,
@@ -150,6 +158,11 @@ pub struct Checkpoint {
     /// Offset of the oldest sample in the window that ends at `last_seq`.
     pub refill_from: i64,
     pub detector: DetectorState,
+    /// The record of `last_seq` (None for a checkpoint read back from
+    /// PostgreSQL): the sink writes the checkpoint only once that record's
+    /// offset is committed, so a checkpoint never covers a sample whose
+    /// outputs could still be lost.
+    pub last_origin: Option<Origin>,
 }
 
 /// A partition was assigned: the channels it carries start over from their
@@ -230,6 +243,8 @@ struct ChannelState {
     offsets: VecDeque<i64>,
     /// The partition the channel's samples last came from.
     partition: Option<u32>,
+    /// The record of the last sample taken in.
+    last_origin: Option<Origin>,
     last_seq: Option<u64>,
     detector: ChannelDetector,
     /// After a restore from a checkpoint: samples up to this seq only refill
@@ -352,6 +367,7 @@ impl Engine {
                 window: Window::new(spec.window, &spec.normalisation),
                 offsets: VecDeque::with_capacity(spec.window),
                 partition: None,
+                last_origin: None,
                 last_seq: None,
                 detector: ChannelDetector::new(detect, spec.calibration),
                 refill_to: None,
@@ -413,6 +429,7 @@ impl Engine {
             last_seq: c.last_seq?,
             refill_from: *c.offsets.front()?,
             detector: c.detector.state().clone(),
+            last_origin: c.last_origin,
         })
     }
 
@@ -482,6 +499,7 @@ impl Engine {
             channel.offsets.push_back(origin.offset);
             channel.partition = Some(origin.partition);
         }
+        channel.last_origin = sample.origin;
         let refill = match channel.refill_to {
             Some(to) if sample.seq <= to => true,
             Some(_) => {
@@ -710,8 +728,8 @@ impl Engine {
         out.done.reserve(batch.entries.len());
         let scale = spec.normalisation.scale[spec.target_feature];
         let center = spec.normalisation.center[spec.target_feature];
-        // (channel, seq, window start) of each channel's last entry.
-        let mut progressed: Vec<(u32, u64, i64)> = Vec::new();
+        // (channel, seq, window start, record) of each channel's last entry.
+        let mut progressed: Vec<(u32, u64, i64, Option<Origin>)> = Vec::new();
         for (entry, normalised) in batch
             .entries
             .into_iter()
@@ -726,11 +744,11 @@ impl Engine {
                 let channel = &mut self.channels[entry.channel as usize];
                 match progressed.get_mut(channel.progressed) {
                     Some(last) if last.0 == entry.channel => {
-                        *last = (entry.channel, entry.seq, start)
+                        *last = (entry.channel, entry.seq, start, entry.origin)
                     }
                     _ => {
                         channel.progressed = progressed.len();
-                        progressed.push((entry.channel, entry.seq, start));
+                        progressed.push((entry.channel, entry.seq, start, entry.origin));
                     }
                 }
             }
@@ -758,6 +776,7 @@ impl Engine {
             }
             out.forecasts.push(Forecast {
                 channel: channel.id,
+                origin: entry.origin,
                 seq: entry.seq,
                 horizon: Horizon::from_slice(&self.scratch),
                 model: model.name,
@@ -774,12 +793,13 @@ impl Engine {
                         (EventState::Closed, span)
                     }
                 };
-                out.events
-                    .push(event_record(channel, model.name, spec.version, state, span));
+                let mut event = event_record(channel, model.name, spec.version, state, span);
+                event.origin = entry.origin;
+                out.events.push(event);
             }
             out.done.extend(entry.origin);
         }
-        for (channel, last_seq, refill_from) in progressed {
+        for (channel, last_seq, refill_from, last_origin) in progressed {
             let c = &self.channels[channel as usize];
             if let Some(partition) = c.partition {
                 out.checkpoints.push(Checkpoint {
@@ -788,6 +808,7 @@ impl Engine {
                     last_seq,
                     refill_from,
                     detector: c.detector.state().clone(),
+                    last_origin,
                 });
             }
         }
@@ -802,6 +823,7 @@ fn event_record(
     span: EventSpan,
 ) -> AnomalyEvent {
     AnomalyEvent {
+        origin: None,
         event_id: format!("{}:{}", channel.id, span.start_seq),
         channel: channel.id,
         subsystem: channel.subsystem,
@@ -905,6 +927,7 @@ mod tests {
             values: crate::telemetry::Values::from_slice(&[value]),
             origin: Some(Origin {
                 partition: 0,
+                generation: 0,
                 offset: seq as i64,
             }),
             received: None,
@@ -1106,6 +1129,7 @@ mod tests {
                 s.channel = channel;
                 s.origin = Some(Origin {
                     partition: channel,
+                    generation: 0,
                     offset: 10 * channel as i64 + seq as i64,
                 });
                 engine.admit(&s, now);

@@ -7,6 +7,8 @@ struct State {
     models_loaded: bool,
     partitions_assigned: usize,
     postgres_error: Option<String>,
+    /// The last failure publishing outputs to Kafka, until one succeeds.
+    kafka_publish_error: Option<String>,
     shutting_down: bool,
 }
 
@@ -33,6 +35,10 @@ impl Health {
         self.with(|s| s.postgres_error = error);
     }
 
+    pub fn set_kafka_publish(&self, error: Option<String>) {
+        self.with(|s| s.kafka_publish_error = error);
+    }
+
     pub fn set_shutting_down(&self) {
         self.with(|s| s.shutting_down = true);
     }
@@ -52,6 +58,9 @@ impl Health {
             }
             if let Some(err) = &s.postgres_error {
                 reasons.push(format!("PostgreSQL is unreachable: {err}"));
+            }
+            if let Some(err) = &s.kafka_publish_error {
+                reasons.push(format!("publishing outputs to Kafka fails: {err}"));
             }
             if reasons.is_empty() {
                 Ok(())

@@ -23,7 +23,7 @@ use crate::{
         control::{RepositoryControl, Served},
         ModelSpec,
     },
-    sink::{self, postgres, PgWriter, Publisher, SinkParts},
+    sink::{self, postgres, DeadLetters, PgWriter, Publisher, SinkParts},
     source::{self, SourceParts},
     telemetry::{ChannelShape, Decoder},
 };
@@ -83,10 +83,26 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, backend = %placement.backend, "model loaded");
     }
 
-    // The producer first: its settings (e.g. SASL) are checked and its
-    // connections start while PostgreSQL is being reached.
+    // The producers first: their settings (e.g. SASL) are checked, and the
+    // transactional id is registered (fencing a crashed predecessor's open
+    // transaction), before anything is consumed.
     let kafka = &pipeline.file.kafka;
-    let publisher = Publisher::new(kafka).map_err(|e| fail("cannot create Kafka producer")(&e))?;
+    let transactional_id = transactional_id(&pipeline);
+    let publisher = {
+        let (settings, id) = (kafka.clone(), transactional_id.clone());
+        tokio::task::spawn_blocking(move || Publisher::new(&settings, &id))
+            .await
+            .map_err(|e| fail("Kafka producer task")(&e))?
+            .map_err(|e| {
+                RunError(format!(
+                    "cannot start the Kafka producer (delivery {:?}, transactional.id {transactional_id}): {e} (a broker without transactions needs [kafka] delivery = \"at-least-once\")",
+                    kafka.delivery
+                ))
+            })?
+    };
+    tracing::info!(delivery = ?kafka.delivery, %transactional_id, "Kafka producer ready");
+    let dead_letters =
+        DeadLetters::new(kafka).map_err(|e| fail("cannot create the dead-letter producer")(&e))?;
 
     let pg =
         postgres::PgConnector::new(&pipeline.file.postgres).map_err(|e| RunError(e.to_string()))?;
@@ -109,6 +125,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let subscription = source::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())
         .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
     let tracker = subscription.tracker.clone();
+    let consumer = subscription.consumer.clone();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
@@ -149,7 +166,6 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
     let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
-    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     let processor = processor::spawn(
         &pipeline,
         &specs,
@@ -165,8 +181,8 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         SinkParts {
             pg: PgWriter::new(pg.clone()),
             checkpoint_pg: PgWriter::new(pg.clone()),
-            publisher: publisher.clone(),
-            acks: acks_tx,
+            publisher,
+            consumer,
             settings: pipeline.file.sink.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
@@ -177,11 +193,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         subscription,
         SourceParts {
             decoder: decoder(&pipeline, &specs),
-            publisher,
+            dead_letters,
             samples: samples_tx,
-            acks: acks_rx,
             shutdown: shutdown_rx,
-            commit_interval: pipeline.file.sink.commit_interval(),
             metrics: metrics.clone(),
         },
     ));
@@ -219,8 +233,10 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     // The processor only stops early on a fatal error: stop consuming too.
     health.set_shutting_down();
     shutdown_tx.send_replace(true);
-    sink.await.map_err(|e| fail("sink task")(&e))?;
     source.await.map_err(|e| fail("source task")(&e))?;
+    sink.await
+        .map_err(|e| fail("sink task")(&e))?
+        .map_err(|e| fail("sink")(&e))?;
     http_task.abort();
     let engine = processed.map_err(|e| RunError(e.to_string()))?;
     let counters = engine.counters();
@@ -233,6 +249,27 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         "satwatch stopped"
     );
     Ok(counters)
+}
+
+/// `[kafka] transactional_id`, else `<group_id>-<host name>-<HTTP port>`:
+/// stable across restarts of one instance, and different for instances on
+/// one host (they cannot share an HTTP port).
+fn transactional_id(pipeline: &Pipeline) -> String {
+    let kafka = &pipeline.file.kafka;
+    if let Some(id) = &kafka.transactional_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let port = pipeline
+        .file
+        .http
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default();
+    format!("{}-{host}-{port}", kafka.group_id)
 }
 
 /// How often readiness checks PostgreSQL, and how long an answer may take.

@@ -15,6 +15,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub partition: u32,
+    /// The partition's assignment this record was consumed under (see
+    /// [`crate::source::OffsetTracker`]): outputs of an assignment that has
+    /// since ended are never published, since the partition's next owner
+    /// processes the record again.
+    pub generation: u32,
     pub offset: i64,
 }
 

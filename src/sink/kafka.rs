@@ -1,16 +1,23 @@
-//! Publishing to Kafka: anomaly events and forecasts, and dead letters.
+//! Publishing to Kafka: anomaly events and forecasts (in transactions with
+//! the offsets they settle), and dead letters.
 
 use std::time::Duration;
 
 use rdkafka::{
     config::ClientConfig,
+    consumer::{CommitMode, Consumer, ConsumerContext},
     error::KafkaError,
     message::{Header, OwnedHeaders},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
     types::RDKafkaErrorCode,
+    TopicPartitionList,
 };
+use ustr::Ustr;
 
-use crate::{config::KafkaSettings, engine::Outputs, telemetry::Rejection};
+use crate::{
+    config::{Delivery, KafkaSettings},
+    telemetry::Rejection,
+};
 
 /// librdkafka settings shared by every client satwatch makes.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
@@ -29,54 +36,183 @@ const TRUNCATED_DEAD_LETTER_BYTES: usize = 64 * 1024;
 /// How long to wait for room when the producer's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 
+/// One output record, serialised, waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutputRecord {
+    pub topic: Topic,
+    pub key: Ustr,
+    pub payload: String,
+}
+
+/// Which output topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Anomalies,
+    Forecasts,
+}
+
+/// Why publishing a commit failed, by what it takes to go on.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The transaction was aborted (or the records never sent): publish the
+    /// same commit again, as it stands after any rebalance.
+    #[error("publishing failed and was rolled back: {0}")]
+    Retry(KafkaError),
+    /// The producer cannot go on (fenced by a newer instance with the same
+    /// `transactional.id`, or a fatal broker error): stop, and let the
+    /// restart resume from the committed offsets.
+    #[error("the transactional producer cannot go on: {0}")]
+    Fatal(KafkaError),
+}
+
+/// Publishes the `anomalies` and `forecasts` records, and with them (under
+/// [`Delivery::ExactlyOnce`]) the consumed offsets they settle, in one
+/// Kafka transaction.
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
+    delivery: Delivery,
     anomalies_topic: String,
     forecasts_topic: String,
-    dlq_topic: String,
+    /// Bounds each blocking transaction call.
+    timeout: Duration,
 }
 
 impl Publisher {
-    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = client_config(settings)
+    /// Creates the producer; under [`Delivery::ExactlyOnce`] also registers
+    /// `transactional_id` with the broker, which aborts any transaction a
+    /// crashed predecessor with the same id left open. Blocks: call it
+    /// off the async runtime's threads.
+    pub fn new(settings: &KafkaSettings, transactional_id: &str) -> Result<Self, KafkaError> {
+        let mut config = client_config(settings);
+        config
             .set("linger.ms", "1")
             .set("acks", "all")
+            .set("enable.idempotence", "true")
             .set("queue.buffering.max.messages", "1000000")
-            .set("message.timeout.ms", "60000")
-            // Dead letters carry the original record, which may be as large as
-            // the telemetry topic allows.
-            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
-            .create()?;
+            .set("message.timeout.ms", "60000");
+        if settings.delivery == Delivery::ExactlyOnce {
+            // A record not delivered within the transaction's timeout fails
+            // the transaction anyway (librdkafka refuses a longer one).
+            let timeout_ms = settings.transaction_timeout_ms.to_string();
+            config
+                .set("transactional.id", transactional_id)
+                .set("transaction.timeout.ms", &timeout_ms)
+                .set("message.timeout.ms", &timeout_ms);
+        }
+        for (key, value) in &settings.client {
+            config.set(key, value);
+        }
+        let producer: FutureProducer = config.create()?;
+        let timeout = settings.transaction_timeout().max(Duration::from_secs(30));
+        if settings.delivery == Delivery::ExactlyOnce {
+            producer.init_transactions(timeout)?;
+        }
         Ok(Self {
             producer,
+            delivery: settings.delivery,
             anomalies_topic: settings.anomalies_topic.clone(),
             forecasts_topic: settings.forecasts_topic.clone(),
-            dlq_topic: settings.dlq_topic.clone(),
+            timeout,
         })
     }
 
-    /// Publishes a batch's events and forecasts and waits until the broker has
-    /// acknowledged every one of them. Records are handed to the producer one
-    /// by one, in order: it keeps each partition's records in that order.
-    pub async fn publish(&self, outputs: &Outputs) -> Result<(), KafkaError> {
-        let mut pending = Vec::with_capacity(outputs.events.len() + outputs.forecasts.len());
-        for event in &outputs.events {
-            let json = serde_json::to_string(event).expect("events serialise");
-            pending.push(
-                self.enqueue_one(&self.anomalies_topic, &event.channel, &json)
-                    .await?,
-            );
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    /// Publishes `records` and commits `offsets` (the next offsets to read)
+    /// for the consumer group `group`: both or neither under
+    /// [`Delivery::ExactlyOnce`]; records first, acknowledged by the broker,
+    /// then the offsets, otherwise. Blocks: call it off the async runtime's
+    /// threads.
+    pub fn commit<X: ConsumerContext>(
+        &self,
+        records: &[OutputRecord],
+        offsets: &TopicPartitionList,
+        consumer: &impl Consumer<X>,
+    ) -> Result<(), PublishError> {
+        match self.delivery {
+            Delivery::ExactlyOnce => self.commit_transaction(records, offsets, consumer),
+            Delivery::AtLeastOnce => {
+                self.send_and_wait(records).map_err(PublishError::Retry)?;
+                if offsets.count() > 0 {
+                    consumer
+                        .commit(offsets, CommitMode::Sync)
+                        .map_err(PublishError::Retry)?;
+                }
+                Ok(())
+            }
         }
-        for forecast in &outputs.forecasts {
-            let json = serde_json::to_string(forecast).expect("forecasts serialise");
-            pending.push(
-                self.enqueue_one(&self.forecasts_topic, &forecast.channel, &json)
-                    .await?,
-            );
+    }
+
+    fn commit_transaction<X: ConsumerContext>(
+        &self,
+        records: &[OutputRecord],
+        offsets: &TopicPartitionList,
+        consumer: &impl Consumer<X>,
+    ) -> Result<(), PublishError> {
+        let attempt = || -> Result<(), KafkaError> {
+            self.producer.begin_transaction()?;
+            for record in records {
+                self.enqueue(record)?;
+            }
+            if offsets.count() > 0 {
+                let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+                self.producer
+                    .send_offsets_to_transaction(offsets, &group, self.timeout)?;
+            }
+            self.producer.commit_transaction(self.timeout)
+        };
+        let Err(err) = attempt() else {
+            return Ok(());
+        };
+        if is_fatal(&err) {
+            return Err(PublishError::Fatal(err));
         }
+        // Whatever state the transaction is in (begun, records in flight,
+        // commit timed out), aborting it makes a clean slate.
+        match self.producer.abort_transaction(self.timeout) {
+            Ok(()) => Err(PublishError::Retry(err)),
+            Err(abort) if is_fatal(&abort) => Err(PublishError::Fatal(abort)),
+            Err(abort) => {
+                tracing::warn!(error = %abort, "aborting the failed transaction failed too");
+                Err(PublishError::Retry(err))
+            }
+        }
+    }
+
+    /// Hands a record to the producer, waiting for room when its queue is
+    /// full; records keep their order per partition.
+    fn enqueue(&self, record: &OutputRecord) -> Result<DeliveryFuture, KafkaError> {
+        let topic = match record.topic {
+            Topic::Anomalies => &self.anomalies_topic,
+            Topic::Forecasts => &self.forecasts_topic,
+        };
+        let mut future = FutureRecord::to(topic)
+            .key(record.key.as_str())
+            .payload(record.payload.as_str());
+        loop {
+            match self.producer.send_result(future) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    future = back;
+                    self.producer.poll(QUEUE_FULL_WAIT);
+                }
+                Err((err, _)) => return Err(err),
+            }
+        }
+    }
+
+    /// Publishes `records` outside any transaction and waits until the
+    /// broker has acknowledged every one.
+    fn send_and_wait(&self, records: &[OutputRecord]) -> Result<(), KafkaError> {
+        let pending = records
+            .iter()
+            .map(|r| self.enqueue(r))
+            .collect::<Result<Vec<_>, _>>()?;
         for delivery in pending {
-            match delivery.await {
+            match futures::executor::block_on(delivery) {
                 Ok(Ok(_)) => {}
                 Ok(Err((err, _))) => return Err(err),
                 // The producer dropped the record without a verdict.
@@ -85,25 +221,42 @@ impl Publisher {
         }
         Ok(())
     }
+}
 
-    async fn enqueue_one(
-        &self,
-        topic: &str,
-        key: &str,
-        payload: &str,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                // The producer's queue is full: wait for room, keeping the order.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
-                }
-                Err((err, _)) => return Err(err),
-            }
+fn is_fatal(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        _ => false,
+    }
+}
+
+/// Sends bad records, unchanged, to the dead-letter topic: its own
+/// idempotent producer outside the outputs' transactions, so a flood of bad
+/// records never waits on them.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    dlq_topic: String,
+}
+
+impl DeadLetters {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let mut config = client_config(settings);
+        config
+            .set("linger.ms", "1")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "60000")
+            // Dead letters carry the original record, which may be as large as
+            // the telemetry topic allows.
+            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string());
+        for (key, value) in &settings.client {
+            config.set(key, value);
         }
+        Ok(Self {
+            producer: config.create()?,
+            dlq_topic: settings.dlq_topic.clone(),
+        })
     }
 
     /// Sends a bad record, unchanged, to the dead-letter topic with its reason.

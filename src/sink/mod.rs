@@ -6,12 +6,13 @@ pub mod kafka;
 pub mod postgres;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::{
     sync::mpsc,
     time::{sleep, sleep_until, Instant},
@@ -22,64 +23,79 @@ use crate::{
     engine::{Checkpoint, Outputs},
     health::Health,
     metrics::Metrics,
-    source::OffsetTracker,
+    source::{offsets::Commit, OffsetTracker, TelemetryConsumer},
     telemetry::Origin,
 };
 
-pub use kafka::Publisher;
+pub use kafka::{DeadLetters, OutputRecord, PublishError, Publisher, Topic};
 pub use postgres::PgWriter;
 
 /// Retries start here and double up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
-/// Batches committed to PostgreSQL whose records may still be waiting to be
-/// published. Bounds the memory a slow broker holds; past it, writing waits.
+/// Batches committed to PostgreSQL and not yet taken by the commit stage.
+/// Bounds the memory a slow broker holds; past it, writing waits.
 const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
 /// What the sink needs besides the engine's outputs.
 pub struct SinkParts {
     /// Writes score, forecast and event rows.
     pub pg: PgWriter,
-    /// Writes checkpoints, after their batch's records are published.
+    /// Writes checkpoints, after their records' offsets are committed.
     pub checkpoint_pg: PgWriter,
     pub publisher: Publisher,
-    /// Where the source learns which records are durable.
-    pub acks: mpsc::UnboundedSender<Vec<Origin>>,
+    /// The group consumer the offsets are committed for (its group
+    /// metadata fences a transaction from an assignment that has ended).
+    pub consumer: Arc<TelemetryConsumer>,
     pub settings: SinkSettings,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub partitions: Arc<Mutex<OffsetTracker>>,
 }
 
-/// Writes until `outputs` closes and its last batch is durable.
+/// Why the sink stopped before its input closed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("the sink's commit task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Writes until `outputs` closes and its last batch is committed.
 ///
 /// Two stages, so that a sample's score row waits for its own batch's write
 /// and not for the broker: this task gathers a batch, commits its rows to
-/// PostgreSQL and moves on; [`publish_loop`] publishes the committed batches'
-/// records in order, then writes their checkpoints and acknowledges their
-/// source records.
-pub async fn write_loop(mut outputs: mpsc::Receiver<Outputs>, parts: SinkParts) {
+/// PostgreSQL and moves on; [`commit_loop`] publishes the batches' records
+/// with the offsets they settle, then writes their checkpoints.
+pub async fn write_loop(
+    mut outputs: mpsc::Receiver<Outputs>,
+    parts: SinkParts,
+) -> Result<(), SinkError> {
     let SinkParts {
         mut pg,
         checkpoint_pg,
         publisher,
-        acks,
+        consumer,
         settings,
         metrics,
         health,
         partitions,
     } = parts;
     let (committed_tx, committed_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
-    let publishing = tokio::spawn(publish_loop(
-        committed_rx,
-        checkpoint_pg,
+    let stage = CommitStage {
         publisher,
-        acks,
-        metrics.clone(),
-        health.clone(),
-        partitions,
-    ));
+        consumer,
+        pg: checkpoint_pg,
+        tracker: partitions,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        held: VecDeque::new(),
+        held_checkpoints: HashMap::new(),
+        settled_ts: Vec::new(),
+    };
+    let committing = tokio::spawn(commit_loop(committed_rx, stage, settings.commit_interval()));
     let mut open = true;
     while open {
         let Some(first) = outputs.recv().await else {
@@ -103,51 +119,233 @@ pub async fn write_loop(mut outputs: mpsc::Receiver<Outputs>, parts: SinkParts) 
             metrics.processing_latency.observe(own.as_secs_f64());
         }
         if committed_tx.send(batch).await.is_err() {
-            tracing::error!(
-                "the sink's publishing task stopped; outputs are no longer acknowledged"
-            );
-            break;
+            break; // The commit stage stopped; its error says why.
         }
     }
     drop(committed_tx);
-    if let Err(err) = publishing.await {
-        tracing::error!(error = %err, "the sink's publishing task failed");
-    }
+    committing.await?
 }
 
-/// Publishes committed batches in order. Whatever has queued up while the
-/// broker acknowledged the last lot goes out as one: under load, fewer and
-/// larger produce requests. Once records are acknowledged, writes the
-/// batches' checkpoints and acknowledges their source records, so offsets and
-/// checkpoints only ever cover durable outputs.
-async fn publish_loop(
+/// Publishes and commits whatever batches have come in, one transaction at
+/// a time: whatever queued up while the last one was in flight goes out as
+/// one, so under load there are fewer, larger transactions. Also commits on
+/// `commit_interval` when only offsets moved (dead letters, duplicates).
+async fn commit_loop(
     mut committed: mpsc::Receiver<Outputs>,
-    mut pg: PgWriter,
+    mut stage: CommitStage,
+    commit_interval: Duration,
+) -> Result<(), SinkError> {
+    let mut tick = tokio::time::interval(commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            batch = committed.recv() => match batch {
+                Some(mut batch) => {
+                    while let Ok(mut more) = committed.try_recv() {
+                        batch.append(&mut more);
+                    }
+                    stage.hold(batch);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {}
+        }
+        stage.commit().await?;
+    }
+    // The last batches: everything done by now is committed.
+    stage.commit().await?;
+    Ok(())
+}
+
+/// Holds each output record until the offset of the sample that caused it
+/// can be committed, then publishes it in the same transaction as that
+/// offset. So a record is published exactly when its offset is committed:
+/// after a crash or a rebalance, whoever resumes from the committed offsets
+/// publishes exactly what was not published yet (records below them are
+/// scored again for the tables, but not published again).
+struct CommitStage {
     publisher: Publisher,
-    acks: mpsc::UnboundedSender<Vec<Origin>>,
+    consumer: Arc<TelemetryConsumer>,
+    pg: PgWriter,
+    /// Which records are done, which partitions are still ours.
+    tracker: Arc<Mutex<OffsetTracker>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    partitions: Arc<Mutex<OffsetTracker>>,
-) {
-    while let Some(mut batch) = committed.recv().await {
-        while let Ok(mut more) = committed.try_recv() {
-            batch.append(&mut more);
+    /// Records waiting for their offsets, in the order they were made (a
+    /// channel's records in its seq order).
+    held: VecDeque<(Origin, OutputRecord)>,
+    /// Each channel's latest checkpoint waiting for its last record's offset.
+    held_checkpoints: HashMap<ustr::Ustr, Checkpoint>,
+    /// Sample times of the rows settled since the last commit, for the
+    /// end-to-end latency.
+    settled_ts: Vec<DateTime<Utc>>,
+}
+
+impl CommitStage {
+    /// Takes a batch whose rows are in PostgreSQL: its records wait for
+    /// their offsets, which are now done.
+    fn hold(&mut self, batch: Outputs) {
+        for event in batch.events {
+            let payload = serde_json::to_string(&event).expect("events serialise");
+            if let Some(origin) = event.origin {
+                self.held.push_back((
+                    origin,
+                    OutputRecord {
+                        topic: Topic::Anomalies,
+                        key: event.channel,
+                        payload,
+                    },
+                ));
+            }
         }
-        publish_records(&publisher, &batch, &metrics).await;
-        write_checkpoints(&mut pg, &batch.checkpoints, &partitions, &metrics, &health).await;
-        let now = Utc::now();
-        for row in &batch.scores {
-            let latency = (now - row.ts).to_std().unwrap_or_default();
-            metrics.end_to_end_latency.observe(latency.as_secs_f64());
+        for forecast in batch.forecasts {
+            let payload = serde_json::to_string(&forecast).expect("forecasts serialise");
+            if let Some(origin) = forecast.origin {
+                self.held.push_back((
+                    origin,
+                    OutputRecord {
+                        topic: Topic::Forecasts,
+                        key: forecast.channel,
+                        payload,
+                    },
+                ));
+            }
         }
-        if !batch.done.is_empty() && acks.send(batch.done).is_err() {
-            tracing::debug!("offset tracker is gone; acknowledgements dropped");
+        for checkpoint in batch.checkpoints {
+            let slot = self
+                .held_checkpoints
+                .entry(checkpoint.channel)
+                .or_insert_with(|| checkpoint.clone());
+            if checkpoint.last_seq >= slot.last_seq {
+                *slot = checkpoint;
+            }
         }
+        self.settled_ts
+            .extend(batch.scores.iter().map(|row| row.ts));
+        let mut tracker = self.tracker.lock().expect("tracker updates never panic");
+        for origin in batch.done {
+            tracker.done(origin);
+        }
+    }
+
+    /// Publishes the records whose offsets can now be committed, with those
+    /// offsets, retrying (after a rollback) until it is done; then writes
+    /// the checkpoints they cover.
+    async fn commit(&mut self) -> Result<(), PublishError> {
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            let (records, checkpoints, commits) = self.release();
+            if commits.is_empty() {
+                return Ok(());
+            }
+            let mut offsets = TopicPartitionList::new();
+            for c in &commits {
+                offsets
+                    .add_partition_offset(&c.topic, c.partition, Offset::Offset(c.offset))
+                    .expect("a valid offset");
+            }
+            let publisher = self.publisher.clone();
+            let consumer = self.consumer.clone();
+            let payloads: Vec<OutputRecord> = records.iter().map(|(_, r)| r.clone()).collect();
+            let result = tokio::task::spawn_blocking(move || {
+                publisher.commit(&payloads, &offsets, consumer.as_ref())
+            })
+            .await
+            .expect("the commit call does not panic");
+            match result {
+                Ok(()) => {
+                    self.health.set_kafka_publish(None);
+                    let now = Utc::now();
+                    for ts in self.settled_ts.drain(..) {
+                        let latency = (now - ts).to_std().unwrap_or_default();
+                        self.metrics
+                            .end_to_end_latency
+                            .observe(latency.as_secs_f64());
+                    }
+                    write_checkpoints(
+                        &mut self.pg,
+                        &checkpoints,
+                        &self.tracker,
+                        &self.metrics,
+                        &self.health,
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Err(PublishError::Retry(err)) => {
+                    self.metrics.kafka_publish_failures.inc();
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed; rolled back, retrying");
+                    self.health.set_kafka_publish(Some(err.to_string()));
+                    // Put everything back as it was; the next round filters
+                    // out what a rebalance has taken away meanwhile.
+                    self.tracker
+                        .lock()
+                        .expect("tracker updates never panic")
+                        .rewind(&commits);
+                    for held in records.into_iter().rev() {
+                        self.held.push_front(held);
+                    }
+                    for c in checkpoints {
+                        self.held_checkpoints.entry(c.channel).or_insert(c);
+                    }
+                    sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(fatal) => {
+                    self.metrics.kafka_publish_failures.inc();
+                    self.health.set_kafka_publish(Some(fatal.to_string()));
+                    return Err(fatal);
+                }
+            }
+        }
+    }
+
+    /// Under the tracker's lock: drops what is no longer ours to publish,
+    /// takes the partitions' new commit positions, and the records and
+    /// checkpoints below them.
+    #[allow(clippy::type_complexity)]
+    fn release(&mut self) -> (Vec<(Origin, OutputRecord)>, Vec<Checkpoint>, Vec<Commit>) {
+        let mut tracker = self.tracker.lock().expect("tracker updates never panic");
+        self.held
+            .retain(|(origin, _)| tracker.is_ours_to_publish(*origin));
+        self.held_checkpoints.retain(|_, c| {
+            c.last_origin
+                .is_some_and(|o| tracker.generation(o.partition) == o.generation)
+        });
+        let commits = tracker.take_commits();
+        drop(tracker);
+        let position = |origin: &Origin| {
+            commits
+                .iter()
+                .find(|c| c.index == origin.partition && c.generation == origin.generation)
+                .map(|c| c.offset)
+        };
+        let mut records = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        for (origin, record) in self.held.drain(..) {
+            if position(&origin).is_some_and(|to| origin.offset < to) {
+                records.push((origin, record));
+            } else {
+                kept.push_back((origin, record));
+            }
+        }
+        self.held = kept;
+        let mut checkpoints = Vec::new();
+        self.held_checkpoints.retain(|_, c| {
+            let origin = c.last_origin.expect("kept only with an origin");
+            if position(&origin).is_some_and(|to| origin.offset < to) {
+                checkpoints.push(c.clone());
+                false
+            } else {
+                true
+            }
+        });
+        (records, checkpoints, commits)
     }
 }
 
 /// Commits one batch's rows, retrying until they are: records are only
-/// acknowledged after this returns, so giving up would lose them.
+/// published after this returns, so giving up would lose them.
 async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, health: &Health) {
     let mut delay = FIRST_RETRY_DELAY;
     loop {
@@ -178,21 +376,9 @@ async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, healt
     }
 }
 
-/// Publishes one batch's records, retrying (the whole batch) until the
-/// broker has acknowledged them all.
-async fn publish_records(publisher: &Publisher, batch: &Outputs, metrics: &Metrics) {
-    let mut delay = FIRST_RETRY_DELAY;
-    while let Err(err) = publisher.publish(batch).await {
-        metrics.kafka_publish_failures.inc();
-        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed");
-        sleep(delay).await;
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
-    }
-}
-
-/// Records each channel's latest checkpoint in the batch, once the batch's
-/// rows and records are durable (a checkpoint ahead of them would skip
-/// outputs that never landed), retrying until it is written.
+/// Records each channel's checkpoint once the offset of its last record is
+/// committed (a checkpoint ahead of the commit would let a restart skip
+/// outputs that were never published), retrying until it is written.
 async fn write_checkpoints(
     pg: &mut PgWriter,
     checkpoints: &[Checkpoint],
@@ -203,17 +389,10 @@ async fn write_checkpoints(
     if checkpoints.is_empty() {
         return;
     }
-    let mut latest: HashMap<&str, &Checkpoint> = HashMap::new();
-    for c in checkpoints {
-        let slot = latest.entry(&c.channel).or_insert(c);
-        if c.last_seq > slot.last_seq {
-            *slot = c;
-        }
-    }
     let names: Vec<(String, i32)> = {
         let tracker = partitions.lock().expect("tracker updates never panic");
-        latest
-            .values()
+        checkpoints
+            .iter()
             .map(|c| {
                 tracker
                     .partition_name(c.partition)
@@ -222,8 +401,8 @@ async fn write_checkpoints(
             })
             .collect()
     };
-    let rows: Vec<postgres::StoredCheckpoint> = latest
-        .values()
+    let rows: Vec<postgres::StoredCheckpoint> = checkpoints
+        .iter()
         .zip(&names)
         .map(
             |(checkpoint, (topic, partition))| postgres::StoredCheckpoint {

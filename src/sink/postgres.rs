@@ -649,6 +649,7 @@ pub async fn load_checkpoints(
                 last_seq: row.get::<_, i64>(3) as u64,
                 refill_from: row.get(4),
                 detector,
+                last_origin: None,
             })
         })
         .collect()

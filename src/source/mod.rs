@@ -2,8 +2,8 @@
 //!
 //! Records are decoded and validated; good samples go on to the processor,
 //! bad ones to the dead-letter topic with their reason. Every record's offset
-//! is held in the [`OffsetTracker`] until what it caused is durable, and only
-//! then committed (periodically, at revocation, and at shutdown).
+//! is held in the [`OffsetTracker`] until what it caused is durable; the sink
+//! commits it then, with the records it caused (see `sink::CommitStage`).
 
 pub mod offsets;
 
@@ -15,8 +15,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use rdkafka::{
     consumer::{
-        BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
-        StreamConsumer,
+        BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
     },
     error::KafkaError,
     message::Message,
@@ -31,12 +30,13 @@ use crate::{
     health::Health,
     metrics::Metrics,
     processor::Input,
-    sink::{kafka::client_config, postgres, Publisher},
+    sink::{kafka::client_config, postgres, DeadLetters},
     telemetry::{Decoder, Origin},
 };
 pub use offsets::OffsetTracker;
 
-/// Rebalance hooks: commit what is durable before partitions go, start
+/// Rebalance hooks: end the assignment of partitions that go (nothing of
+/// theirs still in flight is published or committed from here), start
 /// assigned partitions where their channels' checkpoints say, and keep
 /// readiness up to date.
 pub struct SourceContext {
@@ -233,12 +233,9 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             let mut tracker = self.tracker.lock().expect("tracker updates never panic");
-            if let Err(err) = commit(consumer, &mut tracker, CommitMode::Sync) {
-                tracing::warn!(error = %err, "commit before revocation failed; the next owner reprocesses");
-            }
             for elem in revoked.elements() {
                 tracker.revoke(elem.topic(), elem.partition());
             }
@@ -272,29 +269,12 @@ fn describe(list: &TopicPartitionList) -> String {
     }
 }
 
-/// Commits every position that moved.
-fn commit<C: Consumer<X>, X: ConsumerContext>(
-    consumer: &C,
-    tracker: &mut OffsetTracker,
-    mode: CommitMode,
-) -> Result<usize, KafkaError> {
-    let commits = tracker.take_commits();
-    if commits.is_empty() {
-        return Ok(0);
-    }
-    let mut list = TopicPartitionList::new();
-    for (topic, partition, offset) in &commits {
-        list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-    }
-    consumer.commit(&list, mode)?;
-    Ok(commits.len())
-}
-
 pub type TelemetryConsumer = StreamConsumer<SourceContext>;
 
 /// The consumer and what the consume loop shares with its rebalance hooks.
 pub struct Subscription {
-    pub consumer: TelemetryConsumer,
+    /// Shared with the sink, which commits the offsets.
+    pub consumer: Arc<TelemetryConsumer>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub restores: Arc<Mutex<Vec<Restore>>>,
 }
@@ -351,7 +331,7 @@ pub fn subscribe(
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(Subscription {
-        consumer,
+        consumer: Arc::new(consumer),
         tracker,
         restores,
     })
@@ -360,17 +340,14 @@ pub fn subscribe(
 /// What the source needs besides the consumer.
 pub struct SourceParts {
     pub decoder: Decoder,
-    pub publisher: Publisher,
+    pub dead_letters: DeadLetters,
     pub samples: mpsc::Sender<Input>,
-    pub acks: mpsc::UnboundedReceiver<Vec<Origin>>,
     pub shutdown: watch::Receiver<bool>,
-    pub commit_interval: Duration,
     pub metrics: Arc<Metrics>,
 }
 
-/// Consumes until shutdown is announced, then waits for every outstanding
-/// record to become durable (the sink closes the ack channel when it is done)
-/// and commits once more.
+/// Consumes until shutdown is announced, then stops feeding the processor,
+/// which drains into the sink; the sink makes the final commit.
 pub async fn consume(subscription: Subscription, parts: SourceParts) {
     let Subscription {
         consumer,
@@ -382,31 +359,16 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
     let mut replay_below: Vec<Option<i64>> = Vec::new();
     let SourceParts {
         decoder,
-        publisher,
+        dead_letters,
         samples,
-        mut acks,
         mut shutdown,
-        commit_interval,
         metrics,
     } = parts;
-    let mut commit_tick = tokio::time::interval(commit_interval);
-    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lock = || tracker.lock().expect("tracker updates never panic");
     loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            Some(done) = acks.recv() => {
-                let mut tracker = lock();
-                for origin in done {
-                    tracker.done(origin);
-                }
-            }
-            _ = commit_tick.tick() => {
-                if let Err(err) = commit(&consumer, &mut lock(), CommitMode::Async) {
-                    tracing::warn!(error = %err, "offset commit failed; retrying at the next interval");
-                }
-            }
             message = consumer.recv() => {
                 let received = std::time::Instant::now();
                 let message = match message {
@@ -432,7 +394,11 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                 let origin = {
                     let mut tracker = lock();
                     let partition = tracker.partition_index(message.topic(), message.partition());
-                    let origin = Origin { partition, offset: message.offset() };
+                    let origin = Origin {
+                        partition,
+                        generation: tracker.generation(partition),
+                        offset: message.offset(),
+                    };
                     tracker.consumed(origin);
                     origin
                 };
@@ -464,7 +430,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                         tracing::debug!(reason = rejection.reason.code(), %source, "record dead-lettered");
                         let mut delay = Duration::from_millis(100);
                         while let Err(err) =
-                            publisher.dead_letter(message.key(), message.payload(), &rejection, &source).await
+                            dead_letters.dead_letter(message.key(), message.payload(), &rejection, &source).await
                         {
                             tracing::warn!(error = %err, "dead-lettering failed; retrying");
                             tokio::time::sleep(delay).await;
@@ -476,20 +442,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
             }
         }
     }
-    // Stop feeding the processor; it drains and closes the sink, which
-    // closes the ack channel once the last batch is durable.
+    // Stop feeding the processor; it drains into the sink, which commits
+    // the last offsets with the last records.
     drop(samples);
-    while let Some(done) = acks.recv().await {
-        let mut tracker = lock();
-        for origin in done {
-            tracker.done(origin);
-        }
-    }
-    let committed = commit(&consumer, &mut lock(), CommitMode::Sync);
-    match committed {
-        Ok(n) => tracing::info!(partitions = n, "final offsets committed"),
-        Err(err) => {
-            tracing::warn!(error = %err, "final offset commit failed; records since the last commit will be reprocessed")
-        }
-    }
 }

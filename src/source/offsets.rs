@@ -14,12 +14,35 @@ use crate::telemetry::Origin;
 struct PartitionOffsets {
     topic: String,
     partition: i32,
+    /// Bumped at every assignment and revocation: records consumed under an
+    /// older generation belong to an assignment that has ended.
+    generation: u32,
+    /// Whether this instance owns the partition now.
+    owned: bool,
+    /// The group's committed offset when the partition was last assigned:
+    /// records below it had their outputs published before.
+    assigned_at: Option<i64>,
     /// Consumed offsets not yet committable, ascending, with their done flag.
     in_flight: VecDeque<(i64, bool)>,
     /// One past the last consumed offset.
     consumed_to: Option<i64>,
     /// The position last handed out for commit.
     committed: Option<i64>,
+}
+
+/// A partition's new commit position, as handed out by
+/// [`OffsetTracker::take_commits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to read: everything below it is done.
+    pub offset: i64,
+    /// The tracker's index and the assignment's generation.
+    pub index: u32,
+    pub generation: u32,
+    /// The position handed out before this one, for [`OffsetTracker::rewind`].
+    previous: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +63,9 @@ impl OffsetTracker {
         self.partitions.push(PartitionOffsets {
             topic: topic.to_owned(),
             partition,
+            generation: 0,
+            owned: false,
+            assigned_at: None,
             in_flight: VecDeque::new(),
             consumed_to: None,
             committed: None,
@@ -54,11 +80,19 @@ impl OffsetTracker {
             .map(|p| (p.topic.as_str(), p.partition))
     }
 
+    /// The generation records consumed from partition `index` now belong to.
+    pub fn generation(&self, index: u32) -> u32 {
+        self.partitions[index as usize].generation
+    }
+
     /// A partition was assigned with the group's `committed` offset: commits
     /// only move forward from it, even while records below it are consumed
     /// again to refill windows.
     pub fn assigned(&mut self, index: u32, committed: Option<i64>) {
         let p = &mut self.partitions[index as usize];
+        p.generation = p.generation.wrapping_add(1);
+        p.owned = true;
+        p.assigned_at = committed;
         p.in_flight.clear();
         p.consumed_to = None;
         p.committed = committed;
@@ -78,11 +112,15 @@ impl OffsetTracker {
         p.consumed_to = Some(origin.offset + 1);
     }
 
-    /// Marks a record's effects durable.
+    /// Marks a record's effects durable (or ready to commit with it).
+    /// Records of an ended assignment are ignored.
     pub fn done(&mut self, origin: Origin) {
         let Some(p) = self.partitions.get_mut(origin.partition as usize) else {
             return;
         };
+        if p.generation != origin.generation {
+            return;
+        }
         if let Ok(i) = p
             .in_flight
             .binary_search_by_key(&origin.offset, |(o, _)| *o)
@@ -92,6 +130,20 @@ impl OffsetTracker {
         while p.in_flight.front().is_some_and(|(_, done)| *done) {
             p.in_flight.pop_front();
         }
+    }
+
+    /// Whether `origin`'s outputs are still this instance's to publish: its
+    /// partition is owned under the same assignment, and the record was not
+    /// below the committed offset at that assignment (its outputs were
+    /// published then, by whoever committed it).
+    pub fn is_ours_to_publish(&self, origin: Origin) -> bool {
+        self.partitions
+            .get(origin.partition as usize)
+            .is_some_and(|p| {
+                p.owned
+                    && p.generation == origin.generation
+                    && p.assigned_at.is_none_or(|c| origin.offset >= c)
+            })
     }
 
     /// Records consumed and not yet done, over all partitions.
@@ -106,31 +158,49 @@ impl OffsetTracker {
         p.in_flight.front().map(|(o, _)| *o).or(p.consumed_to)
     }
 
-    /// Positions that moved since the last call: (topic, partition, offset to commit).
-    pub fn take_commits(&mut self) -> Vec<(String, i32, i64)> {
+    /// Positions of owned partitions that moved since the last call.
+    pub fn take_commits(&mut self) -> Vec<Commit> {
         let mut commits = Vec::new();
-        for p in &mut self.partitions {
+        for (index, p) in self.partitions.iter_mut().enumerate() {
             let position = Self::position(p);
-            if position > p.committed {
+            if p.owned && position > p.committed {
+                commits.push(Commit {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    offset: position.expect("checked is_some"),
+                    index: index as u32,
+                    generation: p.generation,
+                    previous: p.committed,
+                });
                 p.committed = position;
-                commits.push((
-                    p.topic.clone(),
-                    p.partition,
-                    position.expect("checked is_some"),
-                ));
             }
         }
         commits
     }
 
-    /// Forgets a partition that was revoked: what is still in flight will be
-    /// processed again by whoever owns it next.
+    /// Takes back commits that did not happen (an aborted transaction, a
+    /// failed commit), so the next [`OffsetTracker::take_commits`] hands them
+    /// out again; those of ended assignments are dropped.
+    pub fn rewind(&mut self, commits: &[Commit]) {
+        for c in commits {
+            let p = &mut self.partitions[c.index as usize];
+            if p.generation == c.generation && p.committed == Some(c.offset) {
+                p.committed = c.previous;
+            }
+        }
+    }
+
+    /// A partition was revoked: what is still in flight will be processed
+    /// again by whoever owns it next, so none of it is published from here.
     pub fn revoke(&mut self, topic: &str, partition: i32) {
         if let Some(p) = self
             .partitions
             .iter_mut()
             .find(|p| p.partition == partition && p.topic == topic)
         {
+            p.generation = p.generation.wrapping_add(1);
+            p.owned = false;
+            p.assigned_at = None;
             p.in_flight.clear();
             p.consumed_to = None;
             p.committed = None;
@@ -142,44 +212,54 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
+    /// A record of generation 1, what the first assignment gives.
+    fn at(partition: u32, offset: i64) -> Origin {
+        Origin {
+            partition,
+            generation: 1,
+            offset,
+        }
+    }
+
+    fn positions(commits: Vec<Commit>) -> Vec<(String, i32, i64)> {
+        let mut v: Vec<_> = commits
+            .into_iter()
+            .map(|c| (c.topic, c.partition, c.offset))
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn commits_stop_at_the_first_record_not_done() {
         let mut t = OffsetTracker::default();
         let p = t.partition_index("telemetry.acs", 0);
+        t.assigned(p, None);
         for offset in 10..15 {
-            t.consumed(Origin {
-                partition: p,
-                offset,
-            });
+            t.consumed(at(p, offset));
         }
-        assert_eq!(t.take_commits(), vec![("telemetry.acs".into(), 0, 10)]);
-        t.done(Origin {
-            partition: p,
-            offset: 11,
-        });
-        t.done(Origin {
-            partition: p,
-            offset: 12,
-        });
         assert_eq!(
-            t.take_commits(),
+            positions(t.take_commits()),
+            vec![("telemetry.acs".into(), 0, 10)]
+        );
+        t.done(at(p, 11));
+        t.done(at(p, 12));
+        assert_eq!(
+            positions(t.take_commits()),
             vec![],
             "10 is not done: the position stays"
         );
-        t.done(Origin {
-            partition: p,
-            offset: 10,
-        });
-        assert_eq!(t.take_commits(), vec![("telemetry.acs".into(), 0, 13)]);
-        t.done(Origin {
-            partition: p,
-            offset: 14,
-        });
-        t.done(Origin {
-            partition: p,
-            offset: 13,
-        });
-        assert_eq!(t.take_commits(), vec![("telemetry.acs".into(), 0, 15)]);
+        t.done(at(p, 10));
+        assert_eq!(
+            positions(t.take_commits()),
+            vec![("telemetry.acs".into(), 0, 13)]
+        );
+        t.done(at(p, 14));
+        t.done(at(p, 13));
+        assert_eq!(
+            positions(t.take_commits()),
+            vec![("telemetry.acs".into(), 0, 15)]
+        );
         assert_eq!(t.outstanding(), 0);
     }
 
@@ -189,20 +269,12 @@ mod tests {
         let a = t.partition_index("t", 0);
         let b = t.partition_index("t", 1);
         assert_eq!(t.partition_index("t", 1), b);
-        t.consumed(Origin {
-            partition: a,
-            offset: 0,
-        });
-        t.consumed(Origin {
-            partition: b,
-            offset: 5,
-        });
-        t.done(Origin {
-            partition: b,
-            offset: 5,
-        });
-        let mut commits = t.take_commits();
-        commits.sort();
+        t.assigned(a, None);
+        t.assigned(b, None);
+        t.consumed(at(a, 0));
+        t.consumed(at(b, 5));
+        t.done(at(b, 5));
+        let commits = positions(t.take_commits());
         assert_eq!(commits, vec![("t".into(), 0, 0), ("t".into(), 1, 6)]);
         assert_eq!(t.outstanding(), 1);
     }
@@ -213,28 +285,87 @@ mod tests {
         let p = t.partition_index("t", 0);
         t.assigned(p, Some(20));
         for offset in 10..25 {
-            t.consumed(Origin {
-                partition: p,
-                offset,
-            });
+            t.consumed(at(p, offset));
         }
         for offset in 10..22 {
-            t.done(Origin {
-                partition: p,
-                offset,
-            });
+            t.done(at(p, offset));
         }
-        assert_eq!(t.take_commits(), vec![("t".into(), 0, 22)]);
+        assert_eq!(positions(t.take_commits()), vec![("t".into(), 0, 22)]);
         t.assigned(p, Some(22));
-        t.consumed(Origin {
-            partition: p,
-            offset: 15,
-        });
+        t.consumed(at(p, 15));
         assert_eq!(
-            t.take_commits(),
+            positions(t.take_commits()),
             vec![],
             "refilling from 15 commits nothing"
         );
         assert_eq!(t.partition_name(p), Some(("t", 0)));
+    }
+
+    #[test]
+    fn an_ended_assignment_publishes_and_commits_nothing() {
+        let mut t = OffsetTracker::default();
+        let p = t.partition_index("t", 0);
+        t.assigned(p, Some(5));
+        let old = Origin {
+            generation: t.generation(p),
+            ..at(p, 7)
+        };
+        t.consumed(old);
+        assert!(t.is_ours_to_publish(old));
+        assert!(
+            !t.is_ours_to_publish(Origin { offset: 4, ..old }),
+            "below the committed offset: published by whoever committed it"
+        );
+        t.revoke("t", 0);
+        assert!(!t.is_ours_to_publish(old), "revoked");
+        t.done(old);
+        assert_eq!(positions(t.take_commits()), vec![], "not owned");
+        t.assigned(p, Some(5));
+        assert!(
+            !t.is_ours_to_publish(old),
+            "assigned again: a new generation"
+        );
+        t.consumed(Origin {
+            generation: t.generation(p),
+            ..old
+        });
+        t.done(old);
+        assert_eq!(
+            positions(t.take_commits()),
+            vec![("t".into(), 0, 7)],
+            "the old generation's done is ignored: 7 is not done"
+        );
+    }
+
+    #[test]
+    fn rewound_commits_are_handed_out_again() {
+        let mut t = OffsetTracker::default();
+        let p = t.partition_index("t", 0);
+        t.assigned(p, Some(3));
+        let g = t.generation(p);
+        for offset in 3..6 {
+            t.consumed(Origin {
+                generation: g,
+                ..at(p, offset)
+            });
+            t.done(Origin {
+                generation: g,
+                ..at(p, offset)
+            });
+        }
+        let commits = t.take_commits();
+        assert_eq!(positions(commits.clone()), vec![("t".into(), 0, 6)]);
+        assert_eq!(positions(t.take_commits()), vec![]);
+        t.rewind(&commits);
+        assert_eq!(positions(t.take_commits()), vec![("t".into(), 0, 6)]);
+        t.rewind(&commits);
+        t.revoke("t", 0);
+        t.assigned(p, Some(3));
+        t.rewind(&commits);
+        assert_eq!(
+            positions(t.take_commits()),
+            vec![],
+            "a rewind of an ended assignment is dropped"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Real services for integration tests: a tansu Kafka-protocol broker and a
+//! Real services for integration tests: Apache Kafka ([`kafka`]) and a
 //! PostgreSQL server on free loopback ports, the satwatch binary as a child
 //! process, and helpers that wait on conditions with deadlines.
 //!
@@ -16,10 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    ClientConfig, Message, Offset, TopicPartitionList,
-};
+mod kafka;
+pub use kafka::*;
 
 pub const SMAP_PIPELINE: &str = "pipelines/smap.toml";
 
@@ -77,85 +75,6 @@ fn is_root() -> bool {
         .output()
         .map(|o| o.stdout.starts_with(b"0\n"))
         .unwrap_or(false)
-}
-
-/// A tansu broker with sqlite storage in a temporary directory.
-pub struct Broker {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Broker {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut broker = Self {
-            port: free_port(),
-            dir,
-            child: None,
-        };
-        broker.resume();
-        broker
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and storage.
-    pub fn resume(&mut self) {
-        let bin = std::env::var("SATWATCH_TANSU_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| cache_dir().join("tansu/bin/tansu"));
-        assert!(
-            bin.is_file(),
-            "tansu not found at {}: run scripts/setup.sh",
-            bin.display()
-        );
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("tansu.log"))
-            .unwrap();
-        // The sqlite path is relative to the working directory (tansu 0.6 mangles absolute ones).
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--cluster-id",
-                "satwatch-test",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(self.dir.path())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("tansu starts");
-        self.child = Some(child);
-        let addr = self.addr();
-        wait_for(
-            "tansu to accept connections",
-            Duration::from_secs(30),
-            || TcpStream::connect(&addr).ok(),
-        );
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A throwaway PostgreSQL 15 server with a `satwatch` database.
@@ -692,144 +611,6 @@ pub fn wait_for_scores(pg: &Postgres, expected: i64, what: &str, deadline: Durat
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// One record read back from a topic.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, String)>,
-}
-
-/// Reads every record of `topic` up to its current end.
-pub fn read_topic(broker: &Broker, topic: &str) -> Vec<Record> {
-    use rdkafka::message::Headers;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.addr())
-        .set("group.id", format!("reader-{}", free_port()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let partitions: Vec<i32> = metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
-    let mut ends = Vec::new();
-    let mut assignment = TopicPartitionList::new();
-    for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .unwrap();
-        if high > low {
-            assignment
-                .add_partition_offset(topic, p, Offset::Offset(low))
-                .unwrap();
-            ends.push((p, high));
-        }
-    }
-    let mut records = Vec::new();
-    if ends.is_empty() {
-        return records;
-    }
-    consumer.assign(&assignment).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut remaining = ends.clone();
-    while !remaining.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out reading {topic}: still waiting on {remaining:?}"
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.unwrap();
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|header| {
-                        (
-                            header.key.to_owned(),
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        records.push(Record {
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers,
-        });
-        remaining.retain(|(p, end)| !(*p == message.partition() && message.offset() + 1 >= *end));
-    }
-    records
-}
-
-/// Publishes one raw record.
-pub fn produce(broker: &Broker, topic: &str, key: &[u8], payload: &[u8]) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.addr())
-        .set("message.max.bytes", "4194304")
-        .create()
-        .unwrap();
-    producer
-        .send(BaseRecord::to(topic).key(key).payload(payload))
-        .map_err(|(e, _)| e)
-        .unwrap();
-    producer.flush(Duration::from_secs(10)).unwrap();
-}
-
-/// (topic, partition, committed offset, high watermark) for every partition of `topics`.
-pub fn committed_vs_end(
-    broker: &Broker,
-    group: &str,
-    topics: &[&str],
-) -> Vec<(String, i32, i64, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.addr())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .unwrap();
-        for p in metadata.topics()[0].partitions() {
-            list.add_partition(topic, p.id());
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            ends.push(((*topic).to_owned(), p.id(), high));
-        }
-    }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    ends.into_iter()
-        .map(|(topic, partition, high)| {
-            let offset = match committed
-                .find_partition(&topic, partition)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => -1,
-            };
-            (topic, partition, offset, high)
-        })
-        .collect()
 }
 
 // ---- Comparing a disturbed run with an undisturbed reference ----
