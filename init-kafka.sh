@@ -7,7 +7,8 @@
 # Usage: SATWATCH_BROKERS=host:port ./init-kafka.sh
 # Env:   SATWATCH_BROKERS             bootstrap servers (required)
 #        SATWATCH_PARTITIONS          partitions per topic (default 3)
-#        SATWATCH_REPLICATION_FACTOR  replication factor (default 1: one broker)
+#        SATWATCH_REPLICATION_FACTOR  replication factor (default 1: one broker;
+#                                     `scripts/services.sh env cluster` sets 3)
 #        SATWATCH_PIPELINE            pipeline file (default pipelines/smap.toml next to this script)
 #        SATWATCH_BIN                 satwatch binary (default: satwatch on PATH, else target/release/satwatch)
 set -euo pipefail

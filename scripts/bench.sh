@@ -7,7 +7,7 @@
 #                 SMAP test split, 27 channels replicated 1, 10, 100 times:
 #                 throughput, the inference ceiling, memory per channel.
 #   2. end to end the full test split (221,174 samples) through a real broker
-#                 (tansu) and PostgreSQL: samples/s from the replay's first
+#                 (Apache Kafka, one KRaft node) and PostgreSQL: samples/s from the replay's first
 #                 record to the last score row committed, and the CPU seconds
 #                 of satwatch, the broker, PostgreSQL and the load generator.
 #   3. latency    satwatch_end_to_end_latency_seconds at fixed offered loads
@@ -28,7 +28,7 @@
 # the services of the tests, the demo or a user's `scripts/services.sh up`.
 # Services are started afresh for every measured run and stopped at the end
 # (and on any failure or ^C). It does not build: run `cargo build --release`
-# first (scripts/setup.sh installs tansu, PostgreSQL and ONNX Runtime).
+# first (scripts/setup.sh fetches Kafka and installs PostgreSQL and ONNX Runtime).
 #
 # Env (flags win over env):
 #   SATWATCH_BENCH_STATE       state dir (default <repo>/.local/bench): services,
@@ -115,7 +115,7 @@ CORE_LATENCY_RATES=1000,10000,100000
 [[ $RATES =~ ^[0-9]+(,[0-9]+)*$ ]] || die "SATWATCH_BENCH_RATES must be a comma-separated list of integers: got '$RATES'"
 [[ $WAIT_TIMEOUT =~ ^[0-9]+$ ]] || die "SATWATCH_BENCH_TIMEOUT must be whole seconds: got '$WAIT_TIMEOUT'"
 
-SVC=$STATE/services    # services.sh state: tansu, postgres, their logs; wiped per run
+SVC=$STATE/services    # services.sh state: kafka, postgres, their logs; wiped per run
 PG_TEMPLATE=$STATE/pg-template # a fresh PostgreSQL data dir, copied for each run (initdb is slow)
 RESULTS=$STATE/results # raw figures (JSON), logs, metrics scrapes; wiped per bench
 BASE_URL=http://$HTTP_ADDR
@@ -126,6 +126,9 @@ ORT_VENV_SHOWN=${ORT_VENV/#$HOME/\~}
 # services.sh and `satwatch run` read these; exported so everything below
 # uses the bench's services and never the default ones.
 export SATWATCH_STATE=$SVC SATWATCH_KAFKA_PORT=$KAFKA_PORT SATWATCH_PG_PORT=$PG_PORT
+# The broker's controller port follows its port (+1), whatever the caller's
+# environment says for other services.
+unset SATWATCH_KAFKA_CONTROLLER_PORT
 export SATWATCH_HTTP_ADDR=$HTTP_ADDR SATWATCH_BIN=$BIN
 
 # ------------------------------------------------------------ python helper
@@ -269,7 +272,7 @@ def proc_snap(pid, threads=True):
 
 def cmd_snap(out, *named):
     """Snapshot CPU ticks (process and per thread), VmHWM and the machine's
-    /proc/stat: named = satwatch=PID tansu=PID postgres=POSTMASTER_PID."""
+    /proc/stat: named = satwatch=PID broker=PID postgres=POSTMASTER_PID."""
     snap = {"t": time.time(), "clk_tck": os.sysconf("SC_CLK_TCK"), "procs": {}}
     with open("/proc/stat") as f:
         snap["cpu"] = [int(x) for x in f.readline().split()[1:]]
@@ -540,10 +543,10 @@ def cmd_round_trip(path):
 def cmd_round_trip_cpu(prefix):
     """The broker's cores over a round trip, from its two snapshots, into PREFIX.cpu.json."""
     before, after = load(prefix + ".snap-before.json"), load(prefix + ".snap-after.json")
-    tansu = usage_between(before, after, after["t"] - before["t"]).get("tansu") or {}
-    dump({"broker_cores": tansu.get("cores")}, prefix + ".cpu.json")
-    if tansu.get("cores") is not None:
-        print(f"   the broker used {tansu['cores']:.2f} cores meanwhile", flush=True)
+    broker = usage_between(before, after, after["t"] - before["t"]).get("broker") or {}
+    dump({"broker_cores": broker.get("cores")}, prefix + ".cpu.json")
+    if broker.get("cores") is not None:
+        print(f"   the broker used {broker['cores']:.2f} cores meanwhile", flush=True)
 
 # ---------------------------------------------------------------- report
 
@@ -776,7 +779,7 @@ def e2e_section(e, settings):
         "**CPU over the span** (`/proc/<pid>/stat` utime+stime; cores = CPU seconds / wall seconds)", "",
     ]
     rows = []
-    names = {"satwatch": "satwatch run", "tansu": "tansu (broker)", "postgres": "PostgreSQL (all its processes)"}
+    names = {"satwatch": "satwatch run", "broker": "Apache Kafka (broker)", "postgres": "PostgreSQL (all its processes)"}
     for key, label in names.items():
         x = u.get(key)
         if not x:
@@ -815,9 +818,9 @@ def e2e_section(e, settings):
         notes.append(f"{label}: {x['cores']:.2f} cores in total; busiest thread `{t['name']}` at {t['cores']:.2f} cores ({verdict}).")
     if r.get("cpu_s") is not None:
         notes.append(f"The load generator used {r['cpu_s']/span:.2f} cores.")
-    if "satwatch" in u and "tansu" in u:
-        sw_, tn = u["satwatch"]["cpu_s"], u["tansu"]["cpu_s"]
-        bigger = "the broker (tansu)" if tn > sw_ else "satwatch"
+    if "satwatch" in u and "broker" in u:
+        sw_, tn = u["satwatch"]["cpu_s"], u["broker"]["cpu_s"]
+        bigger = "the broker (Apache Kafka)" if tn > sw_ else "satwatch"
         notes.append(f"The largest consumer of CPU was {bigger} ({max(sw_, tn):.1f} CPU s against {min(sw_, tn):.1f}); "
                      f"satwatch needed {1e6*sw_/e['samples']:.0f} µs of CPU per sample end to end, the broker "
                      f"{1e6*tn/e['samples']:.0f} µs (it takes each sample in from the replay and serves it out to satwatch).")
@@ -844,8 +847,7 @@ def one_partition_sentence(rt, default, target):
     instead = f" instead of {default['partitions']}" if default else ""
     return (f" With one partition per topic ({rt['partitions']} partitions to poll{instead}; "
             f"`SATWATCH_PARTITIONS=1 ./init-kafka.sh`): p50 {c['p50_ms']:,.1f} / p99 {c['p99_ms']:,.1f} ms{cores}, "
-            f"{'still over' if c['p99_ms'] / 1e3 >= target else 'within'} the target: tansu sleeps out the whole fetch wait after one pass "
-            "over the partitions, then passes again, so a record waits up to two fetch waits plus the passes' SQL.")
+            f"{'still over' if c['p99_ms'] / 1e3 >= target else 'within'} the target.")
 
 def latency_section(lats, settings):
     out = ["## 3. Latency at fixed offered loads", ""]
@@ -914,8 +916,7 @@ def latency_section(lats, settings):
                     + (f" The broker alone, with no pipeline (`satwatch bench --round-trip` at 1,000 records/s): publish to consume "
                        f"p50 {rt_ms(at1k, 'p50_ms')*1e3:,.1f} / p99 {rt_ms(at1k, 'p99_ms')*1e3:,.1f} ms, "
                        f"{'already over' if rt_ms(at1k, 'p99_ms') >= target else 'within'} the target before satwatch does anything"
-                       + (f"; serving those 1,000 records/s kept the broker {at1k['round_trip']['broker_cores']:.2f} cores busy, polling its storage "
-                          "for every partition of every fetch, so its delivery time is its own CPU time."
+                       + (f"; serving those 1,000 records/s kept the broker {at1k['round_trip']['broker_cores']:.2f} cores busy."
                           if (at1k.get("round_trip") or {}).get("broker_cores") is not None else ".")
                        if rt_ms(at1k, "p99_ms") is not None else "")
                     + one_partition_sentence(at1k.get("round_trip_one_partition"), at1k.get("round_trip"), target), ""]
@@ -1018,7 +1019,7 @@ def cmd_render(results, out_path):
             ["kernel", m["kernel"]],
             ["rustc", m["rustc"]],
             ["ONNX Runtime", m["ort"]],
-            ["broker", m["tansu"]],
+            ["broker", m.get("broker", "n/a")],
             ["PostgreSQL", m["postgres"]],
             ["satwatch", m["satwatch"]],
             ["load average before / after the run", f"{m['loadavg_start']} / {m['loadavg_end']}"],
@@ -1192,7 +1193,7 @@ wipe_dir() {
 fresh_services() {
     local commit_ts=${1:-0}
     scripts/services.sh down >/dev/null
-    wipe_dir "$SVC" tansu postgres tansu.log tansu.pid postgres.log initdb.log
+    wipe_dir "$SVC" kafka postgres kafka.log kafka.pid postgres.log initdb.log
     services_started=1
     if ! [[ -d $PG_TEMPLATE ]]; then
         # initdb once per bench (it takes seconds); each run copies the result.
@@ -1214,23 +1215,23 @@ fresh_services() {
     if [[ $commit_ts == 1 && $(psql -X -qtA "$DATABASE_URL" -c "SHOW track_commit_timestamp") != on ]]; then
         die "could not turn on track_commit_timestamp"
     fi
-    tansu_pid=$(<"$SVC/tansu.pid")
+    broker_pid=$(<"$SVC/kafka.pid")
     pg_pid=$(head -n 1 "$SVC/postgres/postmaster.pid")
     SATWATCH_BIN=$BIN ./init-kafka.sh | sed 's/^/    /'
 }
 
 # broker_round_trip NAME: the broker alone (`satwatch bench --round-trip` at
 # $rate for $rt_seconds) on the services just started, into $RESULTS/NAME.json,
-# with the broker's CPU over it: tansu polls its storage for every fetch, so an
-# idle-looking load can keep it busy.
+# with the broker's CPU over it: a light load does not mean an idle broker
+# (fetch requests, replication of the internal topics, log flushes).
 broker_round_trip() {
     local name=$1
     record_cmd "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json
-    py snap "$RESULTS/$name.snap-before.json" "tansu=$tansu_pid"
+    py snap "$RESULTS/$name.snap-before.json" "broker=$broker_pid"
     "$BIN" bench --pipeline "$PIPELINE" --round-trip --rate "$rate" --seconds "$rt_seconds" --json \
         >"$RESULTS/$name.json" 2>"$RESULTS/$name.log" ||
         die "satwatch bench --round-trip failed (log: $RESULTS/$name.log)"
-    py snap "$RESULTS/$name.snap-after.json" "tansu=$tansu_pid"
+    py snap "$RESULTS/$name.snap-after.json" "broker=$broker_pid"
     py round_trip "$RESULTS/$name.json"
     py round_trip_cpu "$RESULTS/$name"
 }
@@ -1427,7 +1428,7 @@ py machine "$RESULTS/machine.json" \
     "date=$(date -u '+%Y-%m-%d %H:%M UTC')" "cpu_model=${cpu_model:-unknown}" "nproc=$(nproc)" \
     "memory=$(awk -v kb="${mem_kb:-0}" 'BEGIN { printf "%.1f GiB", kb / 1048576 }')" \
     "kernel=$(uname -sr)" "rustc=$rustc_version" "ort=ONNX Runtime $ORT_VERSION (${ORT_DYLIB_PATH##*/})" \
-    "tansu=tansu $TANSU_VERSION (SQLite storage)" "postgres=$pg_version (fsync=off)" \
+    "broker=Apache Kafka $KAFKA_VERSION (one KRaft node, broker and controller; heap ${SATWATCH_KAFKA_HEAP:-768m})" "postgres=$pg_version (fsync=off)" \
     "satwatch=$("$BIN" --version 2>/dev/null || echo satwatch), git $git_rev" \
     "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)" "quick=$QUICK" "skip_e2e=$SKIP_E2E" \
     "lat_samples=$LAT_SAMPLES" "lat_seconds=$LAT_SECONDS" "results_dir=${RESULTS#"$SATWATCH_ROOT"/}"
@@ -1486,13 +1487,13 @@ if [[ $SKIP_E2E != 1 ]]; then
     read -r expected samples _ _ < <(py expected "$PIPELINE" "$DATA/$SPLIT" 0 "$E2E_LIMIT")
     replay_args=(replay --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --channels all --max-rate)
     [[ -z $E2E_LIMIT ]] || replay_args+=(--limit "$E2E_LIMIT")
-    py snap "$RESULTS/e2e.snap-before.json" "satwatch=$satwatch_pid" "tansu=$tansu_pid" "postgres=$pg_pid"
+    py snap "$RESULTS/e2e.snap-before.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
     t_launch=$EPOCHREALTIME
     start_replay e2e "${replay_args[@]}"
     log "   replaying $samples samples at full speed; waiting for $expected score rows"
     wait_scores e2e "$expected"
     scores=$REPLY
-    py snap "$RESULTS/e2e.snap-after.json" "satwatch=$satwatch_pid" "tansu=$tansu_pid" "postgres=$pg_pid"
+    py snap "$RESULTS/e2e.snap-after.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
     finish_replay e2e
     scrape "$RESULTS/e2e.metrics.txt"
     min_ts=$(psql -X -qtA "$DATABASE_URL" -c "select extract(epoch from min(ts)) from scores")
@@ -1522,9 +1523,8 @@ if [[ $SKIP_E2E != 1 ]]; then
         rt_seconds=$(py div "$want" "$rate")
         broker_round_trip "round-trip-$rate"
         if [[ $rate == 1000 ]]; then
-            # Again with one partition per topic (7 to poll instead of 21):
-            # tansu queries its storage for every partition of every fetch, so
-            # this is its floor on these cores for a single consumer.
+            # Again with one partition per topic (7 to poll instead of 21): how
+            # much of the round trip is per partition polled, for a single consumer.
             SATWATCH_PARTITIONS=1 fresh_services
             note "at 1,000/s, again on fresh services with one partition per topic (SATWATCH_PARTITIONS=1 ./init-kafka.sh):"
             broker_round_trip "round-trip-$rate-one-partition"

@@ -14,7 +14,8 @@
 # the end so the results can be inspected.
 #
 # Env:   SATWATCH_DEMO_STATE       state dir (default <repo>/.local/demo)
-#        SATWATCH_DEMO_KAFKA_PORT  broker port (default 19192)
+#        SATWATCH_DEMO_KAFKA_PORT  broker port (default 19392; its KRaft controller
+#                                  listens on the next port up)
 #        SATWATCH_DEMO_PG_PORT     PostgreSQL port (default 55532)
 #        SATWATCH_DEMO_HTTP_ADDR   satwatch's HTTP address (default 127.0.0.1:18000)
 #        SATWATCH_DEMO_BUILD=0     skip `cargo build --release` (use the existing binary)
@@ -33,7 +34,8 @@ fi
 cd "$SATWATCH_ROOT"
 
 STATE=${SATWATCH_DEMO_STATE:-$SATWATCH_ROOT/.local/demo}
-KAFKA_PORT=${SATWATCH_DEMO_KAFKA_PORT:-19192}
+# Not 19192: that is where `scripts/services.sh up cluster` starts by default.
+KAFKA_PORT=${SATWATCH_DEMO_KAFKA_PORT:-19392}
 PG_PORT=${SATWATCH_DEMO_PG_PORT:-55532}
 HTTP_ADDR=${SATWATCH_DEMO_HTTP_ADDR:-127.0.0.1:18000}
 SCORE_TIMEOUT=${SATWATCH_DEMO_TIMEOUT:-300}
@@ -48,6 +50,9 @@ BASE_URL=http://$HTTP_ADDR
 
 # services.sh reads these; exported so every call below uses the demo's.
 export SATWATCH_STATE=$STATE SATWATCH_KAFKA_PORT=$KAFKA_PORT SATWATCH_PG_PORT=$PG_PORT
+# The controller port follows the broker's (+1): a value left in the caller's
+# environment for other services must not steer the demo's broker onto it.
+unset SATWATCH_KAFKA_CONTROLLER_PORT
 export SATWATCH_HTTP_ADDR=$HTTP_ADDR SATWATCH_BIN=$BIN
 # Never let anything stop to ask a question: CI has no stdin.
 export DEBIAN_FRONTEND=noninteractive
@@ -116,7 +121,7 @@ q() { psql -X -qtA -v ON_ERROR_STOP=1 "$DATABASE_URL" -c "$1"; }
 
 # ------------------------------------------------------------ 1. setup
 
-phase "setup (scripts/setup.sh: apt packages, ONNX Runtime, tansu; tansu builds for ~15 min the first time)"
+phase "setup (scripts/setup.sh: apt packages, Java and Maven, ONNX Runtime, Apache Kafka's jars from Maven Central)"
 scripts/setup.sh
 # setup.sh may have found cargo in ~/.cargo/bin without it being on our PATH.
 if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
@@ -149,7 +154,7 @@ if [[ -d $STATE ]]; then
     for entry in "$STATE"/* "$STATE"/.[!.]*; do
         [[ -e $entry ]] || continue
         case ${entry##*/} in
-        tansu | postgres | tansu.log | tansu.pid | postgres.log | initdb.log | satwatch.log | replay.log | metrics.txt) ;;
+        kafka | kafka.log | kafka.pid | cluster | postgres | postgres.log | initdb.log | satwatch.log | replay.log | metrics.txt) ;;
         *) die "$STATE holds ${entry##*/}, which the demo did not write: refusing to remove it (set SATWATCH_DEMO_STATE)" ;;
         esac
     done
@@ -332,7 +337,7 @@ echo "    metrics (scraped before shutdown): $STATE/metrics.txt"
 echo "        live at $BASE_URL/metrics while satwatch runs:"
 echo "        SATWATCH_BROKERS=$SATWATCH_BROKERS DATABASE_URL=$DATABASE_URL SATWATCH_HTTP_ADDR=$HTTP_ADDR ORT_DYLIB_PATH=$ORT_DYLIB_PATH \\"
 echo "            target/release/satwatch run --pipeline $PIPELINE"
-echo "    logs: $SATWATCH_LOG, $STATE/tansu.log, $STATE/postgres.log"
+echo "    logs: $SATWATCH_LOG, $STATE/kafka.log, $STATE/postgres.log"
 echo
 echo "the demo's broker and PostgreSQL are still running; stop them with:"
 echo "    SATWATCH_STATE=$STATE SATWATCH_KAFKA_PORT=$KAFKA_PORT SATWATCH_PG_PORT=$PG_PORT scripts/services.sh down"

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install everything a fresh Debian 12 machine needs to build, run and test
-# satwatch: apt packages, ONNX Runtime's shared library (from PyPI's wheel, in a
-# venv) and the tansu Kafka broker. Idempotent: each step is skipped when its
-# result is already there, so running it on every CI run costs seconds.
+# satwatch: apt packages (a Java 17+ runtime and Maven among them), ONNX
+# Runtime's shared library (from PyPI's wheel, in a venv) and Apache Kafka's
+# broker jars (from Maven Central, through deploy/kafka-local/pom.xml).
+# Idempotent: each step is skipped when its result is already there, so
+# running it on every CI run costs seconds.
 # Building satwatch itself (cargo build) is not its job.
 #
 # Usage: scripts/setup.sh            (no arguments; works with no TTY and CI=true)
-# Env:   SATWATCH_CACHE   cache dir for the venv and tansu (default ~/.cache/satwatch)
-#        PYTHON           interpreter used to create the venv (default python3)
+# Env:   SATWATCH_CACHE      cache dir for the venv and Kafka's jars (default ~/.cache/satwatch)
+#        SATWATCH_KAFKA_LIB  where Kafka's jars go (default $SATWATCH_CACHE/kafka/<version>/lib)
+#        SATWATCH_JAVA       the java to check (default $JAVA_HOME/bin/java, else java on PATH)
+#        PYTHON              interpreter used to create the venv (default python3)
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -23,6 +27,14 @@ export DEBIAN_FRONTEND=noninteractive
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 APT_PACKAGES=(build-essential libssl-dev pkg-config postgresql python3-venv)
+# Java and Maven only when missing: a machine may well have a newer JDK (or
+# Maven) from elsewhere, which apt's openjdk-17 package would not replace.
+if ! java_ok >/dev/null; then
+    APT_PACKAGES+=(openjdk-17-jre-headless)
+fi
+if ! command -v mvn >/dev/null 2>&1; then
+    APT_PACKAGES+=(maven)
+fi
 
 step_apt() {
     local missing=() p
@@ -81,45 +93,66 @@ step_onnxruntime() {
     log "onnxruntime $ORT_VERSION: done ($lib)"
 }
 
-tansu_ok() { [[ -x $TANSU_BIN ]] && "$TANSU_BIN" --version >/dev/null 2>&1; }
+step_java() {
+    local java major
+    java=$(find_java)
+    [[ -n $java ]] || die "no java found (SATWATCH_JAVA, \$JAVA_HOME/bin/java, PATH): Kafka needs Java $JAVA_MIN_VERSION or newer"
+    major=$(java_major "$java")
+    # A JAVA_HOME or SATWATCH_JAVA pointing at an old JDK is not something apt
+    # can fix: say which java was found and how to choose another.
+    if [[ -z $major ]] || ((major < JAVA_MIN_VERSION)); then
+        die "$java is Java ${major:-?}; Kafka $KAFKA_VERSION needs $JAVA_MIN_VERSION or newer: set SATWATCH_JAVA (or JAVA_HOME) to one, e.g. /usr/lib/jvm/java-17-openjdk-amd64/bin/java"
+    fi
+    command -v mvn >/dev/null 2>&1 || die "mvn not found on PATH (needed to fetch Kafka's jars): install maven"
+    log "java $major and maven: present ($java, $(command -v mvn))"
+}
 
-step_tansu() {
-    if tansu_ok; then
-        log "tansu $TANSU_VERSION: already present ($TANSU_BIN)"
+step_kafka() {
+    check_kafka_version
+    if kafka_lib_ok; then
+        log "kafka $KAFKA_VERSION: already present ($KAFKA_LIB)"
         return 0
     fi
-    mkdir -p "$SATWATCH_CACHE"
-    local logf=$SATWATCH_CACHE/tansu-install.log
-    # Two cargo installs into the same root would each spend 10 minutes of both
-    # cores building the same thing. Serialise setup.sh runs with a lock, and
-    # wait for an install started some other way (by hand) instead of racing it.
-    exec 9>"$SATWATCH_CACHE/tansu-install.lock"
+    # A directory named by SATWATCH_KAFKA_LIB is the caller's: never replace it.
+    if [[ -n ${SATWATCH_KAFKA_LIB:-} && -e $KAFKA_LIB ]]; then
+        die "SATWATCH_KAFKA_LIB=$KAFKA_LIB has no kafka_2.13-$KAFKA_VERSION.jar and log4j-slf4j-impl jar: point it at a complete set, or at a directory that does not exist yet (setup.sh fetches into it), or unset it"
+    fi
+    mkdir -p "$SATWATCH_CACHE" "${KAFKA_LIB%/*}"
+    # Two setup.sh runs (two CI jobs on one machine) would both download and
+    # then race on the rename: serialise them, and look again once we hold it.
+    exec 9>"$SATWATCH_CACHE/kafka-fetch.lock"
     flock 9
-    if tansu_ok; then
-        log "tansu $TANSU_VERSION: already present (installed by a concurrent run)"
+    if kafka_lib_ok; then
+        log "kafka $KAFKA_VERSION: already present (fetched by a concurrent run)"
         return 0
     fi
-    if pgrep -f "cargo install tansu" >/dev/null 2>&1; then
-        log "tansu $TANSU_VERSION: an install is already running; waiting for it (log: $logf)"
-        while pgrep -f "cargo install tansu" >/dev/null 2>&1; do sleep 10; done
-        tansu_ok || die "the running tansu install ended without a working $TANSU_BIN (see $logf)"
-        log "tansu $TANSU_VERSION: done"
-        return 0
-    fi
-    log "tansu $TANSU_VERSION: building from crates.io, takes ~10 min (started $(date -u +%H:%M) UTC; log: $logf)"
-    # libsql is the storage engine: without a storage feature tansu refuses every request,
-    # and its memory:// engine loses records on resume (shared/ENVIRONMENT.md).
-    if ! cargo install tansu --version "$TANSU_VERSION" --locked --features libsql \
-        --root "$SATWATCH_CACHE/tansu" >"$logf" 2>&1; then
+    # Temp dirs of runs that were interrupted: no other run is fetching now.
+    rm -rf "$KAFKA_LIB".tmp.*
+    local logf=$SATWATCH_CACHE/kafka-$KAFKA_VERSION-fetch.log tmp
+    # Download into a temp dir next to KAFKA_LIB, then rename: an interrupted
+    # download never leaves a KAFKA_LIB that kafka_lib_ok would take as complete.
+    tmp=$(mktemp -d "$KAFKA_LIB.tmp.XXXXXX")
+    log "kafka $KAFKA_VERSION: fetching the broker's jars from Maven Central (log: $logf)"
+    if ! mvn -B -ntp -f "$KAFKA_POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" </dev/null >"$logf" 2>&1; then
+        rm -rf "$tmp"
         tail -n 30 "$logf" >&2
-        die "cargo install tansu failed (full log: $logf)"
+        die "mvn could not fetch Kafka $KAFKA_VERSION's jars (is Maven Central reachable? full log: $logf)"
     fi
-    tansu_ok || die "cargo install tansu succeeded but $TANSU_BIN does not run"
-    log "tansu $TANSU_VERSION: done at $(date -u +%H:%M) UTC"
+    [[ -f $tmp/kafka_2.13-$KAFKA_VERSION.jar ]] || {
+        rm -rf "$tmp"
+        die "mvn succeeded but kafka_2.13-$KAFKA_VERSION.jar is not among the jars (log: $logf)"
+    }
+    # A KAFKA_LIB in the cache that failed kafka_lib_ok is incomplete: replace it.
+    rm -rf "$KAFKA_LIB"
+    mv -T "$tmp" "$KAFKA_LIB"
+    kafka_lib_ok || die "Kafka's jars were fetched into $KAFKA_LIB but it still looks incomplete (no log4j-slf4j-impl jar?)"
+    log "kafka $KAFKA_VERSION: done ($(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars in $KAFKA_LIB)"
 }
 
 step_apt
+step_java
 step_rust
 step_onnxruntime
-step_tansu
+step_kafka
 log "setup complete; for services run: scripts/services.sh up && eval \"\$(scripts/services.sh env)\""

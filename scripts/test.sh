@@ -5,13 +5,16 @@
 # also compiles the GPU backends (they load CUDA and ONNX Runtime's GPU
 # providers at run time, so this needs no CUDA) and runs their tests, which
 # skip, saying so, where there is no GPU. The integration tests start their
-# own tansu broker and PostgreSQL on free ports, so no services are started here.
+# own Apache Kafka nodes (a JVM each, from the jars setup.sh fetched) and
+# PostgreSQL on free ports, so no services are started here.
 #
 # Usage: scripts/test.sh [CARGO TEST ARGS...]
 #   e.g. scripts/test.sh -- --nocapture
 #        scripts/test.sh --test pipeline -- some_test_name
 # Works with CI=true and no TTY.
-# Env:   SATWATCH_CACHE   cache dir for the venv and tansu (default ~/.cache/satwatch)
+# Env:   SATWATCH_CACHE      cache dir for the venv and Kafka's jars (default ~/.cache/satwatch)
+#        SATWATCH_KAFKA_LIB  Kafka's jars (default $SATWATCH_CACHE/kafka/<version>/lib)
+#        SATWATCH_JAVA       the java to run Kafka with (default $JAVA_HOME/bin/java, else java on PATH)
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -29,15 +32,20 @@ fi
 # Where the tests find what setup.sh installed.
 ORT_DYLIB_PATH=$(find_ort_lib)
 [[ -n $ORT_DYLIB_PATH ]] || die "libonnxruntime.so.$ORT_VERSION not found under $ORT_VENV: scripts/setup.sh should have installed it"
-[[ -x $TANSU_BIN ]] || die "tansu not found at $TANSU_BIN: scripts/setup.sh should have installed it"
+kafka_lib_ok || die "Apache Kafka $KAFKA_VERSION's jars not found in $KAFKA_LIB: scripts/setup.sh should have fetched them"
+[[ -f $KAFKA_LOG4J ]] || die "$KAFKA_LOG4J is missing (it belongs to the repository)"
+java=$(java_ok) || die "no Java $JAVA_MIN_VERSION or newer found (SATWATCH_JAVA, \$JAVA_HOME/bin/java, PATH): scripts/setup.sh should have installed one"
 pg=$(pg_bindir)
 [[ -n $pg && -x $pg/initdb ]] || die "PostgreSQL server binaries (initdb) not found: scripts/setup.sh should have installed them"
-export ORT_DYLIB_PATH SATWATCH_CACHE SATWATCH_TANSU_BIN=$TANSU_BIN SATWATCH_PG_BINDIR=$pg
+# The test harness starts its brokers with these: the same jars, java and
+# logging setup as scripts/services.sh, whatever the tests' environment says.
+export ORT_DYLIB_PATH SATWATCH_CACHE SATWATCH_PG_BINDIR=$pg
+export SATWATCH_KAFKA_LIB=$KAFKA_LIB SATWATCH_JAVA=$java SATWATCH_KAFKA_LOG4J=$KAFKA_LOG4J
 
 # A user's `eval "$(scripts/services.sh env)"` must not steer the tests (or
 # the satwatch processes they spawn) to the user's broker and database: the
 # environment overrides the pipeline file.
-for v in SATWATCH_BROKERS DATABASE_URL SATWATCH_HTTP_ADDR; do
+for v in SATWATCH_BROKERS SATWATCH_REPLICATION_FACTOR DATABASE_URL SATWATCH_HTTP_ADDR; do
     if [[ -n ${!v:-} ]]; then
         log "unsetting $v for the tests (they start their own services)"
         unset "$v"
@@ -50,7 +58,8 @@ if [[ ! -t 1 ]]; then
 fi
 
 log "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
-log "SATWATCH_TANSU_BIN=$SATWATCH_TANSU_BIN SATWATCH_PG_BINDIR=$SATWATCH_PG_BINDIR"
+log "SATWATCH_KAFKA_LIB=$SATWATCH_KAFKA_LIB SATWATCH_JAVA=$SATWATCH_JAVA SATWATCH_PG_BINDIR=$SATWATCH_PG_BINDIR"
+# shellcheck disable=SC2054  # "cuda,onnx-gpu" is one argument, on purpose
 cmd=(cargo test --release --all-targets --features cuda,onnx-gpu "$@")
 log "running: ${cmd[*]}"
 start=$SECONDS
