@@ -53,6 +53,9 @@ pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer,
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("acks", "all")
+        // Retries through a broker failover keep each channel's order (a
+        // sample overtaken by a later seq would be dropped as a duplicate).
+        .set("enable.idempotence", "true")
         .create()
         .map_err(|e| format!("cannot create Kafka producer: {e}"))
 }

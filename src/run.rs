@@ -83,24 +83,12 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, backend = %placement.backend, "model loaded");
     }
 
-    // The producers first: their settings (e.g. SASL) are checked, and the
-    // transactional id is registered (fencing a crashed predecessor's open
-    // transaction), before anything is consumed.
+    // The producers first: their settings (e.g. SASL) are checked before
+    // anything else is reached.
     let kafka = &pipeline.file.kafka;
     let transactional_id = transactional_id(&pipeline);
-    let publisher = {
-        let (settings, id) = (kafka.clone(), transactional_id.clone());
-        tokio::task::spawn_blocking(move || Publisher::new(&settings, &id))
-            .await
-            .map_err(|e| fail("Kafka producer task")(&e))?
-            .map_err(|e| {
-                RunError(format!(
-                    "cannot start the Kafka producer (delivery {:?}, transactional.id {transactional_id}): {e} (a broker without transactions needs [kafka] delivery = \"at-least-once\")",
-                    kafka.delivery
-                ))
-            })?
-    };
-    tracing::info!(delivery = ?kafka.delivery, %transactional_id, "Kafka producer ready");
+    let publisher = Publisher::new(kafka, &transactional_id)
+        .map_err(|e| fail("cannot create the Kafka producer")(&e))?;
     let dead_letters =
         DeadLetters::new(kafka).map_err(|e| fail("cannot create the dead-letter producer")(&e))?;
 
@@ -120,6 +108,22 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         .map_err(|e| fail("cannot migrate the schema")(&e))?;
     drop(client);
     tracing::info!(schema_version = schema, "PostgreSQL schema ready");
+
+    // Registered before anything is consumed: fences a crashed predecessor
+    // with the same transactional.id and aborts what it left open.
+    {
+        let publisher = publisher.clone();
+        tokio::task::spawn_blocking(move || publisher.register())
+            .await
+            .map_err(|e| fail("Kafka producer task")(&e))?
+            .map_err(|e| {
+                RunError(format!(
+                    "cannot register the Kafka producer (delivery {:?}, transactional.id {transactional_id}): {e} (a broker without transactions needs [kafka] delivery = \"at-least-once\")",
+                    kafka.delivery
+                ))
+            })?;
+    }
+    tracing::info!(delivery = ?kafka.delivery, %transactional_id, "Kafka producer ready");
 
     let topics = pipeline.telemetry_topics();
     let subscription = source::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())

@@ -56,10 +56,11 @@ pub enum Reason {
     WrongTopic,
     WrongArity,
     NonFinite,
+    OutOfRange,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::EmptyRecord,
         Reason::TooLarge,
         Reason::InvalidUtf8,
@@ -72,6 +73,7 @@ impl Reason {
         Reason::WrongTopic,
         Reason::WrongArity,
         Reason::NonFinite,
+        Reason::OutOfRange,
     ];
 
     /// The stable code written to the `satwatch-error` header.
@@ -89,6 +91,7 @@ impl Reason {
             Reason::WrongTopic => "wrong_topic",
             Reason::WrongArity => "wrong_arity",
             Reason::NonFinite => "non_finite",
+            Reason::OutOfRange => "out_of_range",
         }
     }
 }
@@ -378,6 +381,71 @@ mod tests {
             "non_finite"
         );
         assert_eq!(reason(br#"[1,2]"#), "wrong_type");
+    }
+
+    #[test]
+    fn a_truncated_record_is_malformed_even_when_it_mentions_nan() {
+        // Cut short: the syntax error is the end of the text, not a NaN.
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"note":"NaN","values":[1,2"#),
+            "malformed_json"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,2,Infinity"#),
+            "malformed_json"
+        );
+        assert_eq!(reason(br#"{"channel":"NaN-1","seq":1,"#), "malformed_json");
+        // Other syntax errors elsewhere in a record that mentions NaN.
+        assert_eq!(
+            reason(br#"{"channel":"NaN","seq":1,"values":[1,2,3]]"#),
+            "malformed_json"
+        );
+        // NaN and infinities as numbers are what non_finite means.
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,-Infinity,3]}"#),
+            "non_finite"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[Infinity,2,3]}"#),
+            "non_finite"
+        );
+        assert_eq!(
+            reason(br#"{"channel":"A-1","seq":1,"values":[1,2,1e400]}"#),
+            "non_finite"
+        );
+    }
+
+    #[test]
+    fn a_seq_beyond_the_largest_is_invalid_not_the_wrong_type() {
+        for seq in ["18446744073709551615", "9223372036854775808", "1e30", "-1"] {
+            let record = format!(r#"{{"channel":"A-1","seq":{seq},"values":[1,2,3]}}"#);
+            let err = decode(record.as_bytes()).unwrap_err();
+            assert_eq!(err.reason.code(), "invalid_seq", "seq {seq}: {err:?}");
+        }
+        let largest = br#"{"channel":"A-1","seq":9223372036854775807,"values":[1,2,3]}"#;
+        assert_eq!(decode(largest).unwrap().seq, i64::MAX as u64);
+        // Not an integer at all: the wrong type.
+        for seq in ["1.5", "\"7\"", "true", "[1]"] {
+            let record = format!(r#"{{"channel":"A-1","seq":{seq},"values":[1,2,3]}}"#);
+            assert_eq!(reason(record.as_bytes()), "wrong_type", "seq {seq}");
+        }
+    }
+
+    #[test]
+    fn values_beyond_the_documented_bound_are_out_of_range() {
+        let record = |v: &str| format!(r#"{{"channel":"A-1","seq":1,"values":[0,{v},0]}}"#);
+        for v in ["3e38", "-3.4028235e38", "1e37", "1.0000001e15", "-2e15"] {
+            let err = decode(record(v).as_bytes()).unwrap_err();
+            assert_eq!(err.reason.code(), "out_of_range", "{v}: {err:?}");
+            assert!(err.detail.contains("values[1]"), "names the column: {err:?}");
+        }
+        // Up to the bound, and every tiny magnitude, are accepted as they are.
+        for v in ["1e15", "-1e15", "1.17549435e-38", "1e-45", "-1e-45", "0", "-0"] {
+            let sample = decode(record(v).as_bytes()).unwrap();
+            assert_eq!(sample.values[1], v.parse::<f32>().unwrap(), "{v}");
+        }
+        assert_eq!(Reason::OutOfRange.code(), "out_of_range");
+        assert!(Reason::ALL.contains(&Reason::OutOfRange));
     }
 
     #[test]

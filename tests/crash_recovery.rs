@@ -17,6 +17,11 @@ const ROWS: i64 = 5400;
 /// Slow enough that every kill lands mid-replay (about 30 s of it).
 const RATE: u32 = 500;
 
+/// As a deployment gives an instance (a StatefulSet's pod name): the restart
+/// registers the same `transactional.id`, which aborts at once the
+/// transaction the killed process left open.
+const STABLE_ID: &[(&str, &str)] = &[("SATWATCH_TRANSACTIONAL_ID", "crashed-instance")];
+
 /// A small deterministic generator for the kill moments (xorshift64).
 struct Moments(u64);
 
@@ -42,7 +47,7 @@ fn kill_9_at_random_moments_leaves_the_same_rows_and_events_as_an_uninterrupted_
         satwatch(&["topics", "--pipeline", p, "--partitions", "3"], &broker);
     }
     let reference_run = Satwatch::start_with(&broker, &reference_url, &reference, logs.path(), &[]);
-    let mut service = Satwatch::start_with(&broker, &pg.url(), &crashed, logs.path(), &[]);
+    let mut service = Satwatch::start_with(&broker, &pg.url(), &crashed, logs.path(), STABLE_ID);
 
     let addr = broker.addr();
     let replay = std::thread::spawn(move || replay_paced(&addr, CHANNELS, START, ROWS, Some(RATE)));
@@ -75,7 +80,7 @@ fn kill_9_at_random_moments_leaves_the_same_rows_and_events_as_an_uninterrupted_
             }
         }
         kills.push((kill, started.elapsed(), scored_before));
-        service = Satwatch::start_with(&broker, &pg.url(), &crashed, logs.path(), &[]);
+        service = Satwatch::start_with(&broker, &pg.url(), &crashed, logs.path(), STABLE_ID);
     }
     replay.join().unwrap();
     eprintln!("kills (n, when, scores rows before): {kills:?}");

@@ -79,10 +79,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Creates the producer; under [`Delivery::ExactlyOnce`] also registers
-    /// `transactional_id` with the broker, which aborts any transaction a
-    /// crashed predecessor with the same id left open. Blocks: call it
-    /// off the async runtime's threads.
+    /// Creates the producer, checking its settings; [`Publisher::register`]
+    /// then registers it with the broker.
     pub fn new(settings: &KafkaSettings, transactional_id: &str) -> Result<Self, KafkaError> {
         let mut config = client_config(settings);
         config
@@ -105,9 +103,6 @@ impl Publisher {
         }
         let producer: FutureProducer = config.create()?;
         let timeout = settings.transaction_timeout().max(Duration::from_secs(30));
-        if settings.delivery == Delivery::ExactlyOnce {
-            producer.init_transactions(timeout)?;
-        }
         Ok(Self {
             producer,
             delivery: settings.delivery,
@@ -115,6 +110,17 @@ impl Publisher {
             forecasts_topic: settings.forecasts_topic.clone(),
             timeout,
         })
+    }
+
+    /// Under [`Delivery::ExactlyOnce`], registers the `transactional.id`
+    /// with the broker, which aborts any transaction a crashed predecessor
+    /// with the same id left open. Blocks until the broker answers (or the
+    /// timeout): call it off the async runtime's threads.
+    pub fn register(&self) -> Result<(), KafkaError> {
+        if self.delivery == Delivery::ExactlyOnce {
+            self.producer.init_transactions(self.timeout)?;
+        }
+        Ok(())
     }
 
     pub fn delivery(&self) -> Delivery {

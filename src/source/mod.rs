@@ -66,11 +66,17 @@ impl SourceContext {
         consumer: &BaseConsumer<Self>,
         assigned: &mut TopicPartitionList,
     ) {
-        let committed = match consumer.committed_offsets(assigned.clone(), COMMITTED_TIMEOUT) {
-            Ok(list) => list,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read committed offsets; starting from the checkpoints alone");
-                TopicPartitionList::new()
+        // Without the committed offsets a partition cannot start: they say
+        // which records' outputs were published already. A transaction a
+        // crashed instance left open holds them (as unstable) until it is
+        // aborted, by that instance's restart or its timeout: wait it out.
+        let committed = loop {
+            match consumer.committed_offsets(assigned.clone(), COMMITTED_TIMEOUT) {
+                Ok(list) => break list,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the committed offsets yet; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
             }
         };
         let partitions: Vec<(String, i32, u32)> = {
@@ -166,19 +172,34 @@ impl SourceContext {
 }
 
 impl ClientContext for SourceContext {
-    /// librdkafka's periodic statistics carry each assigned partition's lag
-    /// (high watermark minus committed offset), so no extra broker calls.
+    /// librdkafka's periodic statistics carry each assigned partition's end
+    /// (the last stable offset, for a read_committed consumer), so no extra
+    /// broker calls; the committed position is the tracker's, since the
+    /// offsets are committed by the sink's producer, which this consumer
+    /// does not hear of.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let tracker = self.tracker.lock().expect("tracker updates never panic");
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                // Partition -1 is librdkafka's internal "unassigned" queue; -1 lag is unknown.
-                if *partition < 0 || !p.desired || p.consumer_lag < 0 {
+                // Partition -1 is librdkafka's internal "unassigned" queue.
+                if *partition < 0 || !p.desired {
+                    continue;
+                }
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                let Some(committed) = tracker.committed(topic, *partition) else {
+                    continue;
+                };
+                if end < 0 {
                     continue;
                 }
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[topic, &partition.to_string()])
-                    .set(p.consumer_lag);
+                    .set((end - committed).max(0));
             }
         }
     }

@@ -178,6 +178,14 @@ impl OffsetTracker {
         commits
     }
 
+    /// The commit position of `(topic, partition)` while it is owned.
+    pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.partitions
+            .iter()
+            .find(|p| p.partition == partition && p.topic == topic && p.owned)
+            .and_then(|p| p.committed)
+    }
+
     /// Takes back commits that did not happen (an aborted transaction, a
     /// failed commit), so the next [`OffsetTracker::take_commits`] hands them
     /// out again; those of ended assignments are dropped.

@@ -8,7 +8,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -387,6 +387,14 @@ impl Satwatch {
         let status = wait_for("satwatch to exit after SIGTERM", deadline, || {
             self.child.try_wait().unwrap()
         });
+        if !status.success() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "satwatch exited with {status}; the end of its log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         std::mem::forget(self); // Already exited; nothing to kill on drop.
         status
     }
@@ -689,12 +697,9 @@ pub fn events(pg: &Postgres, db: &str) -> Vec<String> {
     .collect()
 }
 
-/// (event_id, state) -> the distinct payloads published for it.
-pub fn published_events(
-    broker: &Broker,
-    topic: &str,
-) -> BTreeMap<(String, String), BTreeSet<String>> {
-    let mut events: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+/// (event_id, state) -> every payload published for it, in topic order.
+pub fn published_events(broker: &Broker, topic: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut events: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for record in read_topic(broker, topic) {
         let payload = record.payload.expect("event records have payloads");
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
@@ -705,9 +710,42 @@ pub fn published_events(
         events
             .entry(key)
             .or_default()
-            .insert(String::from_utf8(payload).unwrap());
+            .push(String::from_utf8(payload).unwrap());
     }
     events
+}
+
+/// (channel, seq) -> every forecast payload published for it.
+pub fn published_forecasts(broker: &Broker, topic: &str) -> BTreeMap<(String, i64), Vec<String>> {
+    let mut forecasts: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+    for record in read_topic(broker, topic) {
+        let payload = record.payload.expect("forecast records have payloads");
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        let key = (
+            v["channel"].as_str().unwrap().to_owned(),
+            v["seq"].as_i64().unwrap(),
+        );
+        forecasts
+            .entry(key)
+            .or_default()
+            .push(String::from_utf8(payload).unwrap());
+    }
+    forecasts
+}
+
+/// Exactly once: no key of `published` came more than once.
+pub fn assert_published_once<K: std::fmt::Debug>(
+    published: &BTreeMap<K, Vec<String>>,
+    topic: &str,
+) {
+    let repeated: Vec<_> = published.iter().filter(|(_, p)| p.len() > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "{topic}: {} of {} records were published more than once, e.g. {:?}",
+        repeated.len(),
+        published.len(),
+        repeated.iter().take(3).collect::<Vec<_>>()
+    );
 }
 
 pub fn close(a: f32, b: f32) -> bool {
@@ -743,6 +781,7 @@ pub struct Compared {
     pub forecasts: i64,
     pub event_rows: usize,
     pub event_records: usize,
+    pub forecast_records: usize,
 }
 
 /// The `satwatch` database and the `anomalies` topic hold exactly what the
@@ -791,21 +830,30 @@ pub fn assert_same_outputs_as_reference(
     assert_eq!(got, want, "anomaly_events");
     let event_rows = want.len();
 
-    // The topic: each (event_id, state) published, repeats identical.
+    // The topics, read as a read_committed consumer does: each record
+    // exactly once, the reference's payloads.
     let got = published_events(broker, "anomalies");
     let want = published_events(broker, "reference.anomalies");
-    for ((event, state), payloads) in &got {
-        assert_eq!(
-            payloads.len(),
-            1,
-            "{event} {state}: repeats differ: {payloads:?}"
-        );
-    }
+    assert_published_once(&got, "anomalies");
     assert_eq!(got, want, "anomalies topic");
+    let got_forecasts = published_forecasts(broker, "forecasts");
+    let want_forecasts = published_forecasts(broker, "reference.forecasts");
+    assert_published_once(&got_forecasts, "forecasts");
+    assert_eq!(
+        got_forecasts.len() as i64,
+        n * (rows - window + 1),
+        "one forecast record per window"
+    );
+    assert_eq!(
+        got_forecasts.keys().collect::<Vec<_>>(),
+        want_forecasts.keys().collect::<Vec<_>>(),
+        "forecasts topic"
+    );
     Compared {
         scores: n * (rows - window),
         forecasts: n * (rows - window + 1),
         event_rows,
         event_records: got.len(),
+        forecast_records: got_forecasts.len(),
     }
 }
