@@ -111,12 +111,64 @@ fn reject(reason: Reason, detail: impl Into<String>) -> Rejection {
     }
 }
 
+/// The largest magnitude a value may have (in the channel's own units):
+/// larger ones are dead-lettered as `out_of_range`. Far beyond any sensor's
+/// reading, and far enough below f32's limit (3.4e38) that a value's square,
+/// and its normalised form under any train spread above 1e-15, stay finite
+/// f32s in the model's arithmetic, where 1e37 or 3e38 turned forecasts and
+/// scores into infinity. Subnormal and zero magnitudes are accepted as
+/// they are.
+pub const MAX_ABS_VALUE: f32 = 1e15;
+
 #[derive(Deserialize)]
 struct WireSample {
     channel: Option<String>,
-    seq: Option<i64>,
+    seq: Option<WireSeq>,
     ts: Option<String>,
     values: Option<Vec<f64>>,
+}
+
+/// A `seq` as written: any JSON integer, so that one out of range is told
+/// apart (`invalid_seq`) from one that is not an integer (`wrong_type`).
+enum WireSeq {
+    Valid(u64),
+    /// Negative, or above `i64::MAX` (PostgreSQL's bigint), as written.
+    OutOfRange(String),
+}
+
+impl<'de> Deserialize<'de> for WireSeq {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WireSeq;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<WireSeq, E> {
+                Ok(match u64::try_from(v) {
+                    Ok(seq) => WireSeq::Valid(seq),
+                    Err(_) => WireSeq::OutOfRange(v.to_string()),
+                })
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<WireSeq, E> {
+                Ok(if v <= i64::MAX as u64 {
+                    WireSeq::Valid(v)
+                } else {
+                    WireSeq::OutOfRange(v.to_string())
+                })
+            }
+            /// serde_json reads an integer beyond u64 as a float: a whole
+            /// number out of range, not another type.
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<WireSeq, E> {
+                if v.fract() == 0.0 && (v < 0.0 || v > i64::MAX as f64) {
+                    Ok(WireSeq::OutOfRange(v.to_string()))
+                } else {
+                    Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// What a decoder needs to know about one channel.
@@ -200,8 +252,15 @@ impl Decoder {
                 ));
             }
         }
-        let seq = u64::try_from(seq)
-            .map_err(|_| reject(Reason::InvalidSeq, format!("seq {seq} is negative")))?;
+        let seq = match seq {
+            WireSeq::Valid(seq) => seq,
+            WireSeq::OutOfRange(seq) => {
+                return Err(reject(
+                    Reason::InvalidSeq,
+                    format!("seq {} is outside 0..={}", truncate(&seq), i64::MAX),
+                ))
+            }
+        };
         if values.len() != shape.features {
             return Err(reject(
                 Reason::WrongArity,
@@ -219,6 +278,12 @@ impl Decoder {
                 return Err(reject(
                     Reason::NonFinite,
                     format!("values[{i}] = {v} is not a finite f32"),
+                ));
+            }
+            if f.abs() > MAX_ABS_VALUE {
+                return Err(reject(
+                    Reason::OutOfRange,
+                    format!("values[{i}] = {v} is beyond ±{MAX_ABS_VALUE:e}"),
                 ));
             }
             floats.push(f);
@@ -245,21 +310,61 @@ impl Decoder {
     }
 }
 
-/// serde_json refuses `NaN`/`Infinity` as syntax; report them as what they are.
+/// serde_json refuses `NaN`/`Infinity` as syntax; report them as what they
+/// are, but only in a record that is JSON but for them: a record cut short
+/// or broken elsewhere is malformed whatever it mentions.
 fn classify_json_error(text: &str, err: &serde_json::Error) -> Rejection {
     use serde_json::error::Category;
     match err.classify() {
         Category::Data => reject(Reason::WrongType, err.to_string()),
-        _ if text.contains("NaN") || text.contains("Infinity") => reject(
-            Reason::NonFinite,
-            format!("values must be finite numbers ({err})"),
-        ),
-        _ if err.to_string().contains("number out of range") => reject(
+        Category::Syntax if err.to_string().contains("number out of range") => reject(
             Reason::NonFinite,
             format!("a number is out of range ({err})"),
         ),
+        Category::Syntax if json_but_for_non_finite_literals(text) => reject(
+            Reason::NonFinite,
+            format!("values must be finite numbers ({err})"),
+        ),
         _ => reject(Reason::MalformedJson, err.to_string()),
     }
+}
+
+/// Whether `text` has `NaN` or `Infinity` literals outside strings and
+/// parses as JSON once each is read as 0. One pass and one parse, whatever
+/// the number of literals.
+fn json_but_for_non_finite_literals(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut zeroed = String::with_capacity(text.len());
+    let (mut found, mut in_string, mut escaped) = (false, false, false);
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if let Some(literal) = [&b"NaN"[..], b"Infinity"]
+            .into_iter()
+            .find(|l| bytes[i..].starts_with(l))
+        {
+            // All ASCII: i and i + len are character boundaries.
+            zeroed.push_str(&text[copied..i]);
+            zeroed.push('0');
+            found = true;
+            i += literal.len();
+            copied = i;
+            continue;
+        }
+        i += 1;
+    }
+    zeroed.push_str(&text[copied..]);
+    found && serde_json::from_str::<serde::de::IgnoredAny>(&zeroed).is_ok()
 }
 
 fn truncate(s: &str) -> &str {
@@ -437,10 +542,21 @@ mod tests {
         for v in ["3e38", "-3.4028235e38", "1e37", "1.0000001e15", "-2e15"] {
             let err = decode(record(v).as_bytes()).unwrap_err();
             assert_eq!(err.reason.code(), "out_of_range", "{v}: {err:?}");
-            assert!(err.detail.contains("values[1]"), "names the column: {err:?}");
+            assert!(
+                err.detail.contains("values[1]"),
+                "names the column: {err:?}"
+            );
         }
         // Up to the bound, and every tiny magnitude, are accepted as they are.
-        for v in ["1e15", "-1e15", "1.17549435e-38", "1e-45", "-1e-45", "0", "-0"] {
+        for v in [
+            "1e15",
+            "-1e15",
+            "1.17549435e-38",
+            "1e-45",
+            "-1e-45",
+            "0",
+            "-0",
+        ] {
             let sample = decode(record(v).as_bytes()).unwrap();
             assert_eq!(sample.values[1], v.parse::<f32>().unwrap(), "{v}");
         }
