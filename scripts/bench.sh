@@ -511,6 +511,17 @@ def cmd_e2e(results, out):
         "scored_at_replay_end": meta.get("scored_at_replay_end"),
     }, out)
 
+def cmd_backlog(results, out):
+    """The drain of a backlog: score rows over the span of their commits."""
+    meta = load(os.path.join(results, "backlog.meta.json"))
+    before, after = load(os.path.join(results, "backlog.snap-before.json")), load(os.path.join(results, "backlog.snap-after.json"))
+    usage = usage_between(before, after, after["t"] - before["t"])
+    dump({"samples": meta["samples"], "scores": meta["scores"], "span_s": meta["span_s"],
+          "scores_per_s": meta["scores"] / meta["span_s"], "samples_per_s": meta["samples"] / meta["span_s"],
+          "usage": usage}, out)
+    print(f"   from a backlog: {meta['scores']:,} score rows committed over {meta['span_s']:.1f} s "
+          f"(first to last commit): {meta['samples'] / meta['span_s']:,.0f} samples/s", flush=True)
+
 def cmd_latency(results, rate, out):
     p = lambda name: os.path.join(results, f"lat-{rate}.{name}")
     meta = load(p("meta.json"))
@@ -754,10 +765,27 @@ def core_section(core, settings, one_thread=None, files=None):
     out += ["**What limits these figures.** " + " ".join(notes), ""]
     return out
 
-def e2e_section(e, settings):
+def backlog_lines(b):
+    """The backlog run, as a paragraph and a table; nothing if it did not run."""
+    if b is None:
+        return []
+    u = b["usage"]
+    rows = [["**from a backlog: samples/s** (first to last `scores` commit)", f"**{f(b['samples_per_s'])}**"],
+            ["score rows committed", f"{b['scores']:,} over {f(b['span_s'], 1, ' s')}"]]
+    labels = {"satwatch": "satwatch run", "broker": "Apache Kafka (broker)", "postgres": "PostgreSQL"}
+    for key, label in labels.items():
+        if key in u and u[key].get("cores") is not None:
+            rows.append([f"{label}, cores over the drain", f(u[key]["cores"], 2)])
+    return ["**From a backlog.** The whole split is published first, with no consumer; then `satwatch run` starts "
+            "and drains it. The span runs from the first to the last commit of a `scores` row "
+            "(PostgreSQL's commit timestamps).", "", table(["figure", "value"], rows), ""]
+
+def e2e_section(e, settings, backlog=None):
     out = ["## 2. End to end (broker and PostgreSQL)", ""]
     if e is None:
         return out + ["Not measured in this run (`--skip-e2e`).", ""]
+    out += backlog_lines(backlog)
+    out += ["**During a full-speed replay.**", ""]
     r, u, m = e["replay"], e["usage"], e["metrics"]
     span = e["span_s"]
     out += [
@@ -1033,7 +1061,7 @@ def cmd_render(results, out_path):
     ]
     lines += core_section(core, settings, load(os.path.join(results, "core-1thread.json")),
                           load(os.path.join(results, "core-files.json")))
-    lines += e2e_section(e2e, settings)
+    lines += e2e_section(e2e, settings, load(os.path.join(results, "backlog.json")))
     lines += latency_section(lats, settings)
     lines += grouped_section(os.path.join(results, "grouped.md"))
     text = "\n".join(lines)
@@ -1061,7 +1089,8 @@ def cmd_print(results, section):
                             load(os.path.join(results, "core-1thread.json")),
                             load(os.path.join(results, "core-files.json")))
     elif section == "e2e":
-        text = e2e_section(load(os.path.join(results, "e2e.json")), settings)
+        text = e2e_section(load(os.path.join(results, "e2e.json")), settings,
+                           load(os.path.join(results, "backlog.json")))
     else:
         text = latency_section([load(os.path.join(results, f"latency-{section}.json"))], settings)
     print("\n".join(l for l in text if not l.startswith("**What limits")))
@@ -1076,7 +1105,7 @@ def cmd_machine(out, *kv):
 
 COMMANDS = {
     "expected": cmd_expected, "window": cmd_window, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
-    "core": cmd_core, "e2e": cmd_e2e, "latency": cmd_latency, "render": cmd_render,
+    "core": cmd_core, "e2e": cmd_e2e, "backlog": cmd_backlog, "latency": cmd_latency, "render": cmd_render,
     "print": cmd_print, "machine": cmd_machine, "div": cmd_div, "round_trip": cmd_round_trip,
     "round_trip_cpu": cmd_round_trip_cpu,
 }
@@ -1503,6 +1532,24 @@ EOF
     stop_satwatch
     py e2e "$RESULTS" "$RESULTS/e2e.json"
     py print "$RESULTS" e2e
+
+    section="2. end to end from a backlog"
+    log "== $section"
+    note "2. from a backlog: fresh services (track_commit_timestamp on), topics, the whole replay, then satwatch run drains it"
+    fresh_services 1
+    start_replay backlog "${replay_args[@]}"
+    finish_replay backlog
+    log "   $samples samples published; starting satwatch run to drain them"
+    start_satwatch backlog
+    py snap "$RESULTS/backlog.snap-before.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
+    wait_scores backlog "$expected"
+    scores=$REPLY
+    py snap "$RESULTS/backlog.snap-after.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
+    span_s=$(psql -X -qtA -v ON_ERROR_STOP=1 "$DATABASE_URL" -c "
+        select extract(epoch from max(pg_xact_commit_timestamp(xmin)) - min(pg_xact_commit_timestamp(xmin)))::float8 from scores")
+    printf '{"samples": %s, "scores": %s, "span_s": %s}\n' "$samples" "$scores" "$span_s" >"$RESULTS/backlog.meta.json"
+    stop_satwatch
+    py backlog "$RESULTS" "$RESULTS/backlog.json"
 fi
 
 # ------------------------------------------------------------ 3. latency

@@ -65,6 +65,9 @@ fn random_cluster_id() -> String {
         h.write_u128(Instant::now().elapsed().as_nanos());
         bytes.extend_from_slice(&h.finish().to_le_bytes());
     }
+    // An id that starts with '-' reads as an option to the storage tool:
+    // a clear top bit makes the first character a letter.
+    bytes[0] &= 0x7f;
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut bits = 0u32;
     let mut width = 0;
