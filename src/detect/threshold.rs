@@ -68,7 +68,11 @@ impl P2Quantile {
         }
     }
 
+    /// Takes observation `x`; a NaN, which has no rank, is ignored.
     pub fn add(&mut self, x: f64, p: f64) {
+        if x.is_nan() {
+            return;
+        }
         if self.count < 5 {
             let n = self.count as usize;
             self.heights[n] = x;
@@ -85,7 +89,10 @@ impl P2Quantile {
             q[4] = x;
             3
         } else {
-            (0..4).rev().find(|&i| q[i] <= x).expect("q[0] <= x here")
+            (0..4)
+                .rev()
+                .find(|&i| q[i] <= x)
+                .expect("x is not NaN and not below q[0] here")
         };
         for n in &mut self.positions[k + 1..] {
             *n += 1.0;
@@ -208,10 +215,17 @@ impl DynamicThreshold {
         self.fitted.unwrap_or(fixed)
     }
 
-    /// Learns from `score` (a finite number). `anomalous` scores (above the
-    /// threshold in force) teach nothing once the tail is fitted.
+    /// Learns from `score`. `anomalous` scores (above the threshold in
+    /// force) teach nothing once the tail is fitted.
+    ///
+    /// Nor does a score at or beyond ±[`MAX_THRESHOLD`] (NaN and infinities
+    /// included, which the detector never passes): no threshold is ever
+    /// drawn out there, and one such score in the calibration markers or
+    /// the peaks' sums would hold the fitted threshold at its ceiling, the
+    /// stream deaf, for as long as it runs. So every number kept here stays
+    /// finite and a checkpoint of it can always be read back.
     pub fn update(&mut self, settings: &SpotSettings, score: f32, anomalous: bool) {
-        if settings.calibration_samples == 0 {
+        if settings.calibration_samples == 0 || !(score.abs() < MAX_THRESHOLD) {
             return;
         }
         let score = f64::from(score);
@@ -462,6 +476,130 @@ mod tests {
             fitted > 100.0,
             "its own threshold, above its scores: {fitted}"
         );
+    }
+
+    /// Scores at the edges of f32 and beyond (the detector never passes
+    /// NaN or infinities, but the threshold must not depend on that).
+    fn extreme_scores() -> Vec<f32> {
+        let subnormal = f32::from_bits(1);
+        vec![
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            subnormal,
+            -subnormal,
+            0.0,
+            -0.0,
+            1e12,
+            3e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]
+    }
+
+    /// The state is finite if JSON takes it and gives the same state back
+    /// (a NaN compares unequal, an infinity is written "inf" and refused).
+    fn assert_readable(d: &DynamicThreshold, context: &str) {
+        let json = serde_json::to_string(d).unwrap();
+        let back: Result<DynamicThreshold, _> = serde_json::from_str(&json);
+        assert_eq!(back.as_ref().ok(), Some(d), "{context}: {json}");
+    }
+
+    #[test]
+    fn extreme_scores_at_any_moment_leave_a_finite_threshold_and_state() {
+        let s = SpotSettings {
+            calibration_samples: 20,
+            initial_quantile: 0.8,
+            risk: 0.01,
+            min_peaks: 3,
+            min_threshold: 0.5,
+        };
+        // Moments: the first calibration score, the fifth (P² starts moving
+        // markers), the last, the first peak, and after the fit.
+        for at in [0, 4, 5, 19, 20, 25, 60] {
+            for x in extreme_scores() {
+                for run in [1, 3, 200] {
+                    let mut d = DynamicThreshold::new(&s);
+                    let context = format!("{run} × {x} at {at}");
+                    let normal: Vec<f32> = scrambled(50).map(|v| v as f32 / 10.0).collect();
+                    for (i, &v) in normal.iter().cycle().take(at + run + 100).enumerate() {
+                        let score = if (at..at + run).contains(&i) { x } else { v };
+                        let fixed = 2.0;
+                        d.update(&s, score, score > d.current(fixed));
+                        let t = d.current(fixed);
+                        assert!(t.is_finite() && t <= MAX_THRESHOLD, "{context}: {t}");
+                    }
+                    assert_readable(&d, &context);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_constant_runs_and_huge_steps_keep_the_state_finite() {
+        let s = settings();
+        let subnormal = f32::from_bits(1);
+        let sequences: Vec<(&str, Vec<f32>)> = vec![
+            ("f32::MAX forever", vec![f32::MAX; 5000]),
+            ("-f32::MAX forever", vec![-f32::MAX; 5000]),
+            ("subnormal forever", vec![subnormal; 5000]),
+            ("zero forever", vec![0.0; 5000]),
+            (
+                "alternating ±f32::MAX",
+                (0..5000)
+                    .map(|i| if i % 2 == 0 { f32::MAX } else { -f32::MAX })
+                    .collect(),
+            ),
+            (
+                "MIN_POSITIVE then MAX steps",
+                (0..5000)
+                    .map(|i| {
+                        if i % 7 == 0 {
+                            f32::MAX
+                        } else {
+                            f32::MIN_POSITIVE
+                        }
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, scores) in sequences {
+            let mut d = DynamicThreshold::new(&s);
+            for (i, x) in scores.into_iter().enumerate() {
+                d.update(&s, x, x > d.current(10.0));
+                if i % 500 == 0 {
+                    assert_readable(&d, &format!("{name}, score {i}"));
+                }
+            }
+            assert!(d.current(10.0).is_finite(), "{name}");
+            assert_readable(&d, name);
+        }
+    }
+
+    #[test]
+    fn a_score_no_threshold_can_reach_teaches_nothing() {
+        // One absurd score among normal ones, before the tail is fitted,
+        // must not lift the fitted threshold to its ceiling (which would
+        // leave the stream deaf for as long as the peak stayed in its sums):
+        // the threshold comes out as if the score had never come.
+        let s = settings();
+        let fitted_with = |extreme: Option<f32>| {
+            let mut d = DynamicThreshold::new(&s);
+            for (i, x) in scrambled(100).chain(scrambled(100)).enumerate() {
+                match extreme {
+                    Some(e) if i == 101 => d.update(&s, e, false),
+                    None if i == 101 => {}
+                    _ => d.update(&s, x as f32, false),
+                }
+            }
+            d.current(50.0)
+        };
+        let clean = fitted_with(None);
+        for extreme in [1e7, 1e12, f32::MAX] {
+            assert_eq!(fitted_with(Some(extreme)), clean, "{extreme}");
+        }
     }
 
     #[test]
