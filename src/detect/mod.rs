@@ -25,13 +25,19 @@
 //! to the stream's own score tail (peaks over threshold, `threshold.rs`),
 //! never below `min_threshold`. An event opens at the first anomalous sample
 //! and closes once `min_event_gap` normal samples follow its last anomalous one.
+//!
+//! No number poisons the state: every part saturates where f32 would
+//! overflow, so any finite value and forecast give a score within
+//! ±[`MAX_SCORE`] and leave a state that a checkpoint (JSON) holds exactly;
+//! forecast steps are kept as [`finite_forecast`] makes them; and a score no
+//! threshold can reach teaches the dynamic threshold nothing.
 
 pub mod threshold;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::repository::ErrorCalibration;
+use crate::{repository::ErrorCalibration, telemetry::MAX_ABS_VALUE};
 use threshold::{DynamicThreshold, SpotSettings};
 
 /// Detection settings: one set for every channel (`[detect]` in the pipeline file).
@@ -155,8 +161,11 @@ impl DetectSettings {
                 self.ewma_alpha
             ));
         }
-        if !self.threshold.is_finite() {
-            return Err("detect.threshold must be finite".into());
+        if !(self.threshold.is_finite() && self.threshold < MAX_SCORE) {
+            return Err(format!(
+                "detect.threshold = {} must be finite and below {MAX_SCORE:e}, the largest score",
+                self.threshold
+            ));
         }
         if !(self.level_threshold > 0.0 && self.level_threshold.is_finite()) {
             return Err(format!(
@@ -415,6 +424,49 @@ impl Default for StuckRun {
     }
 }
 
+/// No score goes beyond ±this (in score units: train error standard
+/// deviations). Far above any threshold in force ([`threshold::MAX_THRESHOLD`],
+/// and `detect.threshold` is validated below it), so a score held here is
+/// still anomalous; far inside f32's range, so a score, its square and the
+/// sums a consumer makes of scores stay finite. Every score part is held
+/// within it: an extreme value, a model's wild forecast or a tiny train
+/// error spread overflowed f32 to infinity before.
+pub const MAX_SCORE: f32 = 1e12;
+
+/// `x` held within ±`max`. NaN, which the finite operands here do not
+/// produce (the arithmetic saturates first), reads as `max`: the cautious
+/// reading.
+fn saturate(x: f32, max: f32) -> f32 {
+    if x.is_nan() {
+        max
+    } else {
+        x.clamp(-max, max)
+    }
+}
+
+/// Makes a forecast (in the input's units) fit to publish and to learn
+/// from, in place: a step that is NaN becomes `value`, the sample's own
+/// value (persistence: the forecast that assumes nothing); a step beyond
+/// ±[`MAX_ABS_VALUE`] (infinities included) becomes that bound, since no
+/// value beyond it is accepted. A model fed values near the bound, or
+/// running in FP16, can return either. Returns how many steps it replaced.
+pub fn finite_forecast(horizon: &mut [f32], value: f32) -> usize {
+    let persistence = saturate(value, MAX_ABS_VALUE);
+    let mut replaced = 0;
+    for step in horizon {
+        let finite = if step.is_nan() {
+            persistence
+        } else {
+            step.clamp(-MAX_ABS_VALUE, MAX_ABS_VALUE)
+        };
+        if finite.to_bits() != step.to_bits() {
+            *step = finite;
+            replaced += 1;
+        }
+    }
+    replaced
+}
+
 /// A baseline range is at least this wide (the data is scaled to [-1, 1]),
 /// so a channel that was constant during its baseline is not flagged for
 /// moving a hair.
@@ -485,7 +537,8 @@ impl ChannelDetector {
             return None;
         }
         let width = (b.high - b.low).max(MIN_BASELINE_WIDTH);
-        Some((value - b.high).max(b.low - value).max(0.0) / width)
+        let novelty = (value - b.high).max(b.low - value).max(0.0) / width;
+        Some(saturate(novelty, MAX_SCORE))
     }
 
     /// How many of the last `baseline_samples` samples lay more than
@@ -537,6 +590,11 @@ impl ChannelDetector {
     /// made from the window ending at it. Returns its score, unless no earlier
     /// forecast covers it (warm-up, or a gap longer than the horizon), and any
     /// event change it caused.
+    ///
+    /// Any finite `value` and any `forecast` give a finite score and leave a
+    /// finite state (the forecast is kept as [`finite_forecast`] makes it).
+    /// A value that is not finite, which the decoder refuses, is not scored
+    /// and changes nothing.
     pub fn step(
         &mut self,
         seq: u64,
@@ -544,6 +602,9 @@ impl ChannelDetector {
         value: f32,
         forecast: &[f32],
     ) -> (Option<Scored>, Option<EventChange>) {
+        if !value.is_finite() {
+            return (None, None);
+        }
         let predicted = self
             .state
             .last_forecast
@@ -557,21 +618,33 @@ impl ChannelDetector {
                 *made_at = seq;
                 horizon.clear();
                 horizon.extend_from_slice(forecast);
+                finite_forecast(horizon, value);
             }
-            None => self.state.last_forecast = Some((seq, forecast.to_vec())),
+            None => {
+                let mut horizon = forecast.to_vec();
+                finite_forecast(&mut horizon, value);
+                self.state.last_forecast = Some((seq, horizon));
+            }
         }
         let Some(predicted) = predicted else {
             return (None, None);
         };
 
-        let error = (value - predicted).abs();
+        // Each step saturates rather than overflow: a value and a forecast
+        // far apart, or a train error spread near zero, reach infinity in
+        // f32, which no checkpoint can hold and no threshold can learn from.
+        // In range the saturation changes nothing, bit for bit.
+        let error = saturate((value - predicted).abs(), f32::MAX);
         let alpha = self.settings.ewma_alpha;
         let smoothed = match self.state.smoothed_error {
-            Some(previous) => alpha * error + (1.0 - alpha) * previous,
+            Some(previous) => saturate(alpha * error + (1.0 - alpha) * previous, f32::MAX),
             None => error,
         };
         self.state.smoothed_error = Some(smoothed);
-        let surprise = (smoothed - self.calibration.mean) / self.calibration.std;
+        let surprise = saturate(
+            (smoothed - self.calibration.mean) / self.calibration.std,
+            MAX_SCORE,
+        );
         let spot = self.settings.spot();
         let dynamic = self
             .state
@@ -586,11 +659,10 @@ impl ChannelDetector {
         // the score threshold.
         let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
         let novelty = self.level_novelty(value);
-        let level = novelty.map(|l| l / self.settings.level_threshold * threshold);
-        let excursion = novelty
-            .and_then(|l| self.excursion(l))
-            .map(|e| e * threshold);
-        let stuck = self.stuck_run(value, in_baseline).map(|r| r * threshold);
+        let scaled = |part: f32| saturate(part * threshold, MAX_SCORE);
+        let level = novelty.map(|l| scaled(l / self.settings.level_threshold));
+        let excursion = novelty.and_then(|l| self.excursion(l)).map(scaled);
+        let stuck = self.stuck_run(value, in_baseline).map(scaled);
         let score = [level, excursion, stuck]
             .into_iter()
             .flatten()
@@ -1044,6 +1116,232 @@ mod tests {
             d.state().excursions.count() > 0,
             "the seq-45 checkpoint carries excursions: {json}"
         );
+    }
+
+    /// Finite values a producer could send or a model return, at the edges
+    /// of f32 and of what the decoder accepts.
+    fn extreme_values() -> Vec<f32> {
+        let subnormal = f32::from_bits(1);
+        let bound = crate::telemetry::MAX_ABS_VALUE;
+        vec![
+            f32::MAX,
+            -f32::MAX,
+            3e38,
+            1e37,
+            bound,
+            -bound,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            subnormal,
+            -subnormal,
+            0.0,
+            -0.0,
+        ]
+    }
+
+    /// Settings that turn each score part on alone, then all of them.
+    fn every_score_part() -> Vec<(&'static str, DetectSettings)> {
+        let base = DetectSettings {
+            ewma_alpha: 0.5,
+            threshold: 3.0,
+            min_event_gap: 2,
+            ..Default::default()
+        };
+        let level = DetectSettings {
+            baseline_samples: 8,
+            level_threshold: 0.5,
+            ..base
+        };
+        let excursion = DetectSettings {
+            baseline_samples: 8,
+            level_threshold: 1e6,
+            excursion_samples: 3,
+            excursion_margin: 0.1,
+            ..base
+        };
+        let stuck = DetectSettings {
+            baseline_samples: 8,
+            level_threshold: 1e6,
+            stuck_run_factor: 2.0,
+            min_stuck_run: 3,
+            ..base
+        };
+        let dynamic = DetectSettings {
+            calibration_samples: 10,
+            initial_quantile: 0.8,
+            risk: 0.01,
+            min_peaks: 3,
+            min_threshold: 0.5,
+            ..base
+        };
+        let all = DetectSettings {
+            level_threshold: 0.5,
+            excursion_samples: 3,
+            excursion_margin: 0.1,
+            stuck_run_factor: 2.0,
+            min_stuck_run: 3,
+            ..dynamic
+        };
+        let all = DetectSettings {
+            baseline_samples: 8,
+            ..all
+        };
+        let parts = vec![
+            ("surprise", base),
+            ("level", level),
+            ("excursion", excursion),
+            ("stuck", stuck),
+            ("dynamic threshold", dynamic),
+            ("every part", all),
+        ];
+        for (name, settings) in &parts {
+            assert_eq!(settings.validate(), Ok(()), "{name}");
+        }
+        parts
+    }
+
+    /// Train error statistics as a repository may hold them: ordinary, and
+    /// spreads so small (or means so large) that a surprise overflows f32.
+    fn extreme_calibrations() -> Vec<ErrorCalibration> {
+        vec![
+            unit_errors(),
+            ErrorCalibration {
+                mean: 0.1,
+                std: f32::MIN_POSITIVE,
+            },
+            ErrorCalibration {
+                mean: 0.0,
+                std: f32::from_bits(1),
+            },
+            ErrorCalibration {
+                mean: 3e38,
+                std: 1e-30,
+            },
+        ]
+    }
+
+    /// The state is finite if JSON (as the checkpoint stores it) takes it
+    /// and gives the same state back: serde_json writes an infinite or NaN
+    /// f32 as null and an infinite f64 string as "inf", neither of which
+    /// reads back as the same state.
+    fn assert_checkpoint_reads_back(d: &ChannelDetector, context: &str) {
+        let json = serde_json::to_string(d.state()).unwrap();
+        let back: Result<DetectorState, _> = serde_json::from_str(&json);
+        assert_eq!(back.as_ref().ok(), Some(d.state()), "{context}: {json}");
+    }
+
+    fn assert_finite_step(step: &(Option<Scored>, Option<EventChange>), context: &str) {
+        if let Some(scored) = step.0 {
+            assert!(
+                scored.score.is_finite() && scored.threshold.is_finite(),
+                "{context}: {scored:?}"
+            );
+        }
+        if let Some(EventChange::Opened(span) | EventChange::Closed(span)) = &step.1 {
+            assert!(
+                span.peak_score.is_finite() && span.threshold.is_finite(),
+                "{context}: {span:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn extreme_values_at_any_moment_leave_every_score_part_finite_and_the_state_readable() {
+        // Moments, in scored samples: the first, inside the baseline (8)
+        // and the calibration (10), just after them, and long after the fit.
+        let moments = [0, 3, 7, 9, 12, 30];
+        let normal = |i: usize| ((i * 37) % 11) as f32 / 10.0;
+        for (part, settings) in every_score_part() {
+            for calibration in extreme_calibrations() {
+                for x in extreme_values() {
+                    for at in moments {
+                        // x as the value once, as the forecast once, as both,
+                        // for a long constant run, and in huge steps.
+                        for how in ["value", "forecast", "both", "run", "steps"] {
+                            let context = format!(
+                                "{part}, {calibration:?}: {x} as {how} at scored sample {at}"
+                            );
+                            let mut d = ChannelDetector::new(settings, calibration);
+                            d.step(0, ts(), normal(0), &[normal(0), normal(0)]);
+                            for i in 1..=60usize {
+                                let k = i - 1; // scored samples before this one
+                                let hit = match how {
+                                    "run" => (at..at + 30).contains(&k),
+                                    "steps" => (at..at + 10).contains(&k),
+                                    _ => k == at,
+                                };
+                                let sign = if how == "steps" && k % 2 == 1 {
+                                    -1.0
+                                } else {
+                                    1.0
+                                };
+                                let (mut value, mut forecast) = (normal(i), normal(i));
+                                if hit {
+                                    if how != "forecast" {
+                                        value = sign * x;
+                                    }
+                                    if how == "forecast" || how == "both" {
+                                        forecast = sign * x;
+                                    }
+                                }
+                                let step = d.step(i as u64, ts(), value, &[forecast, forecast]);
+                                assert!(step.0.is_some(), "{context}: sample {i} is scored");
+                                assert_finite_step(&step, &format!("{context}, sample {i}"));
+                                if hit || k == at + 1 {
+                                    assert_checkpoint_reads_back(
+                                        &d,
+                                        &format!("{context}, sample {i}"),
+                                    );
+                                }
+                            }
+                            assert_checkpoint_reads_back(&d, &context);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_forecast_step_that_is_not_finite_is_never_kept() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -3e38] {
+            let mut d = detector(1);
+            d.step(0, ts(), 0.5, &[bad, 0.25]);
+            assert_checkpoint_reads_back(&d, &format!("forecast {bad}"));
+            let (scored, _) = d.step(1, ts(), 0.5, &[0.5, bad]);
+            let scored = scored.unwrap();
+            assert!(scored.score.is_finite(), "{bad}: {scored:?}");
+            assert_checkpoint_reads_back(&d, &format!("forecast {bad}, then"));
+        }
+    }
+
+    #[test]
+    fn an_error_far_beyond_the_channels_own_is_anomalous_for_every_part() {
+        let bound = crate::telemetry::MAX_ABS_VALUE;
+        for (part, settings) in every_score_part() {
+            for calibration in extreme_calibrations().into_iter().take(3) {
+                for (value, forecast) in [
+                    (bound, 0.0),
+                    (-bound, bound),
+                    (f32::MAX, -f32::MAX),
+                    (0.0, f32::MAX),
+                ] {
+                    let mut d = ChannelDetector::new(settings, calibration);
+                    for i in 0..40u64 {
+                        let v = (i % 3) as f32 / 10.0;
+                        d.step(i, ts(), v, &[v]);
+                    }
+                    d.step(40, ts(), 0.1, &[forecast]);
+                    let (scored, _) = d.step(41, ts(), value, &[0.0]);
+                    let scored = scored.unwrap();
+                    assert!(
+                        scored.anomalous && scored.score.is_finite(),
+                        "{part}, {calibration:?}: {value} after a forecast of {forecast}: \
+                         {scored:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
