@@ -232,6 +232,10 @@ pub struct Counters {
     pub scored: u64,
     pub events_opened: u64,
     pub events_closed: u64,
+    /// Forecast steps a model returned that were not finite, or lay beyond
+    /// ±[`crate::telemetry::MAX_ABS_VALUE`] once denormalised, replaced
+    /// before publishing (see [`crate::detect::finite_forecast`]).
+    pub replaced_forecast_steps: u64,
 }
 
 struct ChannelState {
@@ -730,6 +734,7 @@ impl Engine {
         let center = spec.normalisation.center[spec.target_feature];
         // (channel, seq, window start, record) of each channel's last entry.
         let mut progressed: Vec<(u32, u64, i64, Option<Origin>)> = Vec::new();
+        let replaced_before = self.counters.replaced_forecast_steps;
         for (entry, normalised) in batch
             .entries
             .into_iter()
@@ -755,6 +760,10 @@ impl Engine {
             self.scratch.clear();
             self.scratch
                 .extend(normalised.iter().map(|f| f * scale + center));
+            // A forecast is published as JSON (no NaN or infinity there) and
+            // becomes detector state: it must be finite before either.
+            self.counters.replaced_forecast_steps +=
+                crate::detect::finite_forecast(&mut self.scratch, entry.value) as u64;
             let channel = &mut self.channels[entry.channel as usize];
             let (scored, change) =
                 channel
@@ -798,6 +807,22 @@ impl Engine {
                 out.events.push(event);
             }
             out.done.extend(entry.origin);
+        }
+        let replaced = self.counters.replaced_forecast_steps;
+        // Logged when the total reaches a new power of two: a model that
+        // keeps returning NaN is reported, not once per batch.
+        if replaced > replaced_before
+            && (replaced_before == 0 || replaced.ilog2() > replaced_before.ilog2())
+        {
+            tracing::warn!(
+                model = %model.name,
+                version = spec.version,
+                in_this_batch = replaced - replaced_before,
+                total = replaced,
+                "the model returned forecast steps that are NaN, infinite or beyond the \
+                 largest value accepted; published and scored with NaN replaced by the \
+                 sample's value and the others by the bound"
+            );
         }
         for (channel, last_seq, refill_from, last_origin) in progressed {
             let c = &self.channels[channel as usize];
@@ -1148,6 +1173,73 @@ mod tests {
             .collect();
         // Each window is two samples: seq 2's starts at seq 1.
         assert_eq!(checkpoints, [("X-1", 0, 2, 1), ("X-2", 1, 2, 11)]);
+    }
+
+    #[test]
+    fn forecasts_a_model_returns_out_of_range_are_published_finite_and_scored_finite() {
+        let mut wide = (*spec()).clone();
+        wide.horizon = 2;
+        // A large train spread: a normalised forecast of 1e10 overflows f32
+        // once denormalised.
+        wide.normalisation.scale = vec![1e30];
+        let detect = DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 5.0,
+            min_event_gap: 1,
+            calibration_samples: 5,
+            min_peaks: 3,
+            risk: 0.01,
+            initial_quantile: 0.8,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(&[channel()], &[Arc::new(wide)], detect).unwrap();
+        let now = Instant::now();
+        let returned = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e10,
+            -3e38,
+            f32::MAX,
+            0.0,
+            f32::from_bits(1),
+        ];
+        let mut forecasts = Vec::new();
+        let mut scores = Vec::new();
+        let mut checkpoints = Vec::new();
+        for (seq, bad) in (0..40u64).zip(returned.iter().cycle()) {
+            engine.admit(&sample(seq, (seq % 3) as f32), now);
+            let Some(batch) = engine.flush_batch() else {
+                continue;
+            };
+            let rows = batch.entries.len();
+            let mut out = Outputs::default();
+            engine.complete(batch, &vec![*bad; rows * 2], &mut out);
+            forecasts.extend(out.forecasts);
+            scores.extend(out.scores);
+            checkpoints.extend(out.checkpoints);
+        }
+        assert!(forecasts.len() > 30 && scores.len() > 30);
+        let bound = crate::telemetry::MAX_ABS_VALUE;
+        for f in &forecasts {
+            assert!(
+                f.horizon.iter().all(|x| x.is_finite() && x.abs() <= bound),
+                "seq {}: {:?}",
+                f.seq,
+                f.horizon
+            );
+            let json = serde_json::to_string(f).unwrap();
+            assert!(!json.contains("null"), "{json}");
+        }
+        for s in &scores {
+            assert!(s.score.is_finite() && s.threshold.is_finite(), "{s:?}");
+        }
+        for c in &checkpoints {
+            let json = serde_json::to_string(&c.detector).unwrap();
+            let back: DetectorState = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, c.detector, "{json}");
+        }
+        assert!(engine.counters().replaced_forecast_steps > 0);
     }
 
     #[test]
