@@ -1,4 +1,4 @@
-//! The streaming pipeline end to end, on real parts: a Kafka-protocol broker,
+//! The streaming pipeline end to end, on real parts: Apache Kafka,
 //! PostgreSQL, the shipped ONNX models and SMAP test data.
 
 mod common;
@@ -20,19 +20,49 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
         service,
         logs: _logs,
     } = Stack::start(3);
+    replay_and_check(&broker, &pg, service);
+}
 
+/// The path for brokers without transactions: records published and
+/// acknowledged, then the offsets committed by the consumer.
+#[test]
+fn the_at_least_once_delivery_publishes_every_output_and_commits() {
+    let broker = Broker::start();
+    let pg = Postgres::start();
+    let logs = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_variant(logs.path(), "at-least-once.toml", |t| {
+        set(t, "kafka", "delivery", "at-least-once")
+    });
+    satwatch(
+        &[
+            "topics",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--partitions",
+            "3",
+        ],
+        &broker,
+    );
+    let service = Satwatch::start_with(&broker, &pg.url(), &pipeline, logs.path(), &[]);
+    replay_and_check(&broker, &pg, service);
+}
+
+/// Replays CHANNELS with one malformed record in the middle, then checks
+/// every output: scores, forecasts (table and topic), events, the dead
+/// letter, and the committed offsets.
+fn replay_and_check(broker: &Broker, pg: &Postgres, service: Satwatch) {
     // First half of each channel, one malformed record, then the second half:
     // the records around the bad one must be scored as if it were not there.
     let channels = CHANNELS.join(",");
-    replay(&broker, &channels, 0, ROWS / 2);
+    replay(broker, &channels, 0, ROWS / 2);
     let malformed = br#"{"channel": "A-1", "seq": 1500, "values": [0.5,"#;
-    produce(&broker, "telemetry.acs", b"A-1", malformed);
-    replay(&broker, &channels, ROWS / 2, ROWS / 2);
+    produce(broker, "telemetry.acs", b"A-1", malformed);
+    replay(broker, &channels, ROWS / 2, ROWS / 2);
 
     let expected_per_channel = ROWS - window();
     let expected = expected_per_channel * CHANNELS.len() as i64;
     wait_for_scores(
-        &pg,
+        pg,
         expected,
         "every sample past warm-up to be scored",
         Duration::from_secs(120),
@@ -68,7 +98,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
         forecast_rows,
         (expected_per_channel + 1) * CHANNELS.len() as i64
     );
-    let records = read_topic(&broker, "forecasts");
+    let records = read_topic(broker, "forecasts");
     assert_eq!(
         records.len() as i64,
         forecast_rows,
@@ -104,7 +134,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
     // Events: the topic's open/closed records and the table agree, and each
     // event starts at an anomalous score.
     let mut published_events: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for r in read_topic(&broker, "anomalies") {
+    for r in read_topic(broker, "anomalies") {
         let v: Value = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
         published_events
             .entry(v["event_id"].as_str().unwrap().to_owned())
@@ -148,7 +178,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
     }
 
     // The malformed record reached the dead-letter topic unchanged, with its reason.
-    let dead = read_topic(&broker, "telemetry.dlq");
+    let dead = read_topic(broker, "telemetry.dlq");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload.as_deref(), Some(&malformed[..]));
     assert_eq!(dead[0].key.as_deref(), Some(&b"A-1"[..]));
@@ -165,7 +195,7 @@ fn replayed_samples_are_scored_once_with_forecasts_events_dead_letters_and_commi
 
     // The group's committed offsets cover everything that was consumed.
     let topics = ["telemetry.acs", "telemetry.ps", "telemetry.tcs"];
-    for (topic, partition, committed, end) in committed_vs_end(&broker, "satwatch", &topics) {
+    for (topic, partition, committed, end) in committed_vs_end(broker, "satwatch", &topics) {
         if end > 0 {
             assert_eq!(
                 committed, end,

@@ -183,6 +183,10 @@ impl Node {
 }
 
 /// A Kafka cluster of one or three KRaft nodes in a temporary directory.
+///
+/// Set as scripts/services.sh sets it, but for `group.min.session.timeout.ms`
+/// (1 s, Kafka's default is 6 s): the failover tests give consumers a short
+/// session so a killed member's partitions move on in seconds.
 pub struct Broker {
     nodes: Vec<Node>,
     _dir: tempfile::TempDir,
@@ -249,6 +253,7 @@ impl Broker {
                  share.coordinator.state.topic.replication.factor={replication}\n\
                  share.coordinator.state.topic.min.isr={min_isr}\n\
                  group.initial.rebalance.delay.ms=0\n\
+                 group.min.session.timeout.ms=1000\n\
                  auto.create.topics.enable=false\n",
                 id = node.id,
                 port = node.port,

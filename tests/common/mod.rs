@@ -353,17 +353,28 @@ impl Satwatch {
         }
         let child = command.spawn().expect("satwatch starts");
         let mut satwatch = Self { child, http, log };
-        wait_for("satwatch to be ready", Duration::from_secs(60), || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
             if let Ok(Some(status)) = satwatch.child.try_wait() {
                 panic!(
                     "satwatch exited early with {status}: {}",
                     satwatch.log_text()
                 );
             }
-            satwatch
-                .get("/v2/health/ready")
-                .filter(|(status, _)| *status == 200)
-        });
+            let ready = satwatch.get("/v2/health/ready");
+            if ready.as_ref().is_some_and(|(status, _)| *status == 200) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let log = satwatch.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "satwatch not ready after 60 s: {ready:?}; the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         satwatch
     }
 
