@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, in one command (README "GPU"):
+# The checks that need an NVIDIA GPU, in one command (docs/backends.md):
 #   1. the parity tests (tests/gpu.rs): the CUDA backend against the native one
 #      on all 27 shipped models (FP32), and ONNX Runtime's TensorRT/CUDA
 #      providers where they register (they print SKIPPED, with the reason,
