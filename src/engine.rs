@@ -251,9 +251,8 @@ struct ChannelState {
     last_origin: Option<Origin>,
     last_seq: Option<u64>,
     detector: ChannelDetector,
-    /// After a restore from a checkpoint: samples up to this seq only refill
-    /// the window.
-    refill_to: Option<u64>,
+    /// Which samples only refill the window after a restore.
+    resume: Resume,
     /// Restores so far; entries queued before the latest are stale.
     epoch: u32,
     /// Windows of this epoch queued and not yet cut: while there are none,
@@ -286,8 +285,27 @@ impl ChannelState {
             .map(|c| c.detector.clone())
             .unwrap_or_default();
         self.detector = ChannelDetector::restore(settings, spec.calibration, state);
-        self.refill_to = checkpoint.map(|c| c.last_seq);
+        self.resume = match checkpoint {
+            Some(c) => Resume::RefillTo(c.last_seq),
+            None => Resume::RefillBelowCommitted,
+        };
     }
+}
+
+/// Where a channel's scoring resumes after a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// From its checkpoint: samples up to this seq only refill the window,
+    /// every later one is scored (also below the committed offset, whose
+    /// outputs were published before: the detector state must step through
+    /// them to stay the same as if nothing had happened).
+    RefillTo(u64),
+    /// Past its checkpoint: every sample is scored.
+    Scoring,
+    /// With no checkpoint, its state below the committed offset is unknown:
+    /// those samples only refill the window (and their rows were written
+    /// before); scoring starts at the committed offset.
+    RefillBelowCommitted,
 }
 
 struct ModelState {
@@ -374,7 +392,7 @@ impl Engine {
                 last_origin: None,
                 last_seq: None,
                 detector: ChannelDetector::new(detect, spec.calibration),
-                refill_to: None,
+                resume: Resume::RefillBelowCommitted,
                 epoch: 0,
                 queued: 0,
                 run: 0,
@@ -504,13 +522,14 @@ impl Engine {
             channel.partition = Some(origin.partition);
         }
         channel.last_origin = sample.origin;
-        let refill = match channel.refill_to {
-            Some(to) if sample.seq <= to => true,
-            Some(_) => {
-                channel.refill_to = None;
+        let refill = match channel.resume {
+            Resume::RefillTo(to) if sample.seq <= to => true,
+            Resume::RefillTo(_) => {
+                channel.resume = Resume::Scoring;
                 false
             }
-            None => sample.origin.is_some_and(|o| {
+            Resume::Scoring => false,
+            Resume::RefillBelowCommitted => sample.origin.is_some_and(|o| {
                 self.replay_below
                     .get(o.partition as usize)
                     .copied()
@@ -1104,6 +1123,38 @@ mod tests {
             engine.channels[0].window.rows(4..=4),
             &[4.0],
             "the next window's row is kept"
+        );
+    }
+
+    #[test]
+    fn after_its_checkpoint_a_channel_scores_every_sample_also_below_the_committed_offset() {
+        let mut engine = engine();
+        let now = Instant::now();
+        let checkpoint = Checkpoint {
+            channel: "X-1".into(),
+            partition: 0,
+            last_seq: 3,
+            refill_from: 2,
+            detector: DetectorState::default(),
+            last_origin: None,
+        };
+        engine.restore(Restore {
+            partition: 0,
+            committed: Some(8),
+            checkpoints: vec![checkpoint],
+        });
+        let admitted: Vec<Admission> = (2..10)
+            .map(|seq| engine.admit(&sample(seq, 1.0), now))
+            .collect();
+        assert_eq!(
+            admitted[..2],
+            [Admission::Refill, Admission::Refill],
+            "up to the checkpoint's seq: refill"
+        );
+        assert!(
+            admitted[2..].iter().all(|a| *a == Admission::Queued),
+            "from the checkpoint on, every sample is scored (the detector steps through them \
+             as it did before the restart; publishing is the sink's concern): {admitted:?}"
         );
     }
 

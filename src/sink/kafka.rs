@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::{
     config::ClientConfig,
-    consumer::{CommitMode, Consumer, ConsumerContext},
+    consumer::{CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata},
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
@@ -128,7 +128,9 @@ impl Publisher {
     }
 
     /// Publishes `records` and commits `offsets` (the next offsets to read)
-    /// for the consumer group `group`: both or neither under
+    /// for the consumer group as `group` describes it (its generation when
+    /// the records were released: a transaction from a generation that has
+    /// ended is fenced): both or neither under
     /// [`Delivery::ExactlyOnce`]; records first, acknowledged by the broker,
     /// then the offsets, otherwise. Blocks: call it off the async runtime's
     /// threads.
@@ -136,10 +138,11 @@ impl Publisher {
         &self,
         records: &[OutputRecord],
         offsets: &TopicPartitionList,
+        group: Option<&ConsumerGroupMetadata>,
         consumer: &impl Consumer<X>,
     ) -> Result<(), PublishError> {
         match self.delivery {
-            Delivery::ExactlyOnce => self.commit_transaction(records, offsets, consumer),
+            Delivery::ExactlyOnce => self.commit_transaction(records, offsets, group),
             Delivery::AtLeastOnce => {
                 self.send_and_wait(records).map_err(PublishError::Retry)?;
                 if offsets.count() > 0 {
@@ -152,11 +155,11 @@ impl Publisher {
         }
     }
 
-    fn commit_transaction<X: ConsumerContext>(
+    fn commit_transaction(
         &self,
         records: &[OutputRecord],
         offsets: &TopicPartitionList,
-        consumer: &impl Consumer<X>,
+        group: Option<&ConsumerGroupMetadata>,
     ) -> Result<(), PublishError> {
         let attempt = || -> Result<(), KafkaError> {
             self.producer.begin_transaction()?;
@@ -164,9 +167,9 @@ impl Publisher {
                 self.enqueue(record)?;
             }
             if offsets.count() > 0 {
-                let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+                let group = group.ok_or(KafkaError::Canceled)?;
                 self.producer
-                    .send_offsets_to_transaction(offsets, &group, self.timeout)?;
+                    .send_offsets_to_transaction(offsets, group, self.timeout)?;
             }
             self.producer.commit_transaction(self.timeout)
         };

@@ -12,7 +12,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{
+    consumer::{Consumer, ConsumerGroupMetadata},
+    Offset, TopicPartitionList,
+};
 use tokio::{
     sync::mpsc,
     time::{sleep, sleep_until, Instant},
@@ -234,7 +237,7 @@ impl CommitStage {
     async fn commit(&mut self) -> Result<(), PublishError> {
         let mut delay = FIRST_RETRY_DELAY;
         loop {
-            let (records, checkpoints, commits) = self.release();
+            let (records, checkpoints, commits, group) = self.release();
             if commits.is_empty() {
                 return Ok(());
             }
@@ -248,7 +251,7 @@ impl CommitStage {
             let consumer = self.consumer.clone();
             let payloads: Vec<OutputRecord> = records.iter().map(|(_, r)| r.clone()).collect();
             let result = tokio::task::spawn_blocking(move || {
-                publisher.commit(&payloads, &offsets, consumer.as_ref())
+                publisher.commit(&payloads, &offsets, group.as_ref(), consumer.as_ref())
             })
             .await
             .expect("the commit call does not panic");
@@ -302,10 +305,21 @@ impl CommitStage {
 
     /// Under the tracker's lock: drops what is no longer ours to publish,
     /// takes the partitions' new commit positions, and the records and
-    /// checkpoints below them.
+    /// checkpoints below them; and the group's metadata as of then. The
+    /// rebalance callbacks take the same lock, so the generation the
+    /// transaction will be fenced by is the one the records were checked
+    /// against.
     #[allow(clippy::type_complexity)]
-    fn release(&mut self) -> (Vec<(Origin, OutputRecord)>, Vec<Checkpoint>, Vec<Commit>) {
+    fn release(
+        &mut self,
+    ) -> (
+        Vec<(Origin, OutputRecord)>,
+        Vec<Checkpoint>,
+        Vec<Commit>,
+        Option<ConsumerGroupMetadata>,
+    ) {
         let mut tracker = self.tracker.lock().expect("tracker updates never panic");
+        let group = self.consumer.group_metadata();
         self.held
             .retain(|(origin, _)| tracker.is_ours_to_publish(*origin));
         self.held_checkpoints.retain(|_, c| {
@@ -340,7 +354,7 @@ impl CommitStage {
                 true
             }
         });
-        (records, checkpoints, commits)
+        (records, checkpoints, commits, group)
     }
 }
 

@@ -386,6 +386,8 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
         metrics,
     } = parts;
     let lock = || tracker.lock().expect("tracker updates never panic");
+    let (letters, queued) = mpsc::channel(MAX_DEAD_LETTERS_QUEUED);
+    let dead_lettering = tokio::spawn(dead_letter_loop(queued, dead_letters, tracker.clone()));
     loop {
         tokio::select! {
             biased;
@@ -449,21 +451,83 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                         let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
                         metrics.dead_letters.with_label_values(&[rejection.reason.code()]).inc();
                         tracing::debug!(reason = rejection.reason.code(), %source, "record dead-lettered");
-                        let mut delay = Duration::from_millis(100);
-                        while let Err(err) =
-                            dead_letters.dead_letter(message.key(), message.payload(), &rejection, &source).await
-                        {
-                            tracing::warn!(error = %err, "dead-lettering failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
+                        let letter = DeadLetter {
+                            key: message.key().map(<[u8]>::to_vec),
+                            payload: message.payload().map(<[u8]>::to_vec),
+                            rejection,
+                            source,
+                            origin,
+                        };
+                        // Waits only when MAX_DEAD_LETTERS_QUEUED are queued.
+                        if letters.send(letter).await.is_err() {
+                            break;
                         }
-                        lock().done(origin);
                     }
                 }
             }
         }
     }
+    // The queued dead letters go out first, so the final commit covers them.
+    drop(letters);
+    if let Err(err) = dead_lettering.await {
+        tracing::error!(error = %err, "the dead-letter task failed");
+    }
     // Stop feeding the processor; it drains into the sink, which commits
     // the last offsets with the last records.
     drop(samples);
+}
+
+/// Dead letters queued by the consume loop, beyond which it waits: a flood
+/// of bad records is bounded in memory, and good records never wait on the
+/// broker's acknowledgement of a bad one.
+const MAX_DEAD_LETTERS_QUEUED: usize = 10_000;
+/// Dead letters handed to the producer and not yet acknowledged.
+const MAX_DEAD_LETTERS_IN_FLIGHT: usize = 1_000;
+
+/// A bad record on its way to the dead-letter topic.
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    rejection: crate::telemetry::Rejection,
+    /// topic/partition/offset, for the `satwatch-source` header.
+    source: String,
+    origin: Origin,
+}
+
+/// Publishes dead letters in the order they were queued, many in flight at
+/// once, each retried until the broker has it; then marks its record done.
+async fn dead_letter_loop(
+    mut queued: mpsc::Receiver<DeadLetter>,
+    dead_letters: DeadLetters,
+    tracker: Arc<Mutex<OffsetTracker>>,
+) {
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut in_flight = FuturesOrdered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            letter = queued.recv(), if open && in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT => match letter {
+                Some(letter) => {
+                    let dead_letters = dead_letters.clone();
+                    in_flight.push_back(async move {
+                        let DeadLetter { key, payload, rejection, source, origin } = letter;
+                        let mut delay = Duration::from_millis(100);
+                        while let Err(err) = dead_letters
+                            .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
+                            .await
+                        {
+                            tracing::warn!(error = %err, %source, "dead-lettering failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                        origin
+                    });
+                }
+                None => open = false,
+            },
+            Some(origin) = in_flight.next(), if !in_flight.is_empty() => {
+                tracker.lock().expect("tracker updates never panic").done(origin);
+            }
+        }
+    }
 }
