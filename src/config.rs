@@ -407,10 +407,16 @@ impl Pipeline {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // The parser quotes a value it refuses (`invalid type: integer
+        // `123456``), which may belong to a secret setting.
+        let secrets = crate::secrets::secrets_in_toml(text);
         let refuse = |line: Option<usize>, reason: String| ConfigError {
             path: path.to_owned(),
             line,
-            reason,
+            reason: crate::secrets::mask(
+                &reason,
+                secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ),
         };
         let mut file: PipelineFile = toml::from_str(text).map_err(|err| {
             let line = err
@@ -573,6 +579,41 @@ E = "eps"
         let err = Pipeline::parse(&bad, Path::new("x.toml")).unwrap_err();
         assert_eq!(err.line, Some(7));
         assert!(err.reason.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn secret_values_never_appear_in_config_errors() {
+        let with_client = |client: &str| {
+            GOOD.replace(
+                "brokers = \"127.0.0.1:9092\"",
+                &format!("brokers = \"127.0.0.1:9092\"\n[kafka.client]\n{client}"),
+            )
+        };
+        let cases = [
+            // A numeric password where librdkafka wants a string.
+            (with_client("\"ssl.key.password\" = 20261202"), "20261202"),
+            (with_client("\"sasl.pasword\" = 4242.5"), "4242.5"),
+            (
+                with_client("\"sasl.password\" = \"hunter2\"\nbogus = 1"),
+                "hunter2",
+            ),
+            (
+                GOOD.replace(
+                    "path = \"../model_repository\"",
+                    "path = \"../model_repository\"\ncontrol_token = 98765432",
+                ),
+                "98765432",
+            ),
+            (
+                GOOD.replace("[kafka]", "[kafka]\nsasl_pasword = \"hunter2\""),
+                "hunter2",
+            ),
+            (with_client("\"sasl.password\" = \"hunter2"), "hunter2"),
+        ];
+        for (text, secret) in cases {
+            let err = Pipeline::parse(&text, Path::new("x.toml")).unwrap_err();
+            assert!(!err.to_string().contains(secret), "{secret}: {err}");
+        }
     }
 
     #[test]

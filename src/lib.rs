@@ -20,7 +20,8 @@
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
 //! the service together; [`replay`], [`eval`], [`bench`] and [`topics`] are the tools
 //! around it;
-//! [`http`], [`metrics`] and [`health`] are what operators look at.
+//! [`http`], [`metrics`] and [`health`] are what operators look at;
+//! [`secrets`] masks secret settings in the messages that could quote them.
 
 pub mod backend;
 pub mod batch;
@@ -42,6 +43,7 @@ pub mod repository;
 pub mod round_trip;
 #[cfg(feature = "kafka")]
 pub mod run;
+pub mod secrets;
 #[cfg(feature = "kafka")]
 pub mod sink;
 #[cfg(feature = "kafka")]
