@@ -57,7 +57,12 @@ pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer,
         // sample overtaken by a later seq would be dropped as a duplicate).
         .set("enable.idempotence", "true")
         .create()
-        .map_err(|e| format!("cannot create Kafka producer: {e}"))
+        .map_err(|e| {
+            format!(
+                "cannot create Kafka producer: {}",
+                crate::secrets::mask_client_error(&e, &settings.client)
+            )
+        })
 }
 
 pub async fn replay(

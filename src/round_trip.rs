@@ -127,7 +127,12 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
     let run = unix_ns();
     let consumer: StreamConsumer = consumer_config(settings, &format!("satwatch-round-trip-{run}"))
         .create()
-        .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot create Kafka consumer: {}",
+                crate::secrets::mask_client_error(&e, &settings.client)
+            )
+        })?;
     let names: Vec<&str> = probe_topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)

@@ -37,6 +37,19 @@ fn fail(context: &str) -> impl Fn(&dyn std::fmt::Display) -> RunError + '_ {
     move |err| RunError(format!("{context}: {err}"))
 }
 
+/// A Kafka client's error with the values of secret-looking settings masked
+/// (librdkafka quotes a misspelt property's value).
+fn kafka_fail(
+    context: &str,
+    err: &dyn std::fmt::Display,
+    kafka: &crate::config::KafkaSettings,
+) -> RunError {
+    RunError(format!(
+        "{context}: {}",
+        crate::secrets::mask_client_error(err, &kafka.client)
+    ))
+}
+
 /// Samples buffered between the source and the processor.
 const SAMPLE_CHANNEL_CAPACITY: usize = 4096;
 /// Output batches buffered between the processor and the sink.
@@ -88,9 +101,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let kafka = &pipeline.file.kafka;
     let transactional_id = transactional_id(&pipeline);
     let publisher = Publisher::new(kafka, &transactional_id)
-        .map_err(|e| fail("cannot create the Kafka producer")(&e))?;
-    let dead_letters =
-        DeadLetters::new(kafka).map_err(|e| fail("cannot create the dead-letter producer")(&e))?;
+        .map_err(|e| kafka_fail("cannot create the Kafka producer", &e, kafka))?;
+    let dead_letters = DeadLetters::new(kafka)
+        .map_err(|e| kafka_fail("cannot create the dead-letter producer", &e, kafka))?;
 
     let pg =
         postgres::PgConnector::new(&pipeline.file.postgres).map_err(|e| RunError(e.to_string()))?;
@@ -127,7 +140,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 
     let topics = pipeline.telemetry_topics();
     let subscription = source::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())
-        .map_err(|e| fail("cannot create Kafka consumer")(&e))?;
+        .map_err(|e| kafka_fail("cannot create the Kafka consumer", &e, kafka))?;
     let tracker = subscription.tracker.clone();
     let consumer = subscription.consumer.clone();
 

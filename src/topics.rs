@@ -17,9 +17,13 @@ pub async fn create_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(Vec<String>, Vec<String>), String> {
-    let admin: AdminClient<DefaultClientContext> = client_config(settings)
-        .create()
-        .map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(settings).create().map_err(|e| {
+            format!(
+                "cannot create Kafka admin client: {}",
+                crate::secrets::mask_client_error(&e, &settings.client)
+            )
+        })?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))

@@ -174,12 +174,26 @@ impl Setup {
     /// compares.
     fn finish(self, services: Vec<Satwatch>) -> Compared {
         let expected = 3 * (ROWS - window());
-        wait_for_scores(
-            &self.pg,
-            expected,
-            "the faulted run to score everything",
-            Duration::from_secs(180),
-        );
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while scored(&self.pg) != expected {
+            if Instant::now() > deadline {
+                for service in &services {
+                    let log = service.log_text();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!(
+                        "{}: ready = {:?}; the end of its log:\n{}",
+                        service.http,
+                        service.get("/v2/health/ready"),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                panic!(
+                    "timed out after 180 s waiting for the faulted run to score everything: {} of {expected}",
+                    scored(&self.pg)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         wait_for(
             "the reference run to score everything",
             Duration::from_secs(180),

@@ -62,7 +62,6 @@ fn a_secret_the_pipeline_file_refuses_is_not_printed() {
 }
 
 #[test]
-#[ignore = "passes once src/run.rs prints Kafka client errors through secrets::mask_client_error"]
 fn a_misspelt_or_invalid_secret_kafka_property_is_not_printed() {
     let dir = tempfile::tempdir().unwrap();
     for (client, secret, named) in [
