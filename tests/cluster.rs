@@ -173,6 +173,16 @@ impl Setup {
     /// Waits until both runs have scored everything, stops them, and
     /// compares.
     fn finish(self, services: Vec<Satwatch>) -> Compared {
+        for service in &services {
+            let renewals = service
+                .log_text()
+                .matches("transactional producer was fenced")
+                .count();
+            eprintln!(
+                "{}: renewed its fenced producer {renewals} time(s)",
+                service.http
+            );
+        }
         let expected = 3 * (ROWS - window());
         let deadline = Instant::now() + Duration::from_secs(180);
         while scored(&self.pg) != expected {

@@ -71,6 +71,8 @@ pub enum PublishError {
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
+    /// Kept to make a new producer after a fatal error.
+    config: ClientConfig,
     delivery: Delivery,
     anomalies_topic: String,
     forecasts_topic: String,
@@ -105,6 +107,7 @@ impl Publisher {
         let timeout = settings.transaction_timeout().max(Duration::from_secs(30));
         Ok(Self {
             producer,
+            config,
             delivery: settings.delivery,
             anomalies_topic: settings.anomalies_topic.clone(),
             forecasts_topic: settings.forecasts_topic.clone(),
@@ -120,6 +123,19 @@ impl Publisher {
         if self.delivery == Delivery::ExactlyOnce {
             self.producer.init_transactions(self.timeout)?;
         }
+        Ok(())
+    }
+
+    /// A new producer with the same settings and `transactional.id`, in
+    /// place of one that cannot go on (fenced: its transaction timed out
+    /// while a broker failed over). Registering it bumps the id's epoch,
+    /// which aborts what the old one left open. Blocks.
+    pub fn renew(&mut self) -> Result<(), KafkaError> {
+        let producer: FutureProducer = self.config.create()?;
+        if self.delivery == Delivery::ExactlyOnce {
+            producer.init_transactions(self.timeout)?;
+        }
+        self.producer = producer;
         Ok(())
     }
 

@@ -294,13 +294,69 @@ impl CommitStage {
                     sleep(delay).await;
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
-                Err(fatal) => {
+                Err(PublishError::Fatal(err)) => {
                     self.metrics.kafka_publish_failures.inc();
-                    self.health.set_kafka_publish(Some(fatal.to_string()));
-                    return Err(fatal);
+                    self.health.set_kafka_publish(Some(err.to_string()));
+                    tracing::warn!(error = %err, "the transactional producer was fenced; resuming from the committed offsets with a new one");
+                    self.resume_from_committed(&commits).await;
+                    drop((records, checkpoints));
                 }
             }
         }
+    }
+
+    /// After a fatal producer error (a transaction that timed out while a
+    /// broker failed over is fenced by the coordinator): a new producer
+    /// under the same `transactional.id`, and the partitions assigned
+    /// afresh by leaving and rejoining the group, so that they start again
+    /// from the committed offsets and checkpoints, and everything held here
+    /// belongs to an assignment that has ended. Nothing that was not
+    /// committed is lost: it is processed again.
+    async fn resume_from_committed(&mut self, commits: &[Commit]) {
+        {
+            let mut tracker = self.tracker.lock().expect("tracker updates never panic");
+            tracker.rewind(commits);
+            // At once, before the group hears of it: nothing consumed so far
+            // may be published or committed by the new producer.
+            tracker.revoke_all();
+        }
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            let mut publisher = self.publisher.clone();
+            let renewed =
+                tokio::task::spawn_blocking(move || publisher.renew().map(|()| publisher))
+                    .await
+                    .expect("renewing the producer does not panic");
+            match renewed {
+                Ok(publisher) => {
+                    self.publisher = publisher;
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot make a new transactional producer yet");
+                    sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+            }
+        }
+        let rejoined = self.consumer.subscription().and_then(|topics| {
+            let names: Vec<String> = topics
+                .elements()
+                .iter()
+                .map(|e| e.topic().to_owned())
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            self.consumer.unsubscribe();
+            self.consumer.subscribe(&names)
+        });
+        match rejoined {
+            Ok(()) => tracing::info!(
+                "rejoined the consumer group: partitions resume from the committed offsets"
+            ),
+            Err(err) => tracing::error!(error = %err, "cannot rejoin the consumer group"),
+        }
+        self.held.clear();
+        self.held_checkpoints.clear();
     }
 
     /// Under the tracker's lock: drops what is no longer ours to publish,

@@ -206,13 +206,24 @@ impl OffsetTracker {
             .iter_mut()
             .find(|p| p.partition == partition && p.topic == topic)
         {
-            p.generation = p.generation.wrapping_add(1);
-            p.owned = false;
-            p.assigned_at = None;
-            p.in_flight.clear();
-            p.consumed_to = None;
-            p.committed = None;
+            Self::end_assignment(p);
         }
+    }
+
+    /// Every partition's assignment ends at once (the sink gives them up to
+    /// start again from the committed offsets): nothing in flight is
+    /// published or committed from here.
+    pub fn revoke_all(&mut self) {
+        self.partitions.iter_mut().for_each(Self::end_assignment);
+    }
+
+    fn end_assignment(p: &mut PartitionOffsets) {
+        p.generation = p.generation.wrapping_add(1);
+        p.owned = false;
+        p.assigned_at = None;
+        p.in_flight.clear();
+        p.consumed_to = None;
+        p.committed = None;
     }
 }
 
