@@ -920,7 +920,8 @@ def latency_section(lats, settings):
             "broker and the consumer fetch; commit …: exact, to the PostgreSQL commit; batcher wait: mean time the oldest window "
             "of a batch waited for dispatch; PG write: mean write transaction; scored during the replay: the share of score rows "
             "committed before the replay exited, near 100 % when records flow as they are offered; broker alone: "
-            "`satwatch bench --round-trip` on services of its own just before, publish to consume with no pipeline in between: "
+            "`satwatch bench --round-trip` on the same services just before satwatch starts (which also warms the broker's JIT), "
+            "publish to consume with no pipeline in between: "
             "records at the same rate, keyed and spread over the same partitions as the replay's, consumed with the consumer "
             "settings `satwatch run` uses; broker cores: the broker's CPU seconds over that run per wall second.)", ""]
     if held_back:
@@ -1563,21 +1564,24 @@ if [[ $SKIP_E2E != 1 ]]; then
     for rate in "${rate_list[@]}"; do
         section="3. latency at $rate samples/s"
         log "== $section"
-        # The broker alone first, on services of its own: records published at
-        # the same rate, keyed and spread like the replay, consumed with
-        # satwatch's consumer settings, no pipeline in between.
-        fresh_services
         want=$((rate * LAT_SECONDS < LAT_SAMPLES ? rate * LAT_SECONDS : LAT_SAMPLES))
         rt_seconds=$(py div "$want" "$rate")
-        broker_round_trip "round-trip-$rate"
         if [[ $rate == 1000 ]]; then
-            # Again with one partition per topic (7 to poll instead of 21): how
-            # much of the round trip is per partition polled, for a single consumer.
+            # The broker alone with one partition per topic (7 to poll instead
+            # of 21): how much of the round trip is per partition polled.
             SATWATCH_PARTITIONS=1 fresh_services
-            note "at 1,000/s, again on fresh services with one partition per topic (SATWATCH_PARTITIONS=1 ./init-kafka.sh):"
+            note "at 1,000/s, on fresh services with one partition per topic (SATWATCH_PARTITIONS=1 ./init-kafka.sh):"
             broker_round_trip "round-trip-$rate-one-partition"
         fi
+        # The broker alone, on the services satwatch is then measured on:
+        # records published at the same rate, keyed and spread like the
+        # replay, consumed with satwatch's consumer settings, no pipeline in
+        # between. It also warms the broker: a fresh JVM spends its first
+        # tens of seconds compiling its hot paths (the C2 compiler thread
+        # took a quarter of a core in the end-to-end run), which a broker in
+        # service has long done.
         fresh_services 1
+        broker_round_trip "round-trip-$rate"
         start_satwatch "lat-$rate"
         # Warm-up: the rows that only fill the windows, at full speed, consumed
         # before the measured part starts.
