@@ -40,6 +40,9 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Batches committed to PostgreSQL and not yet taken by the commit stage.
 /// Bounds the memory a slow broker holds; past it, writing waits.
 const MAX_BATCHES_IN_FLIGHT: usize = 8;
+/// Score rows the commit stage takes in while a transaction is in flight,
+/// beyond which the writer waits for it.
+const MAX_ROWS_ARRIVING: usize = 200_000;
 
 /// What the sink needs besides the engine's outputs.
 pub struct SinkParts {
@@ -140,22 +143,52 @@ async fn commit_loop(
 ) -> Result<(), SinkError> {
     let mut tick = tokio::time::interval(commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            batch = committed.recv() => match batch {
-                Some(mut batch) => {
-                    while let Ok(mut more) = committed.try_recv() {
-                        batch.append(&mut more);
-                    }
-                    stage.hold(batch);
-                }
-                None => break,
-            },
-            _ = tick.tick() => {}
+    let mut open = true;
+    // Batches taken in while a transaction is in flight: the writer keeps
+    // committing rows to PostgreSQL meanwhile instead of waiting on the
+    // broker (a transaction takes tens to hundreds of milliseconds here).
+    let mut arrived: Option<Outputs> = None;
+    while open {
+        if arrived.is_none() {
+            tokio::select! {
+                batch = committed.recv() => match batch {
+                    Some(batch) => arrived = Some(batch),
+                    None => open = false,
+                },
+                _ = tick.tick() => {}
+            }
         }
-        stage.commit().await?;
+        if let Some(mut batch) = arrived.take() {
+            while let Ok(mut more) = committed.try_recv() {
+                batch.append(&mut more);
+            }
+            stage.hold(batch);
+        }
+        let commit = stage.commit();
+        tokio::pin!(commit);
+        loop {
+            let room = arrived
+                .as_ref()
+                .is_none_or(|b| b.scores.len() < MAX_ROWS_ARRIVING);
+            tokio::select! {
+                result = &mut commit => {
+                    result?;
+                    break;
+                }
+                batch = committed.recv(), if open && room => match batch {
+                    Some(mut batch) => match &mut arrived {
+                        Some(all) => all.append(&mut batch),
+                        None => arrived = Some(batch),
+                    },
+                    None => open = false,
+                },
+            }
+        }
     }
     // The last batches: everything done by now is committed.
+    if let Some(batch) = arrived.take() {
+        stage.hold(batch);
+    }
     stage.commit().await?;
     Ok(())
 }
