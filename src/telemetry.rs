@@ -54,13 +54,14 @@ pub enum Reason {
     InvalidTimestamp,
     UnknownChannel,
     WrongTopic,
+    WrongKey,
     WrongArity,
     NonFinite,
     OutOfRange,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::EmptyRecord,
         Reason::TooLarge,
         Reason::InvalidUtf8,
@@ -71,6 +72,7 @@ impl Reason {
         Reason::InvalidTimestamp,
         Reason::UnknownChannel,
         Reason::WrongTopic,
+        Reason::WrongKey,
         Reason::WrongArity,
         Reason::NonFinite,
         Reason::OutOfRange,
@@ -89,6 +91,7 @@ impl Reason {
             Reason::InvalidTimestamp => "invalid_timestamp",
             Reason::UnknownChannel => "unknown_channel",
             Reason::WrongTopic => "wrong_topic",
+            Reason::WrongKey => "wrong_key",
             Reason::WrongArity => "wrong_arity",
             Reason::NonFinite => "non_finite",
             Reason::OutOfRange => "out_of_range",
@@ -183,15 +186,47 @@ pub struct ChannelShape {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     channels: HashMap<String, ChannelShape>,
+    /// Channel ids by [`Sample::channel`] index, for the key check.
+    ids: Vec<String>,
     max_record_bytes: usize,
 }
 
 impl Decoder {
     pub fn new(channels: HashMap<String, ChannelShape>, max_record_bytes: usize) -> Self {
+        let len = channels.values().map(|s| s.index as usize + 1).max();
+        let mut ids = vec![String::new(); len.unwrap_or(0)];
+        for (id, shape) in &channels {
+            if let Some(slot) = ids.get_mut(shape.index as usize) {
+                *slot = id.clone();
+            }
+        }
         Self {
             channels,
+            ids,
             max_record_bytes,
         }
+    }
+
+    /// A sample's Kafka key must be its channel id: a channel's order rests
+    /// on all its records sharing one partition, and a record keyed
+    /// otherwise (or not at all) may land on another and overtake or trail
+    /// its channel's records.
+    pub fn check_key(&self, sample: &Sample, key: Option<&[u8]>) -> Result<(), Rejection> {
+        let id = self.ids.get(sample.channel as usize).map(String::as_str);
+        if key.is_some() && key == id.map(str::as_bytes) {
+            return Ok(());
+        }
+        let shown = match key {
+            None => "no key".to_owned(),
+            Some(k) => format!("the key \"{}\"", truncate(&String::from_utf8_lossy(k))),
+        };
+        Err(reject(
+            Reason::WrongKey,
+            format!(
+                "a sample of channel \"{}\" must be keyed by its channel id; the record has {shown}",
+                id.unwrap_or_default()
+            ),
+        ))
     }
 
     /// Decodes one record's value. `topic` is where it was read (None skips the
@@ -562,6 +597,18 @@ mod tests {
         }
         assert_eq!(Reason::OutOfRange.code(), "out_of_range");
         assert!(Reason::ALL.contains(&Reason::OutOfRange));
+    }
+
+    #[test]
+    fn a_sample_keyed_by_anything_but_its_channel_is_wrong_key() {
+        let decoder = decoder();
+        let sample = decode(br#"{"channel":"A-1","seq":1,"values":[1,2,3]}"#).unwrap();
+        assert_eq!(decoder.check_key(&sample, Some(b"A-1")), Ok(()));
+        for key in [Some(&b"A-2"[..]), Some(b""), Some(b"a-1"), None] {
+            let err = decoder.check_key(&sample, key).unwrap_err();
+            assert_eq!(err.reason.code(), "wrong_key", "{key:?}");
+            assert!(err.detail.contains("\"A-1\""), "{}", err.detail);
+        }
     }
 
     #[test]

@@ -430,7 +430,10 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                     .to_millis()
                     .and_then(DateTime::from_timestamp_millis)
                     .unwrap_or_else(Utc::now);
-                match decoder.decode(message.payload(), Some(message.topic()), fallback_ts) {
+                let decoded = decoder
+                    .decode(message.payload(), Some(message.topic()), fallback_ts)
+                    .and_then(|s| decoder.check_key(&s, message.key()).map(|()| s));
+                match decoded {
                     Ok(mut sample) => {
                         sample.origin = Some(origin);
                         sample.received = Some(received);
