@@ -99,6 +99,7 @@ pub async fn write_loop(
         health: health.clone(),
         held: VecDeque::new(),
         held_checkpoints: HashMap::new(),
+        draining: false,
         settled_ts: Vec::new(),
     };
     let committing = tokio::spawn(commit_loop(committed_rx, stage, settings.commit_interval()));
@@ -189,6 +190,7 @@ async fn commit_loop(
     if let Some(batch) = arrived.take() {
         stage.hold(batch);
     }
+    stage.draining = true;
     stage.commit().await?;
     Ok(())
 }
@@ -212,6 +214,10 @@ struct CommitStage {
     held: VecDeque<(Origin, OutputRecord)>,
     /// Each channel's latest checkpoint waiting for its last record's offset.
     held_checkpoints: HashMap<ustr::Ustr, Checkpoint>,
+    /// Set for the final commit at shutdown, when the source no longer
+    /// polls the consumer: a fenced producer is then not followed by a
+    /// rejoin of the group.
+    draining: bool,
     /// Sample times of the rows settled since the last commit, for the
     /// end-to-end latency.
     settled_ts: Vec<DateTime<Utc>>,
@@ -353,6 +359,16 @@ impl CommitStage {
             // may be published or committed by the new producer.
             tracker.revoke_all();
         }
+        self.held.clear();
+        self.held_checkpoints.clear();
+        if self.draining {
+            // Shutting down, with the source no longer polling: no new
+            // producer and no rejoin. The open transaction is aborted by the
+            // coordinator (or at once by this instance's restart), and the
+            // partitions' next owner processes again what was not committed.
+            tracing::warn!("shutting down with a fenced producer: what was not committed is processed again after the restart");
+            return;
+        }
         let mut delay = FIRST_RETRY_DELAY;
         loop {
             let mut publisher = self.publisher.clone();
@@ -388,8 +404,6 @@ impl CommitStage {
             ),
             Err(err) => tracing::error!(error = %err, "cannot rejoin the consumer group"),
         }
-        self.held.clear();
-        self.held_checkpoints.clear();
     }
 
     /// Under the tracker's lock: drops what is no longer ours to publish,
