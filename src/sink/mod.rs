@@ -227,30 +227,22 @@ impl CommitStage {
     /// Takes a batch whose rows are in PostgreSQL: its records wait for
     /// their offsets, which are now done.
     fn hold(&mut self, batch: Outputs) {
-        for event in batch.events {
-            let payload = serde_json::to_string(&event).expect("events serialise");
-            if let Some(origin) = event.origin {
-                self.held.push_back((
-                    origin,
-                    OutputRecord {
-                        topic: Topic::Anomalies,
-                        key: event.channel,
-                        payload,
-                    },
-                ));
-            }
-        }
-        for forecast in batch.forecasts {
-            let payload = serde_json::to_string(&forecast).expect("forecasts serialise");
-            if let Some(origin) = forecast.origin {
-                self.held.push_back((
-                    origin,
-                    OutputRecord {
-                        topic: Topic::Forecasts,
-                        key: forecast.channel,
-                        payload,
-                    },
-                ));
+        let events = batch.events.iter().map(|e| {
+            let json = serde_json::to_string(e).expect("events serialise");
+            (e.origin, Topic::Anomalies, e.channel, json)
+        });
+        let forecasts = batch.forecasts.iter().map(|f| {
+            let json = serde_json::to_string(f).expect("forecasts serialise");
+            (f.origin, Topic::Forecasts, f.channel, json)
+        });
+        for (origin, topic, key, payload) in events.chain(forecasts) {
+            if let Some(origin) = origin {
+                let record = OutputRecord {
+                    topic,
+                    key,
+                    payload,
+                };
+                self.held.push_back((origin, record));
             }
         }
         for checkpoint in batch.checkpoints {

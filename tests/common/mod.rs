@@ -708,40 +708,43 @@ pub fn events(pg: &Postgres, db: &str) -> Vec<String> {
     .collect()
 }
 
-/// (event_id, state) -> every payload published for it, in topic order.
-pub fn published_events(broker: &Broker, topic: &str) -> BTreeMap<(String, String), Vec<String>> {
-    let mut events: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+/// Every payload published on `topic`, in topic order, by the key `key`
+/// draws from each record's JSON.
+fn published_by<K: Ord>(
+    broker: &Broker,
+    topic: &str,
+    key: impl Fn(&serde_json::Value) -> K,
+) -> BTreeMap<K, Vec<String>> {
+    let mut published: BTreeMap<K, Vec<String>> = BTreeMap::new();
     for record in read_topic(broker, topic) {
-        let payload = record.payload.expect("event records have payloads");
+        let payload = record.payload.expect("output records have payloads");
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-        let key = (
-            v["event_id"].as_str().unwrap().to_owned(),
-            v["state"].as_str().unwrap().to_owned(),
-        );
-        events
-            .entry(key)
+        published
+            .entry(key(&v))
             .or_default()
             .push(String::from_utf8(payload).unwrap());
     }
-    events
+    published
+}
+
+/// (event_id, state) -> every payload published for it, in topic order.
+pub fn published_events(broker: &Broker, topic: &str) -> BTreeMap<(String, String), Vec<String>> {
+    published_by(broker, topic, |v| {
+        (
+            v["event_id"].as_str().unwrap().to_owned(),
+            v["state"].as_str().unwrap().to_owned(),
+        )
+    })
 }
 
 /// (channel, seq) -> every forecast payload published for it.
 pub fn published_forecasts(broker: &Broker, topic: &str) -> BTreeMap<(String, i64), Vec<String>> {
-    let mut forecasts: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
-    for record in read_topic(broker, topic) {
-        let payload = record.payload.expect("forecast records have payloads");
-        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-        let key = (
+    published_by(broker, topic, |v| {
+        (
             v["channel"].as_str().unwrap().to_owned(),
             v["seq"].as_i64().unwrap(),
-        );
-        forecasts
-            .entry(key)
-            .or_default()
-            .push(String::from_utf8(payload).unwrap());
-    }
-    forecasts
+        )
+    })
 }
 
 /// Exactly once: no key of `published` came more than once.
