@@ -28,7 +28,8 @@ const ROWS: i64 = 5400;
 /// About 54 s of replay: long enough for a fault and its recovery.
 const RATE: u32 = 300;
 /// About 108 s: three restarts take 40 to 50 s on a loaded two-core machine
-/// (a controlled shutdown, a JVM start, and a pause to catch up each).
+/// (a controlled shutdown, a JVM start, and a pause to catch up each), and
+/// an instance stopped while a broker is down can take 20 s to drain.
 const ROLLING_RATE: u32 = 150;
 
 /// Three JVMs each: one cluster at a time on a two-core machine.
@@ -338,7 +339,7 @@ fn read_committed_consumers_see_each_output_once_across_a_crash_a_rebalance_and_
         .unwrap_or_else(|e| e.into_inner());
     let mut setup = Setup::start();
     let mut first = setup.start_faulted("faulted-1");
-    let replay = setup.replay(RATE);
+    let replay = setup.replay(ROLLING_RATE);
 
     // kill -9 of satwatch mid-transaction, and a restart with the same
     // transactional.id, which fences and aborts what the dead one left open.
@@ -364,11 +365,11 @@ fn read_committed_consumers_see_each_output_once_across_a_crash_a_rebalance_and_
         scored(&setup.pg)
     );
     at_tenths(&setup.pg, 7);
+    assert!(!replay.is_finished(), "every fault lands mid-replay");
     assert!(second.terminate(Duration::from_secs(60)).success());
     eprintln!("second instance left at {} scores rows", scored(&setup.pg));
     setup.broker.resume_node(leader);
 
-    assert!(!replay.is_finished(), "every fault lands mid-replay");
     replay.join().unwrap();
     let checked = setup.finish(vec![first]);
     eprintln!("checked: {checked:?}");
