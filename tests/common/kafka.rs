@@ -470,6 +470,29 @@ pub fn produce(broker: &Broker, topic: &str, key: &[u8], payload: &[u8]) {
     producer.flush(Duration::from_secs(10)).unwrap();
 }
 
+/// Waits until group `group` has committed every telemetry topic up to its
+/// end. With exactly-once delivery this, not the scores table, says a run is
+/// settled: rows reach PostgreSQL before their transaction, and after a
+/// fenced producer the group processes again from the committed offsets
+/// what it had already written.
+pub fn wait_for_commits(broker: &Broker, group: &str, deadline: Duration) {
+    let topics: Vec<String> = ["eps", "acs", "fsw", "tcs", "data", "ss", "ps"]
+        .iter()
+        .map(|s| format!("telemetry.{s}"))
+        .collect();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    wait_for(
+        &format!("group {group} to commit every telemetry record"),
+        deadline,
+        || {
+            committed_vs_end(broker, group, &topics)
+                .iter()
+                .all(|(_, _, committed, end)| *end == 0 || committed == end)
+                .then_some(())
+        },
+    );
+}
+
 /// (topic, partition, committed offset, high watermark) for every partition
 /// of `topics`.
 pub fn committed_vs_end(
