@@ -12,7 +12,7 @@ use ustr::Ustr;
 use crate::{
     batch::{BatchInputs, Batcher},
     config::ChannelConfig,
-    detect::{ChannelDetector, DetectSettings, DetectorState, EventChange, EventSpan},
+    detect::{Cause, ChannelDetector, DetectSettings, DetectorState, EventChange, EventSpan},
     repository::ModelSpec,
     telemetry::{Origin, Sample},
     window::Window,
@@ -124,6 +124,9 @@ pub struct AnomalyEvent {
     pub end_ts: Option<DateTime<Utc>>,
     pub peak_score: f32,
     pub threshold: f32,
+    /// The score part that opened the event; null only for an event opened
+    /// before causes were recorded.
+    pub cause: Option<Cause>,
     pub model: Ustr,
     pub model_version: u64,
 }
@@ -878,6 +881,7 @@ fn event_record(
         end_ts: span.end.map(|(_, ts)| ts),
         peak_score: span.peak_score,
         threshold: span.threshold,
+        cause: span.cause,
         model,
         model_version: version,
     }

@@ -262,6 +262,34 @@ pub struct Scored {
     pub score: f32,
     pub threshold: f32,
     pub anomalous: bool,
+    /// The part that gave the score (the highest).
+    pub cause: Cause,
+}
+
+/// The score part that opened an event: an operator's first question is
+/// why it fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// The value landed far from its forecast (the forecast surprise).
+    Surprise,
+    /// The value lies far outside the stream's baseline range.
+    Level,
+    /// The value lay a little outside the baseline range for long.
+    Excursion,
+    /// The value has repeated exactly for far longer than it ever did.
+    Stuck,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Surprise => "surprise",
+            Cause::Level => "level",
+            Cause::Excursion => "excursion",
+            Cause::Stuck => "stuck",
+        }
+    }
 }
 
 /// An anomaly event as the detector knows it.
@@ -274,6 +302,11 @@ pub struct EventSpan {
     pub peak_score: f32,
     /// The threshold in force when the event opened.
     pub threshold: f32,
+    /// The part with the highest score at the sample that opened the event;
+    /// None for an event opened before causes were recorded (restored from
+    /// an older checkpoint).
+    #[serde(default)]
+    pub cause: Option<Cause>,
 }
 
 /// What one step changed about events.
@@ -663,15 +696,27 @@ impl ChannelDetector {
         let level = novelty.map(|l| scaled(l / self.settings.level_threshold));
         let excursion = novelty.and_then(|l| self.excursion(l)).map(scaled);
         let stuck = self.stuck_run(value, in_baseline).map(scaled);
-        let score = [level, excursion, stuck]
-            .into_iter()
-            .flatten()
-            .fold(surprise, f32::max);
+        // The first of equal parts wins, so a tie names the forecast.
+        let (score, cause) = [
+            (level, Cause::Level),
+            (excursion, Cause::Excursion),
+            (stuck, Cause::Stuck),
+        ]
+        .into_iter()
+        .filter_map(|(part, cause)| Some((part?, cause)))
+        .fold((surprise, Cause::Surprise), |best, part| {
+            if part.0 > best.0 {
+                part
+            } else {
+                best
+            }
+        });
         let anomalous = score > threshold;
         let scored = Scored {
             score,
             threshold,
             anomalous,
+            cause,
         };
         (Some(scored), self.track_event(seq, ts, scored))
     }
@@ -686,6 +731,7 @@ impl ChannelDetector {
                     end: None,
                     peak_score: scored.score,
                     threshold: scored.threshold,
+                    cause: Some(scored.cause),
                 };
                 self.state.open = Some(OpenEvent {
                     span: span.clone(),

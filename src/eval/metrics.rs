@@ -110,6 +110,34 @@ pub fn point_counts(labels: &[Range], events: &[Event], rows: u64, adjust: bool)
     counts
 }
 
+/// Fc1 (Garg et al., IEEE TNNLS 2021): the harmonic mean of event-wise
+/// recall and point-wise precision, so that an alarm is charged for its
+/// length (point precision) while a range counts once however it is found
+/// (event recall). None where either is undefined.
+pub fn fc1(events: Counts, points: Counts) -> Option<f64> {
+    let recall = events.scores().recall?;
+    let precision = points.scores().precision.unwrap_or(0.0);
+    Some(if precision + recall > 0.0 {
+        2.0 * precision * recall / (precision + recall)
+    } else {
+        0.0
+    })
+}
+
+/// The first labelled range `event` overlaps, if any.
+pub fn matched_range(labels: &[Range], event: Event) -> Option<Range> {
+    labels.iter().copied().find(|l| overlaps(*l, event))
+}
+
+/// The `q` quantile (nearest rank) of sorted `values`.
+pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
 /// For each detected labelled range: samples from its start to its first
 /// alarm (0 when an overlapping event was already open at its start).
 pub fn detection_delays(labels: &[Range], events: &[Event]) -> Vec<u64> {
@@ -128,6 +156,41 @@ pub fn detection_delays(labels: &[Range], events: &[Event]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fc1_charges_a_long_alarm_for_its_length() {
+        // One range of 100 samples; a tight alarm and one 10 times as long
+        // both find it (event recall 1), but only one is precise.
+        let labels = [(100, 200)];
+        let tight = [(100, 199)];
+        let long = [(0, 999)];
+        let score = |events: &[Event]| {
+            fc1(
+                event_counts(&labels, events),
+                point_counts(&labels, events, 1000, false),
+            )
+            .unwrap()
+        };
+        assert!((score(&tight) - 1.0).abs() < 1e-12);
+        // Point precision 0.1, event recall 1: 2 * 0.1 / 1.1.
+        assert!((score(&long) - 0.2 / 1.1).abs() < 1e-12);
+        assert_eq!(score(&[]), 0.0, "nothing found");
+        assert_eq!(
+            fc1(event_counts(&[], &[]), point_counts(&[], &[], 10, false)),
+            None,
+            "no range to find"
+        );
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let delays = [0, 5, 10, 20, 40, 80, 160, 320, 640, 1280];
+        assert_eq!(quantile(&delays, 0.5), Some(40));
+        assert_eq!(quantile(&delays, 0.9), Some(640));
+        assert_eq!(quantile(&delays, 1.0), Some(1280));
+        assert_eq!(quantile(&[7], 0.9), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 
     #[test]
     fn telemanom_overlap_rules() {

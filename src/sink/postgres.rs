@@ -21,6 +21,7 @@ use tokio_postgres::{config::SslMode, types::ToSql, Client, Statement};
 
 use crate::{
     config::PostgresSettings,
+    detect::Cause,
     engine::{Checkpoint, Outputs},
 };
 
@@ -72,6 +73,11 @@ CREATE TABLE IF NOT EXISTS channel_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS channel_checkpoints_partition ON channel_checkpoints (topic, partition);
+"#,
+    // The score part that opened an event (null for events opened before).
+    r#"
+ALTER TABLE anomaly_events ADD COLUMN IF NOT EXISTS cause text
+    CHECK (cause IN ('surprise', 'level', 'excursion', 'stuck'));
 "#,
 ];
 
@@ -394,8 +400,8 @@ SELECT 1";
 /// Opens or moves an event; a closed event is final.
 const UPSERT_EVENT: &str = "
 INSERT INTO anomaly_events (event_id, channel, subsystem, state, start_seq, end_seq, start_ts,
-    end_ts, peak_score, threshold, model, model_version, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+    end_ts, peak_score, threshold, model, model_version, cause, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now())
 ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.end_seq,
     end_ts = excluded.end_ts, peak_score = excluded.peak_score, updated_at = now()
 WHERE anomaly_events.state = 'open'";
@@ -479,6 +485,7 @@ impl PgWriter {
                     &e.threshold,
                     &&*e.model,
                     &version,
+                    &e.cause.map(Cause::as_str),
                 ],
             )
             .await?;
