@@ -406,6 +406,40 @@ impl Pipeline {
         Self::parse(&text, path)
     }
 
+    /// [`Pipeline::load`] with `[detect]` settings replaced, each
+    /// `(key, value)` a TOML value (`satwatch eval --detect KEY=VALUE`, for
+    /// studies that try settings without editing the file).
+    pub fn load_with_detect(
+        path: &Path,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Self::load(path);
+        }
+        let refuse = |reason: String| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            reason,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| refuse(format!("cannot read pipeline file: {err}")))?;
+        let mut file: toml::Table = text
+            .parse()
+            .map_err(|err| refuse(format!("not TOML: {err}")))?;
+        let detect = file
+            .entry("detect")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| refuse("[detect] is not a table".into()))?;
+        for (key, value) in overrides {
+            let parsed: toml::Table = format!("v = {value}").parse().map_err(|err| {
+                refuse(format!("detect.{key} = {value} is not a TOML value: {err}"))
+            })?;
+            detect.insert(key.clone(), parsed["v"].clone());
+        }
+        Self::parse(&file.to_string(), path)
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         // The parser quotes a value it refuses (`invalid type: integer
         // `123456``), which may belong to a secret setting.

@@ -107,6 +107,11 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// Print the figures as one JSON object on stdout instead of a table.
         #[arg(long)]
         json: bool,
+        /// Replace a `[detect]` setting of the pipeline file for this run
+        /// (repeatable), e.g. `--detect burst_threshold=6`: how
+        /// training/folds.py tries settings.
+        #[arg(long = "detect", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        detect: Vec<(String, String)>,
     },
     /// Measure the pipeline in-process: core throughput through window, batcher,
     /// backend and detection; the inference ceiling (the same batches called
@@ -208,6 +213,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `KEY=VALUE` as a pair.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text}: expected KEY=VALUE"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
+}
+
 fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, String> {
     Pipeline::load(path).map_err(|e| e.to_string())
 }
@@ -264,8 +277,10 @@ async fn execute(command: Command) -> Result<(), String> {
             channels,
             report,
             json,
+            detect,
         } => {
-            let mut pipeline = load_pipeline(&pipeline)?;
+            let mut pipeline =
+                Pipeline::load_with_detect(&pipeline, &detect).map_err(|e| e.to_string())?;
             pipeline.select_channels(&channels)?;
             let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
             let backend = backend::select(&specs, &pipeline.file.engine)

@@ -99,6 +99,41 @@ pub struct DetectSettings {
     /// few repeats).
     #[serde(default = "default_min_stuck_run")]
     pub min_stuck_run: u64,
+    /// Whether the forecast surprise (the smoothed error against the train
+    /// split's error spread) is a score part; the dynamic threshold is
+    /// fitted to it either way.
+    #[serde(default = "default_true")]
+    pub forecast_surprise: bool,
+    /// The surprise divides by the model's train error spread, but never by
+    /// less than this (input units): a model calibrated on a flat slice of
+    /// train has a spread near zero, and ordinary steps would score 10 to 20.
+    #[serde(default)]
+    pub min_error_std: f32,
+    /// Error burst: the smoothed error in standard deviations of the
+    /// stream's own errors over about the last `burst_window` samples
+    /// (exponentially weighted), anomalous beyond `burst_threshold` (0
+    /// turns it off). Needs no calibration, so it cannot collapse on a flat
+    /// validation slice, and it finds a pulse inside a quiet channel's range.
+    #[serde(default)]
+    pub burst_window: u64,
+    #[serde(default = "default_burst_threshold")]
+    pub burst_threshold: f32,
+    /// The burst divides by the stream's error spread, but never by less
+    /// than this (input units): a constant stream's spread is zero.
+    #[serde(default = "default_min_burst_std")]
+    pub min_burst_std: f32,
+    /// A baseline range is at least this wide (input units; SMAP's are
+    /// scaled to [-1, 1]), so a channel nearly constant during its baseline
+    /// is not flagged for moving a hair.
+    #[serde(default = "default_min_baseline_width")]
+    pub min_baseline_width: f32,
+    /// Once an event has been open for this many samples, the stream's
+    /// value level is taken as its new normal: the baseline range is set
+    /// again from the next `baseline_samples` samples, and the excursion
+    /// and stuck counts start afresh, so an alarm for a lasting shift or a
+    /// drift ends instead of running to the end of the stream (0: never).
+    #[serde(default)]
+    pub max_event_samples: u64,
 }
 
 fn default_ewma_alpha() -> f32 {
@@ -131,6 +166,18 @@ fn default_min_threshold() -> f32 {
 fn default_min_stuck_run() -> u64 {
     50
 }
+fn default_true() -> bool {
+    true
+}
+fn default_burst_threshold() -> f32 {
+    6.0
+}
+fn default_min_burst_std() -> f32 {
+    0.01
+}
+fn default_min_baseline_width() -> f32 {
+    0.05
+}
 
 impl Default for DetectSettings {
     fn default() -> Self {
@@ -149,6 +196,13 @@ impl Default for DetectSettings {
             min_threshold: default_min_threshold(),
             stuck_run_factor: 0.0,
             min_stuck_run: default_min_stuck_run(),
+            forecast_surprise: true,
+            min_error_std: 0.0,
+            burst_window: 0,
+            burst_threshold: default_burst_threshold(),
+            min_burst_std: default_min_burst_std(),
+            min_baseline_width: default_min_baseline_width(),
+            max_event_samples: 0,
         }
     }
 }
@@ -232,6 +286,36 @@ impl DetectSettings {
                 self.stuck_run_factor
             ));
         }
+        if !(self.min_error_std >= 0.0 && self.min_error_std.is_finite()) {
+            return Err(format!(
+                "detect.min_error_std = {} must be >= 0",
+                self.min_error_std
+            ));
+        }
+        if !(self.burst_threshold > 0.0 && self.burst_threshold.is_finite()) {
+            return Err(format!(
+                "detect.burst_threshold = {} must be > 0",
+                self.burst_threshold
+            ));
+        }
+        if !(self.min_burst_std > 0.0 && self.min_burst_std.is_finite()) {
+            return Err(format!(
+                "detect.min_burst_std = {} must be > 0 (a constant stream's error spread is 0)",
+                self.min_burst_std
+            ));
+        }
+        if !(self.min_baseline_width > 0.0 && self.min_baseline_width.is_finite()) {
+            return Err(format!(
+                "detect.min_baseline_width = {} must be > 0",
+                self.min_baseline_width
+            ));
+        }
+        if (1..8).contains(&self.burst_window) {
+            return Err(format!(
+                "detect.burst_window = {} must be 0 (burst score off) or >= 8",
+                self.burst_window
+            ));
+        }
         if self.stuck_run_factor > 0.0 && self.min_stuck_run == 0 {
             return Err("detect.min_stuck_run must be >= 1 when the stuck score is on".into());
         }
@@ -279,6 +363,8 @@ pub enum Cause {
     Excursion,
     /// The value has repeated exactly for far longer than it ever did.
     Stuck,
+    /// The recent errors stand far above the stream's own error spread.
+    Burst,
 }
 
 impl Cause {
@@ -288,6 +374,7 @@ impl Cause {
             Cause::Level => "level",
             Cause::Excursion => "excursion",
             Cause::Stuck => "stuck",
+            Cause::Burst => "burst",
         }
     }
 }
@@ -354,6 +441,10 @@ pub struct DetectorState {
     /// the count starts afresh.
     #[serde(default)]
     excursions: Excursions,
+    /// Absent from checkpoints written before the burst score existed: the
+    /// spread is learnt afresh.
+    #[serde(default)]
+    errors: ErrorSpread,
 }
 
 impl Default for DetectorState {
@@ -365,6 +456,7 @@ impl Default for DetectorState {
             threshold: None,
             stuck: StuckRun::default(),
             excursions: Excursions::default(),
+            errors: ErrorSpread::default(),
             // Finite placeholders (JSON has no infinities): the first
             // baseline sample replaces both.
             baseline: Baseline {
@@ -427,6 +519,26 @@ impl Excursions {
     /// counted rather than kept, so no checkpoint can disagree with its bits.
     fn count(&self) -> u64 {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// The mean and variance of the stream's recent one-step errors,
+/// exponentially weighted over about `burst_window` samples (plain running
+/// figures until that many are in): three numbers, O(1) per sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct ErrorSpread {
+    seen: u64,
+    mean: f64,
+    variance: f64,
+}
+
+impl ErrorSpread {
+    fn learn(&mut self, window: u64, error: f32) {
+        self.seen += 1;
+        let weight = (1.0 / self.seen as f64).max(2.0 / (window as f64 + 1.0));
+        let delta = f64::from(error) - self.mean;
+        self.mean += weight * delta;
+        self.variance = (1.0 - weight) * (self.variance + weight * delta * delta);
     }
 }
 
@@ -500,11 +612,6 @@ pub fn finite_forecast(horizon: &mut [f32], value: f32) -> usize {
     replaced
 }
 
-/// A baseline range is at least this wide (the data is scaled to [-1, 1]),
-/// so a channel that was constant during its baseline is not flagged for
-/// moving a hair.
-const MIN_BASELINE_WIDTH: f32 = 0.05;
-
 impl ChannelDetector {
     pub fn new(settings: DetectSettings, calibration: ErrorCalibration) -> Self {
         Self::restore(settings, calibration, DetectorState::default())
@@ -569,7 +676,7 @@ impl ChannelDetector {
         if wanted == 0 {
             return None;
         }
-        let width = (b.high - b.low).max(MIN_BASELINE_WIDTH);
+        let width = (b.high - b.low).max(self.settings.min_baseline_width);
         let novelty = (value - b.high).max(b.low - value).max(0.0) / width;
         Some(saturate(novelty, MAX_SCORE))
     }
@@ -588,6 +695,29 @@ impl ChannelDetector {
             novelty > self.settings.excursion_margin,
         );
         Some(count as f32 / limit as f32)
+    }
+
+    /// The smoothed error in standard deviations of the stream's own recent
+    /// errors (measured before this sample's error joins them); None while
+    /// the burst score is off or fewer than a quarter window of errors are in.
+    fn burst(&mut self, smoothed: f32, error: f32) -> Option<f32> {
+        let window = self.settings.burst_window;
+        if window == 0 {
+            return None;
+        }
+        let spread = &mut self.state.errors;
+        let z = (spread.seen >= window / 4).then(|| {
+            let std = spread
+                .variance
+                .sqrt()
+                .max(f64::from(self.settings.min_burst_std));
+            saturate(
+                ((f64::from(smoothed) - spread.mean) / std) as f32,
+                MAX_SCORE,
+            )
+        });
+        spread.learn(window, error);
+        z
     }
 
     /// How long `value` has repeated exactly, in units of the longest run
@@ -675,9 +805,11 @@ impl ChannelDetector {
         };
         self.state.smoothed_error = Some(smoothed);
         let surprise = saturate(
-            (smoothed - self.calibration.mean) / self.calibration.std,
+            (smoothed - self.calibration.mean)
+                / self.calibration.std.max(self.settings.min_error_std),
             MAX_SCORE,
         );
+        let burst = self.burst(smoothed, error);
         let spot = self.settings.spot();
         let dynamic = self
             .state
@@ -696,15 +828,22 @@ impl ChannelDetector {
         let level = novelty.map(|l| scaled(l / self.settings.level_threshold));
         let excursion = novelty.and_then(|l| self.excursion(l)).map(scaled);
         let stuck = self.stuck_run(value, in_baseline).map(scaled);
+        let burst = burst.map(|b| scaled(b / self.settings.burst_threshold));
+        let surprise_part = if self.settings.forecast_surprise {
+            surprise
+        } else {
+            f32::MIN
+        };
         // The first of equal parts wins, so a tie names the forecast.
         let (score, cause) = [
+            (burst, Cause::Burst),
             (level, Cause::Level),
             (excursion, Cause::Excursion),
             (stuck, Cause::Stuck),
         ]
         .into_iter()
         .filter_map(|(part, cause)| Some((part?, cause)))
-        .fold((surprise, Cause::Surprise), |best, part| {
+        .fold((surprise_part, Cause::Surprise), |best, part| {
             if part.0 > best.0 {
                 part
             } else {
@@ -718,7 +857,29 @@ impl ChannelDetector {
             anomalous,
             cause,
         };
-        (Some(scored), self.track_event(seq, ts, scored))
+        let change = self.track_event(seq, ts, scored);
+        self.rebaseline_after_long_event(seq);
+        (Some(scored), change)
+    }
+
+    /// After an event open for `max_event_samples`: the level the stream
+    /// has kept that long is its new normal. The baseline range is set again
+    /// from the samples to come, the excursion ring empties, and a run of
+    /// repeats in progress counts as the stream's normal behaviour.
+    fn rebaseline_after_long_event(&mut self, seq: u64) {
+        let max = self.settings.max_event_samples;
+        let Some(open) = &self.state.open else {
+            return;
+        };
+        if max == 0 || seq.saturating_sub(open.span.start_seq) + 1 < max {
+            return;
+        }
+        if self.state.baseline.seen < self.settings.baseline_samples {
+            return; // Already being set again.
+        }
+        self.state.baseline.seen = 0;
+        self.state.excursions = Excursions::default();
+        self.state.stuck.from_baseline = true;
     }
 
     fn track_event(&mut self, seq: u64, ts: DateTime<Utc>, scored: Scored) -> Option<EventChange> {

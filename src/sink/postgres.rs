@@ -77,7 +77,7 @@ CREATE INDEX IF NOT EXISTS channel_checkpoints_partition ON channel_checkpoints 
     // The score part that opened an event (null for events opened before).
     r#"
 ALTER TABLE anomaly_events ADD COLUMN IF NOT EXISTS cause text
-    CHECK (cause IN ('surprise', 'level', 'excursion', 'stuck'));
+    CHECK (cause IN ('surprise', 'level', 'excursion', 'stuck', 'burst'));
 "#,
 ];
 
