@@ -25,6 +25,9 @@ KAFKA_LOG4J=$SATWATCH_ROOT/deploy/kafka-local/log4j2.properties
 # Kafka 4.x brokers need Java 17 or newer.
 JAVA_MIN_VERSION=17
 ORT_VENV=$SATWATCH_CACHE/venv
+# training/train.py's interpreter (torch, onnx; training/requirements.txt), which
+# tests/any_width.rs runs too. The file names it for the tests' sake: keep the two in step.
+TRAIN_VENV=$SATWATCH_CACHE/train-venv
 
 # log: timestamped progress line on stdout (CI logs are read after the fact).
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install everything a fresh Debian 12 machine needs to build, run and test
 # satwatch: apt packages (a Java 17+ runtime and Maven among them), ONNX
-# Runtime's shared library (from PyPI's wheel, in a venv) and Apache Kafka's
-# broker jars (from Maven Central, through deploy/kafka-local/pom.xml).
+# Runtime's shared library (from PyPI's wheel, in a venv), the training venv
+# (training/requirements.txt, for training/train.py and the tests that train a
+# small model) and Apache Kafka's broker jars (from Maven Central, through
+# deploy/kafka-local/pom.xml).
 # Idempotent: each step is skipped when its result is already there, so
 # running it on every CI run costs seconds.
 # Building satwatch itself (cargo build) is not its job.
@@ -93,6 +95,27 @@ step_onnxruntime() {
     log "onnxruntime $ORT_VERSION: done ($lib)"
 }
 
+step_training() {
+    local requirements=$SATWATCH_ROOT/training/requirements.txt
+    local stamp=$TRAIN_VENV/satwatch-requirements.txt
+    # The stamp is the requirements file the venv was last installed from.
+    if [[ -x $TRAIN_VENV/bin/python ]] && cmp -s "$requirements" "$stamp"; then
+        log "training venv: already present ($TRAIN_VENV)"
+        return 0
+    fi
+    local python=${PYTHON:-python3}
+    command -v "$python" >/dev/null 2>&1 || die "$python not found (needed to create $TRAIN_VENV)"
+    mkdir -p "$SATWATCH_CACHE"
+    if [[ ! -x $TRAIN_VENV/bin/python ]]; then
+        "$python" -m venv "$TRAIN_VENV" || die "could not create venv $TRAIN_VENV (is python3-venv installed?)"
+    fi
+    log "training venv: installing training/requirements.txt into $TRAIN_VENV (torch: a few GB, once)"
+    "$TRAIN_VENV/bin/python" -m pip install -q -r "$requirements" \
+        || die "pip install -r training/requirements.txt into $TRAIN_VENV failed"
+    cp "$requirements" "$stamp"
+    log "training venv: done"
+}
+
 step_java() {
     local java major
     java=$(find_java)
@@ -154,5 +177,6 @@ step_apt
 step_java
 step_rust
 step_onnxruntime
+step_training
 step_kafka
 log "setup complete; for services run: scripts/services.sh up && eval \"\$(scripts/services.sh env)\""

@@ -1,5 +1,9 @@
-//! The SMAP data set on disk: `<data>/<split>/<channel>.npy` (float32 `[rows, 25]`)
-//! and `<data>/labeled_anomalies.csv`.
+//! The SMAP data set on disk: `<data>/<split>/<channel>.npy` (float32
+//! `[rows, features]`: column 0 the telemetry value, the others the channel's
+//! command columns; 25 in all for SMAP) and `<data>/labeled_anomalies.csv`.
+//!
+//! A channel's width is not fixed here: it is its model's (the input `dims`
+//! of its `config.pbtxt`), and data of another width is refused.
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +26,8 @@ pub fn split_path(data: &Path, split: &str, channel: &str) -> PathBuf {
     data.join(split).join(format!("{channel}.npy"))
 }
 
-/// Loads one channel's split, checking it has `features` columns.
+/// Loads one channel's split, checking it has `features` columns (the width
+/// of the channel's model).
 pub fn load_channel(
     data: &Path,
     split: &str,
@@ -37,7 +42,7 @@ pub fn load_channel(
     if values.ncols() != features {
         return Err(DataError {
             path,
-            reason: format!("has {} columns; the model takes {features}", values.ncols()),
+            reason: width_mismatch(channel, values.ncols(), features),
         });
     }
     let values = if values.is_standard_layout() {
@@ -49,6 +54,15 @@ pub fn load_channel(
         channel: channel.to_owned(),
         values,
     })
+}
+
+/// Why a channel's data of width `data` cannot go to its model of width `model`.
+fn width_mismatch(channel: &str, data: usize, model: usize) -> String {
+    format!(
+        "channel {channel} has {data} values per row, but its model takes {model} \
+         (the input dims in its config.pbtxt): train the channel's model on data of this \
+         width (training/train.py), or give it data of the model's width"
+    )
 }
 
 /// Labelled anomalous ranges of one channel: `[start, end)` row indices.
@@ -111,6 +125,50 @@ pub fn load_labels(path: &Path) -> Result<Vec<Labels>, DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_split(data: &Path, split: &str, channel: &str, rows: usize, features: usize) {
+        let values = Array2::<f32>::from_shape_fn((rows, features), |(r, f)| (r * f) as f32);
+        std::fs::create_dir_all(data.join(split)).unwrap();
+        ndarray_npy::write_npy(split_path(data, split, channel), &values).unwrap();
+    }
+
+    #[test]
+    fn loads_a_channel_of_any_width_its_model_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        write_split(dir.path(), "test", "M-1", 7, 55);
+        let loaded = load_channel(dir.path(), "test", "M-1", 55).unwrap();
+        assert_eq!(loaded.values.dim(), (7, 55));
+        assert_eq!(loaded.values[[6, 54]], (6 * 54) as f32);
+    }
+
+    #[test]
+    fn refuses_data_wider_than_the_channel_model_naming_channel_and_both_widths() {
+        let dir = tempfile::tempdir().unwrap();
+        write_split(dir.path(), "test", "A-1", 3, 55);
+        let err = load_channel(dir.path(), "test", "A-1", 25)
+            .err()
+            .expect("55-wide data cannot go to a 25-wide model");
+        let message = err.to_string();
+        assert!(
+            message.contains("test/A-1.npy")
+                && message.contains("channel A-1 has 55 values per row, but its model takes 25"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn refuses_data_narrower_than_the_channel_model() {
+        let dir = tempfile::tempdir().unwrap();
+        write_split(dir.path(), "train", "M-1", 3, 25);
+        let message = load_channel(dir.path(), "train", "M-1", 55)
+            .err()
+            .expect("25-wide data cannot go to a 55-wide model")
+            .to_string();
+        assert!(
+            message.contains("channel M-1 has 25 values per row, but its model takes 55"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn parses_the_smap_label_file() {

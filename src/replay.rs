@@ -1,6 +1,10 @@
 //! `satwatch replay`: publishes historical samples to the telemetry topics,
 //! keyed by channel, with `seq` = the row index, so labels line up. Channels
 //! are interleaved row by row, as live streams would be.
+//!
+//! Each channel's data must have its model's width (the input dims of the
+//! model's `config.pbtxt`): a replay of data the pipeline would dead-letter
+//! as `wrong_arity` is refused before anything is published.
 
 use std::{
     path::Path,
@@ -19,7 +23,7 @@ use rdkafka::{
 
 use crate::{
     config::{KafkaSettings, Pipeline},
-    dataset,
+    dataset, repository,
     sink::kafka::client_config,
     telemetry,
 };
@@ -70,9 +74,16 @@ pub async fn replay(
     data: &Path,
     options: &ReplayOptions,
 ) -> Result<ReplayReport, String> {
+    // Only the configs are read (not the ONNX files): the width is all replay needs.
+    let specs = repository::load_models(&pipeline.repository, &pipeline.models())
+        .map_err(|e| e.to_string())?;
     let mut streams = Vec::new();
     for channel in &pipeline.channels {
-        let loaded = dataset::load_channel(data, &options.split, &channel.id, 25)
+        let spec = specs
+            .iter()
+            .find(|s| s.name == channel.model)
+            .expect("load_models loads every model of the pipeline's channels");
+        let loaded = dataset::load_channel(data, &options.split, &channel.id, spec.features)
             .map_err(|e| e.to_string())?;
         let end = options.limit.map_or(loaded.values.nrows(), |l| {
             (options.start + l).min(loaded.values.nrows())

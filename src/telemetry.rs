@@ -24,7 +24,8 @@ pub struct Origin {
 }
 
 /// A sample's values, inline up to 32 features (SMAP channels have 25): a
-/// sample allocates nothing on its way from the decoder to the window.
+/// sample allocates nothing on its way from the decoder to the window. Wider
+/// channels work the same, their values on the heap.
 pub type Values = smallvec::SmallVec<[f32; 32]>;
 
 /// A validated telemetry sample.
@@ -521,6 +522,67 @@ mod tests {
             "non_finite"
         );
         assert_eq!(reason(br#"[1,2]"#), "wrong_type");
+    }
+
+    /// A decoder for a 25-wide SMAP channel and a 55-wide one (1 telemetry
+    /// value and 54 command columns, as other missions have).
+    fn mixed_width_decoder() -> Decoder {
+        let shape = |index, features| ChannelShape {
+            index,
+            topic: "telemetry.acs".into(),
+            features,
+        };
+        let channels = HashMap::from([
+            ("A-1".to_string(), shape(0, 25)),
+            ("M-1".to_string(), shape(1, 55)),
+        ]);
+        Decoder::new(channels, 65536)
+    }
+
+    fn record(channel: &str, width: usize) -> String {
+        let values = vec![0.5f32; width];
+        encode(channel, 1, &DateTime::UNIX_EPOCH, &values)
+    }
+
+    #[test]
+    fn each_channel_takes_its_own_model_width() {
+        let decoder = mixed_width_decoder();
+        for (channel, width) in [("A-1", 25), ("M-1", 55)] {
+            let sample = decoder
+                .decode(
+                    Some(record(channel, width).as_bytes()),
+                    None,
+                    DateTime::UNIX_EPOCH,
+                )
+                .unwrap();
+            assert_eq!(sample.values.len(), width, "{channel}");
+        }
+    }
+
+    #[test]
+    fn a_sample_of_another_width_is_wrong_arity_naming_channel_and_both_widths() {
+        let decoder = mixed_width_decoder();
+        let refused = |channel: &str, width: usize| {
+            decoder
+                .decode(
+                    Some(record(channel, width).as_bytes()),
+                    None,
+                    DateTime::UNIX_EPOCH,
+                )
+                .unwrap_err()
+        };
+        let narrow = refused("M-1", 25);
+        assert_eq!(narrow.reason.code(), "wrong_arity");
+        assert_eq!(
+            narrow.detail,
+            "channel \"M-1\" takes 55 values, the record has 25"
+        );
+        let wide = refused("A-1", 55);
+        assert_eq!(wide.reason.code(), "wrong_arity");
+        assert_eq!(
+            wide.detail,
+            "channel \"A-1\" takes 25 values, the record has 55"
+        );
     }
 
     #[test]

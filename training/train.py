@@ -5,17 +5,21 @@
 
 For every channel found in `<data>/train/*.npy` (or the ones given with `--channels`):
 
-* normalise each of the 25 features with the train split's mean and max(std, 0.05);
-* cut windows of `--window` rows (all 25 features) -> the next `--horizon` values of
+* take the channel's width F from its train split: column 0 is the telemetry value (the
+  target), the others its command columns (SMAP: F = 25; any F >= 1 works, and the model
+  is written for that F);
+* normalise each of the F features with the train split's mean and max(std, 0.05);
+* cut windows of `--window` rows (all F features) -> the next `--horizon` values of
   feature 0; the first 80% of the windows (by time) fit the model, the last 20% are
   for early stopping and for calibrating the one-step error;
 * fit a residual MLP: forecast = last normalised value + Linear->ReLU->Linear(window);
 * export it to ONNX (opset 17) at `<out>/smap_<ch>/1/model.onnx`, check it against
   onnxruntime, and write `<out>/smap_<ch>/config.pbtxt` (Triton ModelConfig text format,
-  with the normalisation and calibration in `parameters`).
+  input dims `[window, F]`, with the normalisation and calibration in `parameters`).
 
-Only `train/` is read for fitting; `test/` is read only with `--fixtures`, to write the
-reference tensors for the Rust tests. Everything runs on the CPU, single-threaded, with
+Only `train/` is read for fitting; of `test/` only each file's shape is read (to check its
+width), and its rows only with `--fixtures`, to write the reference tensors for the Rust
+tests. Everything runs on the CPU, single-threaded, with
 fixed seeds and deterministic algorithms, so a rerun writes byte-identical files.
 """
 
@@ -34,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-N_FEATURES = 25
 TARGET_FEATURE = 0
 SCALE_FLOOR = 0.05
 ERROR_FLOOR = 1e-3
@@ -51,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, required=True, help="SMAP folder with train/ (and test/)")
     p.add_argument("--out", type=Path, required=True, help="model repository to (re)write")
     p.add_argument("--channels", default="", help="comma-separated, e.g. A-1,E-2 (default: all in <data>/train)")
+    p.add_argument("--features", type=int, default=None,
+                   help="values per row every channel must have (default: each channel's train split width)")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--horizon", type=int, default=10)
     p.add_argument("--hidden", type=int, default=32)
@@ -73,10 +78,10 @@ def set_determinism(seed: int) -> None:
 class ResidualMLP(nn.Module):
     """forecast[:, i] = window[:, -1, 0] + MLP(flatten(window))[:, i]."""
 
-    def __init__(self, window: int, hidden: int, horizon: int):
+    def __init__(self, window: int, features: int, hidden: int, horizon: int):
         super().__init__()
         self.window = window
-        self.hidden = nn.Linear(window * N_FEATURES, hidden)
+        self.hidden = nn.Linear(window * features, hidden)
         self.out = nn.Linear(hidden, horizon)
         # Start exactly at the naive last-value forecast; training only adds corrections.
         nn.init.zeros_(self.out.weight)
@@ -130,7 +135,7 @@ def naive_mse(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_channel(x_fit, y_fit, x_val, y_val, args):
-    model = ResidualMLP(args.window, args.hidden, args.horizon)
+    model = ResidualMLP(args.window, x_fit.shape[2], args.hidden, args.horizon)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     # Epoch 0 is the untrained model, i.e. exactly the naive forecast: the kept weights
@@ -202,7 +207,7 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def check_onnx(path: Path, model: nn.Module, x: torch.Tensor, window: int, horizon: int) -> float:
+def check_onnx(path: Path, model: nn.Module, x: torch.Tensor, window: int, features: int, horizon: int) -> float:
     import onnx
 
     m = onnx.load(str(path))
@@ -213,7 +218,7 @@ def check_onnx(path: Path, model: nn.Module, x: torch.Tensor, window: int, horiz
         raise SystemExit(f"{path}: unexpected ONNX ops {sorted(ops - allowed)}")
     sess = ort_session(path)
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
-    if inp.name != "window" or inp.shape[1:] != [window, N_FEATURES] or inp.type != "tensor(float)":
+    if inp.name != "window" or inp.shape[1:] != [window, features] or inp.type != "tensor(float)":
         raise SystemExit(f"{path}: bad input {inp.name} {inp.shape} {inp.type}")
     if out.name != "forecast" or out.shape[1:] != [horizon] or out.type != "tensor(float)":
         raise SystemExit(f"{path}: bad output {out.name} {out.shape} {out.type}")
@@ -227,6 +232,8 @@ def check_onnx(path: Path, model: nn.Module, x: torch.Tensor, window: int, horiz
 
 
 def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
+    features = len(center)
+
     def param(key, value):
         return f'parameters: {{ key: "satwatch.{key}" value: {{ string_value: "{value}" }} }}\n'
 
@@ -241,7 +248,7 @@ def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
         "  {\n"
         '    name: "window"\n'
         "    data_type: TYPE_FP32\n"
-        f"    dims: [ {args.window}, {N_FEATURES} ]\n"
+        f"    dims: [ {args.window}, {features} ]\n"
         "  }\n"
         "]\n"
         "output [\n"
@@ -274,7 +281,7 @@ def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
 
 def write_fixtures(ch, args, center, scale, onnx_path: Path) -> None:
     test = np.load(args.data / "test" / f"{ch}.npy")
-    if test.ndim != 2 or test.shape[1] != N_FEATURES or test.shape[0] <= max(FIXTURE_ENDS):
+    if test.shape[0] <= max(FIXTURE_ENDS):
         raise SystemExit(f"{ch}: test split too short for fixtures: {test.shape}")
     z = normalise(test, center, scale)
     x = np.stack([z[t - args.window + 1 : t + 1] for t in FIXTURE_ENDS]).astype(np.float32)
@@ -284,11 +291,38 @@ def write_fixtures(ch, args, center, scale, onnx_path: Path) -> None:
     np.save(args.fixtures / f"smap_{ch}_reference_forecast.npy", y)
 
 
+def channel_width(ch: str, args) -> int:
+    """The channel's width: values per row of its train split (column 0 the telemetry value,
+    the rest its command columns), which the model is built for. Its test split, when there
+    is one, must have the same width: the model could not serve, replay or evaluate it
+    otherwise. `--features`, when given, is the width every channel must have."""
+    shapes = {}
+    for split in ("train", "test"):
+        path = args.data / split / f"{ch}.npy"
+        if split == "train" or path.exists():
+            shapes[split] = np.load(path, mmap_mode="r").shape  # the header only
+    for split, shape in shapes.items():
+        if len(shape) != 2 or shape[1] < 1:
+            raise SystemExit(
+                f"{ch}: {args.data / split / (ch + '.npy')} has shape {shape}; expected [rows, features] "
+                "with column 0 the telemetry value"
+            )
+    width = shapes["train"][1]
+    if args.features is not None and width != args.features:
+        raise SystemExit(
+            f"{ch}: the train split has {width} values per row; --features asks for {args.features}"
+        )
+    if "test" in shapes and shapes["test"][1] != width:
+        raise SystemExit(
+            f"{ch}: the test split has {shapes['test'][1]} values per row, the train split {width}: "
+            f"a model trained on this channel takes {width}, so the test split could not be served with it"
+        )
+    return width
+
+
 def run_channel(ch: str, args) -> dict:
     set_determinism(args.seed)  # per channel: a channel's result does not depend on the others
     train = np.load(args.data / "train" / f"{ch}.npy")
-    if train.ndim != 2 or train.shape[1] != N_FEATURES:
-        raise SystemExit(f"{ch}: expected [N, {N_FEATURES}], got {train.shape}")
     if not np.all(np.isfinite(train)):
         raise SystemExit(f"{ch}: non-finite values in train split")
     center, scale = normalisation(train)
@@ -316,7 +350,7 @@ def run_channel(ch: str, args) -> dict:
         shutil.rmtree(model_dir)
     onnx_path = model_dir / "1" / "model.onnx"
     export_onnx(model, x_val[:1], onnx_path)
-    diff = check_onnx(onnx_path, model, x_val[:64], args.window, args.horizon)
+    diff = check_onnx(onnx_path, model, x_val[:64], args.window, train.shape[1], args.horizon)
     (model_dir / "config.pbtxt").write_text(
         config_pbtxt(ch, args, center, scale, err_mean, err_std, train.shape[0])
     )
@@ -330,7 +364,7 @@ def run_channel(ch: str, args) -> dict:
         err_mean=err_mean, err_std=err_std, onnx_diff=diff, onnx_bytes=onnx_path.stat().st_size,
     )
     print(
-        f"{ch:>4}  rows {stats['rows']:5d}  fit/val {stats['fit']:4d}/{stats['val']:3d}  best epoch {best_epoch:2d}  "
+        f"{ch:>4}  rows {stats['rows']:5d}  width {train.shape[1]}  fit/val {stats['fit']:4d}/{stats['val']:3d}  best epoch {best_epoch:2d}  "
         f"train mse {stats['train_mse']:.4g} (naive {stats['train_naive']:.4g})  "
         f"val mse {stats['val_mse']:.4g} (naive {stats['val_naive']:.4g})  "
         f"err mean/std {err_mean:.4g}/{err_std:.4g}  onnx max|diff| {diff:.1e}",
@@ -354,9 +388,12 @@ def main(argv=None) -> int:
     missing = [c for c in channels if not (args.data / "train" / f"{c}.npy").exists()]
     if missing:
         raise SystemExit(f"no train data for {missing}")
+    # Every channel's width is checked before any is trained: a mismatch found late would
+    # leave the repository half rewritten.
+    widths = {ch: channel_width(ch, args) for ch in channels}
     args.out.mkdir(parents=True, exist_ok=True)
     print(
-        f"training {len(channels)} channel(s): window {args.window}, horizon {args.horizon}, hidden {args.hidden}, "
+        f"training {len(channels)} channel(s) of width {'/'.join(str(w) for w in sorted(set(widths.values())))}: window {args.window}, horizon {args.horizon}, hidden {args.hidden}, "
         f"seed {args.seed}, max epochs {args.epochs}; torch {torch.__version__}; MSE in normalised units",
         flush=True,
     )
