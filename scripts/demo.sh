@@ -304,6 +304,7 @@ forecast_rows=$(q "select count(*) from forecasts")
 anomalous=$(q "select count(*) from scores where anomalous")
 events=$(q "select subsystem, count(*), count(*) filter (where state = 'closed') from anomaly_events group by subsystem order by subsystem")
 events_total=$(q "select count(*) || ' opened, ' || count(*) filter (where state = 'closed') || ' closed' from anomaly_events")
+by_cause=$(q "select coalesce(cause, 'unknown'), count(*), sum(coalesce(end_seq, start_seq) - start_seq + 1) from anomaly_events group by 1 order by 2 desc")
 psql_cmd="psql $DATABASE_URL"
 
 echo
@@ -318,6 +319,10 @@ if [[ -n $events ]]; then
     while IFS='|' read -r sub opened closed; do
         printf '    %-10s %8s %8s\n' "$sub" "$opened" "$closed"
     done <<<"$events"
+    printf '    %-10s %8s %8s\n' cause events samples
+    while IFS='|' read -r cause n samples; do
+        printf '    %-10s %8s %8s\n' "$cause" "$n" "$samples"
+    done <<<"$by_cause"
 fi
 printf '%-28s %s\n' "dead letters:" "$dead_letters"
 echo

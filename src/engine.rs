@@ -920,6 +920,7 @@ mod tests {
             calibration: ErrorCalibration {
                 mean: 0.0,
                 std: 1.0,
+                train_drift: 0.0,
             },
             input_dims_line: None,
             parameters: BTreeMap::new(),

@@ -25,7 +25,9 @@ choice).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
+import os
 import json
 import subprocess
 import sys
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=Path, default=ROOT / "training/grid.toml",
                    help="TOML: one list of values per [detect] key; the candidates are their product")
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="evaluations run at once")
     p.add_argument("--satwatch", type=Path, default=ROOT / "target/release/satwatch")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p.parse_args(argv)
@@ -103,11 +106,14 @@ def main(argv=None) -> int:
     candidates = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     print(f"{len(candidates)} candidates over {', '.join(keys)}", file=sys.stderr)
 
-    runs = []
-    for i, settings in enumerate(candidates, 1):
-        runs.append(evaluate(args, settings))
-        print(f"\r{i}/{len(candidates)} evaluated", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        pending = [pool.submit(evaluate, args, settings) for settings in candidates]
+        step = max(1, len(pending) // 20)
+        for i, future in enumerate(pending, 1):
+            future.result()
+            if i % step == 0 or i == len(pending):
+                print(f"{i}/{len(candidates)} evaluated", file=sys.stderr, flush=True)
+        runs = [future.result() for future in pending]
     shipped = evaluate(args, {})
 
     channels = sorted(shipped)

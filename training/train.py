@@ -42,6 +42,15 @@ TARGET_FEATURE = 0
 SCALE_FLOOR = 0.05
 ERROR_FLOOR = 1e-3
 FIT_FRACTION = 0.8
+# Train drift: the share of the train split's target values, after its first DRIFT_BASELINE
+# rows, that lie outside those rows' range (at least DRIFT_MIN_WIDTH wide) by more than
+# DRIFT_MARGIN of its width. The first rows play the part the stream's first
+# `[detect] baseline_samples` (640) play in satwatch; a channel that drifts all through its
+# train split (a counter, a ramp, a slow trend) gets no level or excursion score, whose
+# alarms would run to the end of its stream (`[detect] max_train_drift`).
+DRIFT_BASELINE = 640
+DRIFT_MIN_WIDTH = 0.05
+DRIFT_MARGIN = 0.01
 MAX_BATCH_SIZE = 512
 OPSET = 17
 ONNX_TOLERANCE = 1e-5
@@ -231,7 +240,17 @@ def check_onnx(path: Path, model: nn.Module, x: torch.Tensor, window: int, featu
     return diff
 
 
-def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
+def train_drift(target: np.ndarray) -> float:
+    """The share of `target` after its first DRIFT_BASELINE values outside their range (see above)."""
+    if target.shape[0] <= DRIFT_BASELINE:
+        return 0.0
+    base, rest = target[:DRIFT_BASELINE], target[DRIFT_BASELINE:]
+    low, high = float(base.min()), float(base.max())
+    margin = DRIFT_MARGIN * max(high - low, DRIFT_MIN_WIDTH)
+    return float(np.mean((rest > high + margin) | (rest < low - margin)))
+
+
+def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows, drift) -> str:
     features = len(center)
 
     def param(key, value):
@@ -276,6 +295,7 @@ def config_pbtxt(ch, args, center, scale, err_mean, err_std, train_rows) -> str:
         + param("error_mean", f32_repr(err_mean))
         + param("error_std", f32_repr(err_std))
         + param("train_rows", train_rows)
+        + param("train_drift", f"{drift:.4f}")
     )
 
 
@@ -352,7 +372,7 @@ def run_channel(ch: str, args) -> dict:
     export_onnx(model, x_val[:1], onnx_path)
     diff = check_onnx(onnx_path, model, x_val[:64], args.window, train.shape[1], args.horizon)
     (model_dir / "config.pbtxt").write_text(
-        config_pbtxt(ch, args, center, scale, err_mean, err_std, train.shape[0])
+        config_pbtxt(ch, args, center, scale, err_mean, err_std, train.shape[0], train_drift(train[:, TARGET_FEATURE]))
     )
     if args.fixtures is not None and ch in FIXTURE_CHANNELS:
         write_fixtures(ch, args, center, scale, onnx_path)

@@ -134,6 +134,13 @@ pub struct DetectSettings {
     /// drift ends instead of running to the end of the stream (0: never).
     #[serde(default)]
     pub max_event_samples: u64,
+    /// A channel whose train split drifted out of its first rows' range
+    /// more than this share of the time (`satwatch.train_drift` from
+    /// training/train.py: a counter, a ramp, a slow trend) gets no level or
+    /// excursion score: for it, leaving the baseline range is normal, and
+    /// those alarms would run to the end of its stream (1: never muted).
+    #[serde(default = "default_max_train_drift")]
+    pub max_train_drift: f32,
 }
 
 fn default_ewma_alpha() -> f32 {
@@ -175,6 +182,9 @@ fn default_burst_threshold() -> f32 {
 fn default_min_burst_std() -> f32 {
     0.01
 }
+fn default_max_train_drift() -> f32 {
+    1.0
+}
 fn default_min_baseline_width() -> f32 {
     0.05
 }
@@ -203,6 +213,7 @@ impl Default for DetectSettings {
             min_burst_std: default_min_burst_std(),
             min_baseline_width: default_min_baseline_width(),
             max_event_samples: 0,
+            max_train_drift: default_max_train_drift(),
         }
     }
 }
@@ -308,6 +319,12 @@ impl DetectSettings {
             return Err(format!(
                 "detect.min_baseline_width = {} must be > 0",
                 self.min_baseline_width
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_train_drift) {
+            return Err(format!(
+                "detect.max_train_drift = {} must be a share, in [0, 1]",
+                self.max_train_drift
             ));
         }
         if (1..8).contains(&self.burst_window) {
@@ -528,7 +545,11 @@ impl Excursions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 struct ErrorSpread {
     seen: u64,
+    /// As exact decimal strings, as the dynamic threshold keeps its f64s:
+    /// a restored detector scores bit for bit as the one checkpointed.
+    #[serde(with = "threshold::exact_f64")]
     mean: f64,
+    #[serde(with = "threshold::exact_f64")]
     variance: f64,
 }
 
@@ -823,7 +844,8 @@ impl ChannelDetector {
         // run are scaled so that reaching their own limits means reaching
         // the score threshold.
         let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
-        let novelty = self.level_novelty(value);
+        let drifts = self.calibration.train_drift > self.settings.max_train_drift;
+        let novelty = self.level_novelty(value).filter(|_| !drifts);
         let scaled = |part: f32| saturate(part * threshold, MAX_SCORE);
         let level = novelty.map(|l| scaled(l / self.settings.level_threshold));
         let excursion = novelty.and_then(|l| self.excursion(l)).map(scaled);
@@ -946,6 +968,7 @@ mod tests {
         ErrorCalibration {
             mean: 0.0,
             std: 1.0,
+            train_drift: 0.0,
         }
     }
 
@@ -1084,6 +1107,7 @@ mod tests {
             ErrorCalibration {
                 mean: 1.0,
                 std: 2.0,
+                train_drift: 0.0,
             },
         );
         d.step(0, ts(), 0.0, &[0.0]);
@@ -1251,10 +1275,15 @@ mod tests {
             min_stuck_run: 4,
             excursion_samples: 2,
             excursion_margin: 0.1,
+            burst_window: 8,
+            burst_threshold: 2.0,
+            max_event_samples: 10,
+            ..Default::default()
         };
         let calibration = ErrorCalibration {
             mean: 0.1,
             std: 0.5,
+            train_drift: 0.0,
         };
         // Small errors with two bursts (seqs 3-4 and 40-41), a stuck value
         // (seqs 20-30) and an excursion beyond the baseline (seqs 42-43).
@@ -1393,8 +1422,21 @@ mod tests {
             baseline_samples: 8,
             ..all
         };
+        let burst = DetectSettings {
+            forecast_surprise: false,
+            burst_window: 8,
+            burst_threshold: 3.0,
+            min_burst_std: 0.001,
+            ..base
+        };
+        let all = DetectSettings {
+            burst_window: 8,
+            max_event_samples: 5,
+            ..all
+        };
         let parts = vec![
             ("surprise", base),
+            ("burst", burst),
             ("level", level),
             ("excursion", excursion),
             ("stuck", stuck),
@@ -1415,14 +1457,17 @@ mod tests {
             ErrorCalibration {
                 mean: 0.1,
                 std: f32::MIN_POSITIVE,
+                train_drift: 0.0,
             },
             ErrorCalibration {
                 mean: 0.0,
                 std: f32::from_bits(1),
+                train_drift: 0.0,
             },
             ErrorCalibration {
                 mean: 3e38,
                 std: 1e-30,
+                train_drift: 0.0,
             },
         ]
     }
@@ -1593,6 +1638,7 @@ mod tests {
             ErrorCalibration {
                 mean: 0.0,
                 std: 1e6,
+                train_drift: 0.0,
             },
         )
     }
@@ -1637,5 +1683,165 @@ mod tests {
         let scores = exact_forecast_scores(&mut d, &mut seq, &values);
         assert!(scores.iter().all(|&s| s <= 100.0), "{scores:?}");
         assert_eq!(d.state().excursions.bits.len(), 1, "4 bits fit one word");
+    }
+
+    /// A quiet stream (errors about 0.01) with pulses inside its range at
+    /// `pulses`, each 3 samples long.
+    fn quiet_stream(
+        d: &mut ChannelDetector,
+        pulses: &[u64],
+    ) -> Vec<(u64, Scored, Option<EventChange>)> {
+        let mut out = Vec::new();
+        for seq in 0..400u64 {
+            let wobble = 0.01 * ((seq * 7) % 3) as f32;
+            let pulse = pulses.iter().any(|p| (*p..p + 3).contains(&seq));
+            let value = if pulse { 0.5 } else { wobble };
+            let (scored, change) = d.step(seq, ts(), value, &[0.0]);
+            if let Some(scored) = scored {
+                out.push((seq, scored, change));
+            }
+        }
+        out
+    }
+
+    fn burst_settings(window: u64) -> DetectSettings {
+        DetectSettings {
+            ewma_alpha: 0.5,
+            threshold: 3.0,
+            min_event_gap: 5,
+            forecast_surprise: false,
+            burst_window: window,
+            burst_threshold: 4.0,
+            min_burst_std: 0.001,
+            ..Default::default()
+        }
+    }
+
+    fn anomalous_seqs(scored: &[(u64, Scored, Option<EventChange>)]) -> Vec<u64> {
+        scored
+            .iter()
+            .filter(|(_, s, _)| s.anomalous)
+            .map(|(seq, _, _)| *seq)
+            .collect()
+    }
+
+    #[test]
+    fn a_pulse_far_above_the_streams_own_errors_is_a_burst_without_any_calibration() {
+        // A calibration that would call every error enormous: the burst
+        // does not use it, and the surprise is off.
+        let calibration = ErrorCalibration {
+            mean: 0.0,
+            std: 1e-9,
+            train_drift: 0.0,
+        };
+        let mut d = ChannelDetector::new(burst_settings(100), calibration);
+        let scored = quiet_stream(&mut d, &[300]);
+        let anomalous = anomalous_seqs(&scored);
+        assert_eq!(anomalous.first(), Some(&300), "{anomalous:?}");
+        assert!(
+            anomalous.iter().all(|seq| (300..320).contains(seq)),
+            "{anomalous:?}"
+        );
+        let opened = scored.iter().find_map(|(_, _, c)| match c {
+            Some(EventChange::Opened(span)) => Some(span.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            opened.map(|s| (s.start_seq, s.cause)),
+            Some((300, Some(Cause::Burst)))
+        );
+    }
+
+    #[test]
+    fn the_burst_waits_for_a_quarter_window_of_errors() {
+        // Window 400: the spread is known after 100 errors (seq 101 on), so
+        // the pulse at 50 is not scored by it and the one at 300 is.
+        let mut d = ChannelDetector::new(burst_settings(400), unit_errors());
+        let anomalous = anomalous_seqs(&quiet_stream(&mut d, &[50, 300]));
+        assert_eq!(anomalous.first(), Some(&300), "{anomalous:?}");
+    }
+
+    /// A stream that settles at 0, then shifts to 5 for good.
+    fn level_shift(
+        settings: DetectSettings,
+        drift: f32,
+    ) -> Vec<(u64, Scored, Option<EventChange>)> {
+        let calibration = ErrorCalibration {
+            mean: 0.0,
+            std: 1.0,
+            train_drift: drift,
+        };
+        let mut d = ChannelDetector::new(settings, calibration);
+        (0..200u64)
+            .filter_map(|seq| {
+                let value = if seq < 50 {
+                    0.1 * (seq % 2) as f32
+                } else {
+                    5.0
+                };
+                let (scored, change) = d.step(seq, ts(), value, &[value]);
+                scored.map(|s| (seq, s, change))
+            })
+            .collect()
+    }
+
+    fn level_settings() -> DetectSettings {
+        DetectSettings {
+            ewma_alpha: 1.0,
+            threshold: 3.0,
+            min_event_gap: 5,
+            baseline_samples: 20,
+            level_threshold: 0.5,
+            max_train_drift: 0.5,
+            forecast_surprise: false,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_level_shift_opens_a_level_event_that_runs_while_the_shift_lasts() {
+        let scored = level_shift(level_settings(), 0.0);
+        let opened: Vec<_> = scored
+            .iter()
+            .filter_map(|(_, _, c)| match c {
+                Some(EventChange::Opened(span)) => Some((span.start_seq, span.cause)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened, vec![(50, Some(Cause::Level))]);
+        assert!(scored.last().unwrap().1.anomalous, "still open at the end");
+    }
+
+    #[test]
+    fn a_channel_that_drifted_through_its_train_split_gets_no_level_score() {
+        let scored = level_shift(level_settings(), 0.9);
+        assert!(scored.iter().all(|(_, s, _)| !s.anomalous));
+        // At or below the limit the level score stays on.
+        let scored = level_shift(level_settings(), 0.5);
+        assert!(scored.iter().any(|(_, s, _)| s.anomalous));
+    }
+
+    #[test]
+    fn a_long_event_makes_the_new_level_the_baseline_and_ends() {
+        let settings = DetectSettings {
+            max_event_samples: 40,
+            ..level_settings()
+        };
+        let scored = level_shift(settings, 0.0);
+        let closed: Vec<_> = scored
+            .iter()
+            .filter_map(|(_, _, c)| match c {
+                Some(EventChange::Closed(span)) => Some((span.start_seq, span.end.unwrap().0)),
+                _ => None,
+            })
+            .collect();
+        // Open at 50; at 89 it has lasted 40 samples: the baseline is set
+        // again from 90 on (level 5), so 90 is normal and the event closes
+        // after 5 normal samples, ending at 89.
+        assert_eq!(closed, vec![(50, 89)]);
+        assert!(scored
+            .iter()
+            .filter(|(seq, _, _)| *seq >= 90)
+            .all(|(_, s, _)| !s.anomalous));
     }
 }

@@ -280,7 +280,7 @@ impl DynamicThreshold {
 
 /// f64 as a decimal string that parses back to the same bits (Rust's
 /// `Display` prints the shortest such string; `str::parse` rounds correctly).
-mod exact_f64 {
+pub(super) mod exact_f64 {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {

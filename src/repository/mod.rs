@@ -70,12 +70,17 @@ pub struct Normalisation {
     pub scale: Vec<f32>,
 }
 
-/// Statistics of the one-step forecast error on held-out train data, in the
-/// input's units: what "normal" error looks like for this channel.
+/// What the train split says about a channel: the one-step forecast error
+/// on held-out train data, in the input's units (what "normal" error looks
+/// like), and how much the channel drifts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ErrorCalibration {
     pub mean: f32,
     pub std: f32,
+    /// The share of the train split outside the range of its first rows
+    /// (`satwatch.train_drift`, training/train.py; 0 for models trained
+    /// before it was recorded).
+    pub train_drift: f32,
 }
 
 /// One model version, ready to be loaded by a backend.
@@ -298,7 +303,17 @@ fn validate(
     let calibration = ErrorCalibration {
         mean: number("satwatch.error_mean")? as f32,
         std: number("satwatch.error_std")? as f32,
+        train_drift: match parameters.get("satwatch.train_drift") {
+            Some(_) => number("satwatch.train_drift")? as f32,
+            None => 0.0,
+        },
     };
+    if !(0.0..=1.0).contains(&calibration.train_drift) {
+        return Err(refuse(
+            "satwatch.train_drift",
+            "train_drift must be a share, in [0, 1]".into(),
+        ));
+    }
     if calibration.std <= 0.0 || calibration.mean < 0.0 {
         return Err(refuse(
             "satwatch.error_std",
