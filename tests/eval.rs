@@ -95,6 +95,195 @@ fn eval_json_agrees_with_the_labels_and_its_own_counts() {
     assert_eq!(totals["samples"].as_u64(), Some(samples));
 }
 
+/// `satwatch eval --json` on `channels` with `args` added: its JSON, or its stderr.
+fn eval(channels: &str, args: &[&str]) -> Result<Value, String> {
+    let output = Command::new(satwatch_bin())
+        .args([
+            "eval",
+            "--pipeline",
+            SMAP_PIPELINE,
+            "--data",
+            "data/smap",
+            "--channels",
+            channels,
+            "--json",
+        ])
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).expect("--json prints one JSON object"))
+}
+
+fn count(v: &Value) -> u64 {
+    v.as_u64().unwrap()
+}
+
+#[test]
+fn eval_lists_every_event_with_its_cause_and_the_figures_long_alarms_cannot_game() {
+    // D-5 holds a false alarm, P-1 three ranges; A-5 a range far shorter
+    // than its alarm.
+    let figures = eval("D-5,P-1,A-5", &[]).unwrap();
+    let events = figures["events"].as_array().unwrap();
+    let mut flagged_total = 0;
+    let mut labelled_total = 0;
+    for channel in figures["channels"].as_array().unwrap() {
+        let id = channel["channel"].as_str().unwrap();
+        let own: Vec<&Value> = events.iter().filter(|e| e["channel"] == id).collect();
+        assert_eq!(own.len() as u64, count(&channel["detected_events"]), "{id}");
+        let false_alarms = own.iter().filter(|e| e["matched"].is_null()).count() as u64;
+        assert_eq!(false_alarms, count(&channel["events"]["fp"]), "{id}");
+        for e in &own {
+            let cause = e["cause"].as_str().unwrap_or_default();
+            assert!(
+                ["surprise", "burst", "level", "excursion", "stuck"].contains(&cause),
+                "{id}: every event names the part that opened it: {e}"
+            );
+            assert!(count(&e["start"]) <= count(&e["end"]), "{e}");
+            if let Some(range) = e["matched"].as_array() {
+                let (from, to) = (count(&range[0]), count(&range[1]));
+                assert!(
+                    count(&e["start"]) < to && from <= count(&e["end"]),
+                    "the matched range overlaps the event: {e}"
+                );
+            }
+        }
+        // Flagged samples are the samples inside events; labelled ones the
+        // samples inside ranges.
+        let points = &channel["points"];
+        let flagged = count(&points["tp"]) + count(&points["fp"]);
+        let labelled = count(&points["tp"]) + count(&points["fn"]);
+        assert_eq!(count(&channel["flagged_samples"]), flagged, "{id}");
+        assert_eq!(count(&channel["labelled_samples"]), labelled, "{id}");
+        let span: u64 = own
+            .iter()
+            .map(|e| count(&e["end"]) + 1 - count(&e["start"]))
+            .sum();
+        assert!(
+            span >= flagged,
+            "{id}: events may overlap, never undercount"
+        );
+        // Fc1: event recall with point precision.
+        let recall = count(&channel["events"]["tp"]) as f64
+            / (count(&channel["events"]["tp"]) + count(&channel["events"]["fn"])) as f64;
+        let precision = count(&points["tp"]) as f64 / flagged.max(1) as f64;
+        let fc1 = channel["fc1"].as_f64().unwrap();
+        let expected = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        assert!(
+            (fc1 - expected).abs() < 1e-9,
+            "{id}: Fc1 {fc1} != {expected}"
+        );
+        flagged_total += flagged;
+        labelled_total += labelled;
+    }
+    let totals = &figures["totals"];
+    assert_eq!(count(&totals["flagged_samples"]), flagged_total);
+    let coverage = totals["coverage"].as_f64().unwrap();
+    assert!((coverage - flagged_total as f64 / labelled_total as f64).abs() < 1e-9);
+    let by_cause: u64 = totals["events_by_cause"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(count)
+        .sum();
+    assert_eq!(by_cause, events.len() as u64);
+    let delays = (
+        totals["median_delay"].as_u64(),
+        totals["p90_delay"].as_u64(),
+    );
+    assert!(matches!(delays, (Some(m), Some(p)) if m <= p), "{delays:?}");
+}
+
+#[test]
+fn eval_takes_detect_settings_for_one_run_and_refuses_bad_ones_by_name() {
+    let shipped = eval("P-4", &[]).unwrap();
+    // A level threshold no value reaches: P-4's level events go.
+    let changed = eval("P-4", &["--detect", "level_threshold=1000"]).unwrap();
+    let causes = |v: &Value| -> Vec<String> {
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["cause"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        causes(&shipped).iter().any(|c| c == "level"),
+        "{:?}",
+        causes(&shipped)
+    );
+    assert!(
+        !causes(&changed).iter().any(|c| c == "level"),
+        "{:?}",
+        causes(&changed)
+    );
+
+    let refused = eval("P-4", &["--detect", "burst_threshold=-1"]).unwrap_err();
+    assert!(
+        refused.contains("detect.burst_threshold = -1 must be > 0"),
+        "{refused}"
+    );
+    let refused = eval("P-4", &["--detect", "no_such_setting=1"]).unwrap_err();
+    assert!(refused.contains("no_such_setting"), "{refused}");
+    let refused = eval("P-4", &["--detect", "burst_window"]).unwrap_err();
+    assert!(refused.contains("KEY=VALUE"), "{refused}");
+}
+
+/// training/folds.py on a grid of two candidates: every channel is held out
+/// once, and the out-of-fold figures are the held-out channels' counts.
+#[test]
+fn folds_choose_on_other_channels_and_report_the_held_out_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(&grid, "min_event_gap = [50, 128]\n").unwrap();
+    let json = dir.path().join("folds.json");
+    let output = Command::new("python3")
+        .args(["training/folds.py", "--grid"])
+        .arg(&grid)
+        .arg("--json")
+        .arg(&json)
+        .args(["--satwatch"])
+        .arg(satwatch_bin())
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("**out of fold** (3 folds)"), "{table}");
+    let figures: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let folds: Vec<Vec<String>> = serde_json::from_value(figures["folds"].clone()).unwrap();
+    let mut held_out: Vec<String> = folds.concat();
+    held_out.sort();
+    let all = eval("all", &[]).unwrap();
+    let mut channels: Vec<String> = all["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channel"].as_str().unwrap().to_owned())
+        .collect();
+    channels.sort();
+    assert_eq!(held_out, channels, "every channel is held out exactly once");
+    let oof = &figures["out_of_fold"]["events"];
+    let held: u64 = figures["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| count(&c["held_out"]["events"]["tp"]))
+        .sum();
+    assert_eq!(count(&oof["tp"]), held);
+}
+
 /// `satwatch bench` with `args` added; its stdout as JSON, or its stderr.
 fn bench(args: &[&str]) -> Result<Value, String> {
     let output = Command::new(satwatch_bin())

@@ -1844,4 +1844,30 @@ mod tests {
             .filter(|(seq, _, _)| *seq >= 90)
             .all(|(_, s, _)| !s.anomalous));
     }
+
+    #[test]
+    fn a_checkpoint_from_before_the_burst_and_causes_learns_the_spread_afresh() {
+        let mut d = ChannelDetector::new(burst_settings(100), unit_errors());
+        let scored = quiet_stream(&mut d, &[397]);
+        assert!(d.open_event().is_some(), "the pulse's event is open");
+        assert!(scored.iter().any(|(_, s, _)| s.anomalous));
+        let mut json = serde_json::to_value(d.state()).unwrap();
+        let state = json.as_object_mut().unwrap();
+        state.remove("errors");
+        state["open"]["span"]
+            .as_object_mut()
+            .unwrap()
+            .remove("cause");
+        let state: DetectorState = serde_json::from_value(json).unwrap();
+        let mut d = ChannelDetector::restore(burst_settings(100), unit_errors(), state);
+        assert_eq!(
+            d.open_event().map(|e| e.cause),
+            Some(None),
+            "no cause known"
+        );
+        // The spread starts again: nothing is scored by the burst until a
+        // quarter window of errors is in, then a pulse fires as before.
+        let (first, _) = d.step(400, ts(), 0.5, &[0.0]);
+        assert!(!first.unwrap().anomalous);
+    }
 }

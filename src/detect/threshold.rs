@@ -225,7 +225,7 @@ impl DynamicThreshold {
     /// stream deaf, for as long as it runs. So every number kept here stays
     /// finite and a checkpoint of it can always be read back.
     pub fn update(&mut self, settings: &SpotSettings, score: f32, anomalous: bool) {
-        if settings.calibration_samples == 0 || !(score.abs() < MAX_THRESHOLD) {
+        if settings.calibration_samples == 0 || score.is_nan() || score.abs() >= MAX_THRESHOLD {
             return;
         }
         let score = f64::from(score);
