@@ -25,6 +25,8 @@ pub struct PipelineFile {
     pub postgres: PostgresSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    #[serde(default)]
+    pub health: HealthSettings,
     pub repository: RepositorySettings,
     pub channels: ChannelSettings,
     /// Subsystem by channel prefix (the text before the first '-'), e.g. `E = "eps"`.
@@ -148,13 +150,62 @@ pub struct HttpSettings {
     /// `SATWATCH_HTTP_ADDR` overrides.
     #[serde(default = "default_http_addr")]
     pub addr: String,
+    /// Connections open at once; at the limit the oldest is closed (once
+    /// its request in flight, if any, is answered) to make room. Lowered to
+    /// half the process's file limit, so clients cannot take the files
+    /// PostgreSQL and Kafka connections need.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a request's headers within this long of
+    /// connecting, or of its previous response: it bounds both slow
+    /// clients and idle kept-alive connections.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Request bodies larger than this are refused with 413 (no endpoint
+    /// reads a body today).
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: usize,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             addr: default_http_addr(),
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_request_body_bytes: default_max_request_body_bytes(),
         }
+    }
+}
+
+impl HttpSettings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+}
+
+/// When readiness reports a stage as stalled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// A stage is stalled when its oldest unfinished work (a PostgreSQL
+    /// write, an output transaction, or consumer lag with no committed
+    /// progress) is older than this; readiness is then 503.
+    #[serde(default = "default_max_stall_ms")]
+    pub max_stall_ms: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            max_stall_ms: default_max_stall_ms(),
+        }
+    }
+}
+
+impl HealthSettings {
+    pub fn max_stall(&self) -> Duration {
+        Duration::from_millis(self.max_stall_ms)
     }
 }
 
@@ -333,6 +384,18 @@ fn default_max_record_bytes() -> usize {
 fn default_http_addr() -> String {
     "127.0.0.1:8000".into()
 }
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_request_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_stall_ms() -> u64 {
+    30_000
+}
 fn default_model_template() -> String {
     "smap_{channel}".into()
 }
@@ -505,6 +568,18 @@ impl Pipeline {
             return Err(refuse(
                 at("backend_threads"),
                 "backend_threads must be >= 1".into(),
+            ));
+        }
+        if file.http.max_connections == 0 || file.http.header_read_timeout_ms == 0 {
+            return Err(refuse(
+                at("[http]"),
+                "[http] max_connections and header_read_timeout_ms must be >= 1".into(),
+            ));
+        }
+        if file.health.max_stall_ms == 0 {
+            return Err(refuse(
+                at("max_stall_ms"),
+                "[health] max_stall_ms must be >= 1".into(),
             ));
         }
         if file.sink.max_batch_rows == 0 {

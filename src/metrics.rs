@@ -3,7 +3,7 @@
 //! per subsystem, per reason, per partition; never per sample.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -37,6 +37,15 @@ pub struct Metrics {
     pub postgres_write_failures: IntCounter,
     pub kafka_publish_failures: IntCounter,
     pub rows_written: IntCounterVec,
+    /// Per stage (`postgres`, `kafka`, `consumer`): how long its oldest
+    /// unfinished work has waited, and 1 while that is past
+    /// `[health] max_stall_ms`.
+    pub stage_waiting_seconds: GaugeVec,
+    pub stage_stalled: IntGaugeVec,
+    /// HTTP connections open now, and those closed to make room at
+    /// `[http] max_connections`.
+    pub http_connections: IntGauge,
+    pub http_connections_evicted: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -125,7 +134,52 @@ impl Metrics {
         .expect("valid");
         r.register(Box::new(kafka_publish_failures.clone()))
             .expect("registered once");
+        let stage_waiting_seconds = GaugeVec::new(
+            Opts::new(
+                "satwatch_stage_waiting_seconds",
+                "Seconds the stage's oldest unfinished work has waited: a PostgreSQL write \
+                 (postgres), an output transaction (kafka), consumer lag with no committed \
+                 progress (consumer); 0 when nothing waits.",
+            ),
+            &["stage"],
+        )
+        .expect("valid");
+        r.register(Box::new(stage_waiting_seconds.clone()))
+            .expect("registered once");
+        let stage_stalled = IntGaugeVec::new(
+            Opts::new(
+                "satwatch_stage_stalled",
+                "1 while the stage's oldest unfinished work is older than [health] max_stall_ms \
+                 (readiness is then 503), else 0.",
+            ),
+            &["stage"],
+        )
+        .expect("valid");
+        r.register(Box::new(stage_stalled.clone()))
+            .expect("registered once");
+        for stage in crate::health::Stage::ALL {
+            stage_waiting_seconds
+                .with_label_values(&[stage.name()])
+                .set(0.0);
+            stage_stalled.with_label_values(&[stage.name()]).set(0);
+        }
+        let http_connections =
+            IntGauge::new("satwatch_http_connections", "HTTP connections open now.")
+                .expect("valid");
+        r.register(Box::new(http_connections.clone()))
+            .expect("registered once");
+        let http_connections_evicted = IntCounter::new(
+            "satwatch_http_connections_evicted_total",
+            "HTTP connections closed to make room for a new one at [http] max_connections.",
+        )
+        .expect("valid");
+        r.register(Box::new(http_connections_evicted.clone()))
+            .expect("registered once");
         Self {
+            stage_waiting_seconds,
+            stage_stalled,
+            http_connections,
+            http_connections_evicted,
             inference_success: counter(
                 &r,
                 "satwatch_inference_request_success_total",

@@ -87,6 +87,8 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
+    health.set_max_stall(pipeline.file.health.max_stall());
+    let file_limit = raise_file_limit();
     let specs = load_models(&pipeline)?;
     let selection =
         backend::select(&specs, &pipeline.file.engine).map_err(|e| RunError(e.to_string()))?;
@@ -146,6 +148,13 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
+    source::spawn_lag_watch(
+        consumer.clone(),
+        tracker.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown_rx.clone(),
+    );
     // Model control: versions loaded while running reach the processor
     // through `updates`; the HTTP metadata follows what is served.
     let served: Served = Arc::new(RwLock::new(specs.clone()));
@@ -177,9 +186,25 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         mode: repository.mode,
         token: repository.control_token.as_deref().map(Arc::from),
     };
-    let (http_addr, http_task) = http::serve(&pipeline.file.http.addr, state, shutdown_rx.clone())
-        .await
-        .map_err(|e| fail(&format!("cannot listen on {}", pipeline.file.http.addr))(&e))?;
+    let limits = http::Limits::new(&pipeline.file.http, file_limit);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_read_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        max_request_body_bytes = limits.max_request_body_bytes,
+        open_files_limit = file_limit,
+        "HTTP limits"
+    );
+    if limits.max_connections < pipeline.file.http.max_connections {
+        tracing::warn!(
+            configured = pipeline.file.http.max_connections,
+            used = limits.max_connections,
+            "[http] max_connections lowered to half the open files limit"
+        );
+    }
+    let (http_addr, http_task) =
+        http::serve(&pipeline.file.http.addr, limits, state, shutdown_rx.clone())
+            .await
+            .map_err(|e| fail(&format!("cannot listen on {}", pipeline.file.http.addr))(&e))?;
 
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
     let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
@@ -225,6 +250,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     );
 
     spawn_postgres_probe(pg, health.clone(), shutdown_tx.subscribe());
+    spawn_stall_watch(health.clone(), metrics.clone(), shutdown_tx.subscribe());
     let signal_health = health.clone();
     let signal_shutdown = shutdown_tx.clone();
     let shutdown_timeout = pipeline.file.engine.shutdown_timeout();
@@ -312,6 +338,88 @@ fn spawn_postgres_probe(
                     };
                     health.set_postgres(verdict);
                 }
+            }
+        }
+    });
+}
+
+/// Raises the soft limit on open files to the hard limit, so that the HTTP
+/// connection limit (half of it at most) leaves room for everything else;
+/// returns the limit in force, if it can be read.
+fn raise_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            tracing::warn!(
+                soft = limit.rlim_cur,
+                hard = limit.rlim_max,
+                "cannot raise the open files limit to the hard limit"
+            );
+        }
+    }
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// How often stalls are looked for.
+const STALL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Publishes each stage's waiting time and stall, and logs a stall when it
+/// starts and when it ends (readiness reads the same state on each probe).
+fn spawn_stall_watch(
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use crate::health::Stage;
+    tokio::spawn(async move {
+        let mut stalled = [false; Stage::ALL.len()];
+        let mut tick = tokio::time::interval(STALL_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let (waiting, stalls) = health.stages(Instant::now());
+            for (i, stage) in Stage::ALL.into_iter().enumerate() {
+                let stall = stalls.iter().find(|s| s.stage == stage);
+                metrics
+                    .stage_waiting_seconds
+                    .with_label_values(&[stage.name()])
+                    .set(waiting[i].as_secs_f64());
+                metrics
+                    .stage_stalled
+                    .with_label_values(&[stage.name()])
+                    .set(stall.is_some() as i64);
+                match (stall, stalled[i]) {
+                    (Some(stall), false) => {
+                        tracing::error!(
+                            stage = stage.name(),
+                            waited_s = stall.waited.as_secs(),
+                            "{stall}"
+                        )
+                    }
+                    (None, true) => tracing::info!(
+                        stage = stage.name(),
+                        "{} stage no longer stalled",
+                        stage.name()
+                    ),
+                    _ => {}
+                }
+                stalled[i] = stall.is_some();
             }
         }
     });

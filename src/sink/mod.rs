@@ -24,7 +24,7 @@ use tokio::{
 use crate::{
     config::SinkSettings,
     engine::{Checkpoint, Outputs},
-    health::Health,
+    health::{Health, Stage},
     metrics::Metrics,
     source::{offsets::Commit, OffsetTracker, TelemetryConsumer},
     telemetry::Origin,
@@ -267,11 +267,15 @@ impl CommitStage {
     /// the checkpoints they cover.
     async fn commit(&mut self) -> Result<(), PublishError> {
         let mut delay = FIRST_RETRY_DELAY;
+        // From the first attempt that has offsets to commit to the one that
+        // succeeds.
+        let mut publishing = None;
         loop {
             let (records, checkpoints, commits, group) = self.release();
             if commits.is_empty() {
                 return Ok(());
             }
+            publishing.get_or_insert_with(|| self.health.begin(Stage::Kafka));
             let mut offsets = TopicPartitionList::new();
             for c in &commits {
                 offsets
@@ -288,6 +292,7 @@ impl CommitStage {
             .expect("the commit call does not panic");
             match result {
                 Ok(()) => {
+                    drop(publishing);
                     self.health.set_kafka_publish(None);
                     let now = Utc::now();
                     for ts in self.settled_ts.drain(..) {
@@ -455,7 +460,8 @@ impl CommitStage {
 
 /// Commits one batch's rows, retrying until they are: records are only
 /// published after this returns, so giving up would lose them.
-async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, health: &Health) {
+async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, health: &Arc<Health>) {
+    let _writing = health.begin(Stage::Postgres);
     let mut delay = FIRST_RETRY_DELAY;
     loop {
         match pg.write(batch).await {
@@ -493,11 +499,12 @@ async fn write_checkpoints(
     checkpoints: &[Checkpoint],
     partitions: &Mutex<OffsetTracker>,
     metrics: &Metrics,
-    health: &Health,
+    health: &Arc<Health>,
 ) {
     if checkpoints.is_empty() {
         return;
     }
+    let _writing = health.begin(Stage::Postgres);
     let names: Vec<(String, i32)> = {
         let tracker = partitions.lock().expect("tracker updates never panic");
         checkpoints

@@ -358,6 +358,75 @@ pub fn subscribe(
     })
 }
 
+/// How often consumer lag is read from the brokers. The statistics
+/// callback above only runs while the consume loop polls, which stops
+/// while intake waits on a stalled stage: this keeps the lag current then.
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one partition's end offset may take to read.
+const END_OFFSET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads every assigned partition's lag on [`LAG_INTERVAL`], publishes it
+/// and reports the group's position to readiness (records waiting while
+/// no committed offset moves is a stall), until `shutdown` flips.
+pub fn spawn_lag_watch(
+    consumer: Arc<TelemetryConsumer>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LAG_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let (consumer, tracker, metrics) = (consumer.clone(), tracker.clone(), metrics.clone());
+            // librdkafka's calls block: off the runtime's workers.
+            let read = tokio::task::spawn_blocking(move || read_lag(&consumer, &tracker, &metrics));
+            if let Ok(Some((waiting, committed))) = read.await {
+                health.set_consumer_position(waiting, committed, std::time::Instant::now());
+            }
+        }
+    });
+}
+
+/// Sets the lag of every assigned partition whose commit position is
+/// known; returns the records waiting and the sum of the commit positions,
+/// or `None` when a partition's end could not be read.
+fn read_lag(
+    consumer: &TelemetryConsumer,
+    tracker: &Mutex<OffsetTracker>,
+    metrics: &Metrics,
+) -> Option<(i64, i64)> {
+    let assignment = consumer.assignment().ok()?;
+    let (mut waiting, mut committed_sum) = (0, 0);
+    for e in assignment.elements() {
+        // The last stable offset, for a read_committed consumer, like the
+        // statistics' `ls_offset`.
+        let (_, end) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), END_OFFSET_TIMEOUT)
+            .ok()?;
+        let committed = tracker
+            .lock()
+            .expect("tracker updates never panic")
+            .committed(e.topic(), e.partition());
+        let Some(committed) = committed else {
+            continue;
+        };
+        let lag = (end - committed).max(0);
+        metrics
+            .consumer_lag
+            .with_label_values(&[e.topic(), &e.partition().to_string()])
+            .set(lag);
+        waiting += lag;
+        committed_sum += committed;
+    }
+    Some((waiting, committed_sum))
+}
+
 /// What the source needs besides the consumer.
 pub struct SourceParts {
     pub decoder: Decoder,
