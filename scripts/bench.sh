@@ -91,6 +91,8 @@ DATA=data/smap
 SPLIT="test"
 READY_TIMEOUT=60
 STOP_TIMEOUT=30
+# The flooded backlog publishes this many malformed records after each sample.
+FLOOD_BAD=${SATWATCH_BENCH_FLOOD_BAD:-2}
 # The one-inference-thread comparison runs these replica counts.
 ONE_THREAD_REPLICAS=1,10
 if [[ $QUICK == 1 ]]; then
@@ -455,9 +457,11 @@ def metric_figures(path):
     }
 
 def cmd_metric(path, what):
-    """One figure from a scrape, for the shell's waits: consumed | scored | latency_count."""
+    """One figure from a scrape, for the shell's waits: consumed | dead_letters | latency_count."""
     s = parse_metrics(path)
-    if what == "consumed":
+    if what == "dead_letters":
+        print(int(total(s, "satwatch_dead_letters_total")))
+    elif what == "consumed":
         print(int(total(s, "satwatch_samples_consumed_total")))
     elif what == "latency_count":
         print(int(total(s, "satwatch_end_to_end_latency_seconds_count")))
@@ -521,6 +525,18 @@ def cmd_backlog(results, out):
           "usage": usage}, out)
     print(f"   from a backlog: {meta['scores']:,} score rows committed over {meta['span_s']:.1f} s "
           f"(first to last commit): {meta['samples'] / meta['span_s']:,.0f} samples/s", flush=True)
+
+def cmd_flood(results, out):
+    """The drain of a backlog holding bad records: samples and dead letters over the span of the scores' commits."""
+    meta = load(os.path.join(results, "flood.meta.json"))
+    before, after = load(os.path.join(results, "flood.snap-before.json")), load(os.path.join(results, "flood.snap-after.json"))
+    usage = usage_between(before, after, after["t"] - before["t"])
+    dead = total(parse_metrics(os.path.join(results, "flood.metrics.txt")), "satwatch_dead_letters_total")
+    dump({"samples": meta["samples"], "bad": meta["bad"], "dead_letters": dead, "scores": meta["scores"],
+          "span_s": meta["span_s"], "samples_per_s": meta["samples"] / meta["span_s"],
+          "dead_letters_per_s": dead / meta["span_s"], "usage": usage}, out)
+    print(f"   flooded backlog: {meta['samples'] / meta['span_s']:,.0f} samples/s and {dead / meta['span_s']:,.0f} dead letters/s "
+          f"({dead:,.0f} of {meta['bad']:,} bad records dead-lettered) over {meta['span_s']:.1f} s", flush=True)
 
 def cmd_latency(results, rate, out):
     p = lambda name: os.path.join(results, f"lat-{rate}.{name}")
@@ -765,7 +781,7 @@ def core_section(core, settings, one_thread=None, files=None):
     out += ["**What limits these figures.** " + " ".join(notes), ""]
     return out
 
-def backlog_lines(b):
+def backlog_lines(b, flood=None):
     """The backlog run, as a paragraph and a table; nothing if it did not run."""
     if b is None:
         return []
@@ -776,15 +792,22 @@ def backlog_lines(b):
     for key, label in labels.items():
         if key in u and u[key].get("cores") is not None:
             rows.append([f"{label}, cores over the drain", f(u[key]["cores"], 2)])
+    if flood is not None:
+        rows.append([f"**flooded**: {flood['bad'] // max(flood['samples'], 1)} malformed records after each sample, samples/s",
+                     f"**{f(flood['samples_per_s'])}**"])
+        rows.append(["flooded: dead letters/s (over the same span)",
+                     f"{f(flood['dead_letters_per_s'])} ({flood['dead_letters']:,.0f} of {flood['bad']:,})"])
     return ["**From a backlog.** The whole split is published first, with no consumer; then `satwatch run` starts "
             "and drains it. The span runs from the first to the last commit of a `scores` row "
-            "(PostgreSQL's commit timestamps).", "", table(["figure", "value"], rows), ""]
+            "(PostgreSQL's commit timestamps). The flooded run does the same with malformed records interleaved "
+            "(`satwatch replay --bad-records-per-sample`), each dead-lettered as `malformed_json`.", "",
+            table(["figure", "value"], rows), ""]
 
-def e2e_section(e, settings, backlog=None):
+def e2e_section(e, settings, backlog=None, flood=None):
     out = ["## 2. End to end (broker and PostgreSQL)", ""]
     if e is None:
         return out + ["Not measured in this run (`--skip-e2e`).", ""]
-    out += backlog_lines(backlog)
+    out += backlog_lines(backlog, flood)
     out += ["**During a full-speed replay.**", ""]
     r, u, m = e["replay"], e["usage"], e["metrics"]
     span = e["span_s"]
@@ -1063,7 +1086,8 @@ def cmd_render(results, out_path):
     ]
     lines += core_section(core, settings, load(os.path.join(results, "core-1thread.json")),
                           load(os.path.join(results, "core-files.json")))
-    lines += e2e_section(e2e, settings, load(os.path.join(results, "backlog.json")))
+    lines += e2e_section(e2e, settings, load(os.path.join(results, "backlog.json")),
+                         load(os.path.join(results, "flood.json")))
     lines += latency_section(lats, settings)
     lines += grouped_section(os.path.join(results, "grouped.md"))
     text = "\n".join(lines)
@@ -1092,7 +1116,7 @@ def cmd_print(results, section):
                             load(os.path.join(results, "core-files.json")))
     elif section == "e2e":
         text = e2e_section(load(os.path.join(results, "e2e.json")), settings,
-                           load(os.path.join(results, "backlog.json")))
+                           load(os.path.join(results, "backlog.json")), load(os.path.join(results, "flood.json")))
     else:
         text = latency_section([load(os.path.join(results, f"latency-{section}.json"))], settings)
     print("\n".join(l for l in text if not l.startswith("**What limits")))
@@ -1107,7 +1131,7 @@ def cmd_machine(out, *kv):
 
 COMMANDS = {
     "expected": cmd_expected, "window": cmd_window, "settings": cmd_settings, "snap": cmd_snap, "metric": cmd_metric,
-    "core": cmd_core, "e2e": cmd_e2e, "backlog": cmd_backlog, "latency": cmd_latency, "render": cmd_render,
+    "core": cmd_core, "e2e": cmd_e2e, "backlog": cmd_backlog, "flood": cmd_flood, "latency": cmd_latency, "render": cmd_render,
     "print": cmd_print, "machine": cmd_machine, "div": cmd_div, "round_trip": cmd_round_trip,
     "round_trip_cpu": cmd_round_trip_cpu,
 }
@@ -1552,6 +1576,26 @@ EOF
     printf '{"samples": %s, "scores": %s, "span_s": %s}\n' "$samples" "$scores" "$span_s" >"$RESULTS/backlog.meta.json"
     stop_satwatch
     py backlog "$RESULTS" "$RESULTS/backlog.json"
+
+    section="2. end to end from a backlog flooded with bad records"
+    log "== $section"
+    note "2. a flood: as the backlog, with $FLOOD_BAD malformed records after each sample (replay --bad-records-per-sample $FLOOD_BAD)"
+    fresh_services 1
+    start_replay flood "${replay_args[@]}" --bad-records-per-sample "$FLOOD_BAD"
+    finish_replay flood
+    log "   $samples samples and $((samples * FLOOD_BAD)) malformed records published; starting satwatch run to drain them"
+    start_satwatch flood
+    py snap "$RESULTS/flood.snap-before.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
+    wait_scores flood "$expected"
+    scores=$REPLY
+    wait_metric dead_letters "$((samples * FLOOD_BAD))"
+    py snap "$RESULTS/flood.snap-after.json" "satwatch=$satwatch_pid" "broker=$broker_pid" "postgres=$pg_pid"
+    scrape "$RESULTS/flood.metrics.txt"
+    span_s=$(psql -X -qtA -v ON_ERROR_STOP=1 "$DATABASE_URL" -c "
+        select extract(epoch from max(pg_xact_commit_timestamp(xmin)) - min(pg_xact_commit_timestamp(xmin)))::float8 from scores")
+    printf '{"samples": %s, "bad": %s, "scores": %s, "span_s": %s}\n' "$samples" "$((samples * FLOOD_BAD))" "$scores" "$span_s" >"$RESULTS/flood.meta.json"
+    stop_satwatch
+    py flood "$RESULTS" "$RESULTS/flood.json"
 fi
 
 # ------------------------------------------------------------ 3. latency

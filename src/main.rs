@@ -84,6 +84,11 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// First row of each channel to publish.
         #[arg(long, default_value_t = 0)]
         start: usize,
+        /// Also publish this many malformed records after each sample, keyed by
+        /// its channel on its topic (a flood of bad records: satwatch
+        /// dead-letters each as malformed_json). --rate paces samples only.
+        #[arg(long, default_value_t = 0)]
+        bad_records_per_sample: usize,
     },
     /// Run the streaming detection offline over a labelled split (no Kafka, no
     /// PostgreSQL) and score it against labeled_anomalies.csv: event-level
@@ -243,6 +248,7 @@ async fn execute(command: Command) -> Result<(), String> {
             max_rate: _,
             limit,
             start,
+            bad_records_per_sample,
         } => {
             let mut pipeline = load_pipeline(&pipeline)?;
             pipeline.select_channels(&channels)?;
@@ -254,15 +260,22 @@ async fn execute(command: Command) -> Result<(), String> {
                 rate,
                 limit,
                 start,
+                bad_records_per_sample,
             };
             let report = replay::replay(&pipeline, &data, &options).await?;
             let secs = report.elapsed.as_secs_f64();
+            let samples = report.published.saturating_sub(report.bad);
             println!(
-                "replayed {} samples from {} channels in {:.1} s ({:.0} samples/s), {} failed",
-                report.published,
+                "replayed {} samples{} from {} channels in {:.1} s ({:.0} samples/s), {} failed",
+                samples,
+                if report.bad > 0 {
+                    format!(" and {} malformed records", report.bad)
+                } else {
+                    String::new()
+                },
                 pipeline.channels.len(),
                 secs,
-                report.published as f64 / secs.max(1e-9),
+                samples as f64 / secs.max(1e-9),
                 report.failed
             );
             if report.failed > 0 {

@@ -17,7 +17,10 @@ use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::{
     error::KafkaError,
-    producer::{future_producer::OwnedDeliveryResult, FutureProducer, FutureRecord},
+    producer::{
+        future_producer::{DeliveryFuture, OwnedDeliveryResult},
+        FutureProducer, FutureRecord,
+    },
     types::RDKafkaErrorCode,
 };
 
@@ -36,11 +39,18 @@ pub struct ReplayOptions {
     pub limit: Option<usize>,
     /// First row per channel.
     pub start: usize,
+    /// Malformed records published after each sample, keyed by its channel
+    /// on its topic: a flood of bad records for measuring dead-lettering
+    /// (satwatch dead-letters each as `malformed_json`).
+    pub bad_records_per_sample: usize,
 }
 
 #[derive(Debug, Default)]
 pub struct ReplayReport {
+    /// Records delivered, bad ones included.
     pub published: u64,
+    /// Of them, bad records (`--bad-records-per-sample`).
+    pub bad: u64,
     pub failed: u64,
     pub elapsed: Duration,
 }
@@ -90,7 +100,11 @@ pub async fn replay(
         });
         streams.push((channel, loaded.values, options.start.min(end)..end));
     }
-    let total: u64 = streams.iter().map(|(_, _, rows)| rows.len() as u64).sum();
+    let total: u64 = streams
+        .iter()
+        .map(|(_, _, rows)| rows.len() as u64)
+        .sum::<u64>()
+        * (1 + options.bad_records_per_sample as u64);
     let producer = producer(&pipeline.file.kafka, options.rate.is_some())?;
 
     let progress = ProgressBar::new(total).with_style(
@@ -130,29 +144,32 @@ pub async fn replay(
                 &Utc::now(),
                 values.row(row).as_slice().expect("standard layout"),
             );
-            // send_result enqueues now (a FutureProducer::send future would only
-            // enqueue when first polled, holding paced records back).
-            let mut record = FutureRecord::to(&channel.topic)
-                .key(channel.id.as_str())
-                .payload(payload.as_str());
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        record = returned;
-                        // The local queue is full: wait for a delivery to make room.
-                        match deliveries.next().await {
-                            Some(result) => settle(result, &mut report, &progress),
-                            None => tokio::time::sleep(Duration::from_millis(1)).await,
-                        }
-                    }
-                    Err((err, _)) => {
-                        return Err(format!("cannot publish to {}: {err}", channel.topic))
-                    }
-                }
+            let topic = channel.topic.as_str();
+            let key = channel.id.as_str();
+            send(
+                &producer,
+                topic,
+                key,
+                payload.as_bytes(),
+                &mut deliveries,
+                &mut report,
+                &progress,
+            )
+            .await?;
+            // Cut off inside the seq: not JSON, yet long enough to be parsed.
+            let bad = format!("{{\"channel\": \"{key}\", \"seq\": {row}");
+            for _ in 0..options.bad_records_per_sample {
+                send(
+                    &producer,
+                    topic,
+                    key,
+                    bad.as_bytes(),
+                    &mut deliveries,
+                    &mut report,
+                    &progress,
+                )
+                .await?;
+                report.bad += 1;
             }
             sent += 1;
             // Settle what has been delivered already, without waiting.
@@ -172,6 +189,37 @@ pub async fn replay(
     progress.finish_and_clear();
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Enqueues one record (send_result enqueues now: a FutureProducer::send
+/// future would only enqueue when first polled, holding paced records back),
+/// waiting for a delivery to make room while the local queue is full.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    deliveries: &mut FuturesUnordered<DeliveryFuture>,
+    report: &mut ReplayReport,
+    progress: &ProgressBar,
+) -> Result<(), String> {
+    let mut record = FutureRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                deliveries.push(delivery);
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                match deliveries.next().await {
+                    Some(result) => settle(result, report, progress),
+                    None => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+            Err((err, _)) => return Err(format!("cannot publish to {topic}: {err}")),
+        }
+    }
 }
 
 fn settle(

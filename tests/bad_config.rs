@@ -40,10 +40,12 @@ fn refusal_line(stderr: &str) -> &str {
 fn a_pipeline_file_error_names_file_line_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let text = smap_pipeline_text().replace(
-        "min_event_gap = 50",
-        "min_event_gap = 50\nmin_event_gapp = 3",
-    );
+    let original = smap_pipeline_text();
+    let gap = original
+        .lines()
+        .find(|l| l.starts_with("min_event_gap = "))
+        .expect("the pipeline sets min_event_gap");
+    let text = original.replace(gap, &format!("{gap}\nmin_event_gapp = 3"));
     std::fs::write(&path, &text).unwrap();
     let line = text
         .lines()

@@ -203,4 +203,58 @@ fn replay_and_check(broker: &Broker, pg: &Postgres, service: Satwatch) {
             );
         }
     }
+
+    assert_events_as_eval_finds_them(pg);
+}
+
+/// `run` and `eval` share the detector: every event that ended well inside
+/// the replayed rows (so that later rows could not have changed it) is the
+/// same in `anomaly_events` as in `satwatch eval`, with the same cause.
+fn assert_events_as_eval_finds_them(pg: &Postgres) {
+    let output = std::process::Command::new(satwatch_bin())
+        .args([
+            "eval",
+            "--pipeline",
+            SMAP_PIPELINE,
+            "--data",
+            "data/smap",
+            "--json",
+        ])
+        .args(["--channels", &CHANNELS.join(",")])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // An event closes after min_event_gap normal samples: one ending this
+    // far before the last replayed row has closed in both runs.
+    let settled = ROWS - 2 * 128;
+    let from_eval: Vec<(String, i64, i64, String)> = figures["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["end"].as_i64().unwrap() < settled)
+        .map(|e| {
+            (
+                e["channel"].as_str().unwrap().to_owned(),
+                e["start"].as_i64().unwrap(),
+                e["end"].as_i64().unwrap(),
+                e["cause"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let from_run: Vec<(String, i64, i64, String)> = pg
+        .query(&format!(
+            "SELECT channel, start_seq, end_seq, cause FROM anomaly_events
+             WHERE state = 'closed' AND end_seq < {settled} ORDER BY channel, start_seq"
+        ))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert!(!from_run.is_empty(), "the replayed rows raise events");
+    assert_eq!(from_run, from_eval);
 }
