@@ -470,8 +470,9 @@ impl Pipeline {
     }
 
     /// [`Pipeline::load`] with `[detect]` settings replaced, each
-    /// `(key, value)` a TOML value (`satwatch eval --detect KEY=VALUE`, for
-    /// studies that try settings without editing the file).
+    /// `(key, value)` a TOML value under a dotted key such as `burst.window`
+    /// (`satwatch eval --detect KEY=VALUE`, for studies that try settings
+    /// without editing the file).
     pub fn load_with_detect(
         path: &Path,
         overrides: &[(String, String)],
@@ -498,7 +499,18 @@ impl Pipeline {
             let parsed: toml::Table = format!("v = {value}").parse().map_err(|err| {
                 refuse(format!("detect.{key} = {value} is not a TOML value: {err}"))
             })?;
-            detect.insert(key.clone(), parsed["v"].clone());
+            // `burst.window` is `window` in the `[detect.burst]` table.
+            let mut table = &mut *detect;
+            let mut path: Vec<&str> = key.split('.').collect();
+            let last = path.pop().unwrap_or_default();
+            for part in path {
+                table = table
+                    .entry(part)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| refuse(format!("detect.{key}: {part} is not a table")))?;
+            }
+            table.insert(last.to_owned(), parsed["v"].clone());
         }
         Self::parse(&file.to_string(), path)
     }
@@ -519,7 +531,18 @@ impl Pipeline {
             let line = err
                 .span()
                 .map(|span| crate::repository::pbtxt::line_of(text, span.start));
-            refuse(line, err.message().to_owned())
+            let mut reason = err.message().to_owned();
+            if let Some((old, new)) = crate::detect::MOVED_KEYS.iter().find(|(old, _)| {
+                reason.contains(&format!("unknown field `{old}`"))
+                        // `threshold` is now a table: a number there is the old key.
+                        || (*old == "threshold" && reason.contains("struct ThresholdSettings"))
+            }) {
+                reason = format!(
+                    "detect.{old} is now detect.{new}: each part of the score has its own \
+                     [detect.<part>] table (docs/detection.md)"
+                );
+            }
+            refuse(line, reason)
         })?;
         if let Ok(brokers) = std::env::var("SATWATCH_BROKERS") {
             file.kafka.brokers = brokers;

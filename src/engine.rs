@@ -892,6 +892,10 @@ mod tests {
     use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
     use super::*;
+    use crate::detect::{
+        baseline::BaselineSettings, events::EventSettings, excursion::ExcursionSettings,
+        threshold::ThresholdSettings,
+    };
     use crate::repository::{BatchPolicy, DeviceKind, ErrorCalibration, Normalisation};
 
     fn spec() -> Arc<ModelSpec> {
@@ -939,22 +943,34 @@ mod tests {
     fn engine() -> Engine {
         let detect = DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 5.0,
-            min_event_gap: 1,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 5.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 1,
+                ..DetectSettings::bare().events
+            },
+            ..DetectSettings::bare()
         };
         Engine::new(&[channel()], &[spec()], detect).unwrap()
     }
 
     #[test]
     fn channel_state_counts_the_offsets_and_the_detectors_heap() {
-        let without = Engine::new(&[channel()], &[spec()], DetectSettings::default())
+        let without = Engine::new(&[channel()], &[spec()], DetectSettings::bare())
             .unwrap()
             .channel_state_bytes();
         let detect = DetectSettings {
-            baseline_samples: 640,
-            excursion_samples: 128,
-            ..Default::default()
+            baseline: BaselineSettings {
+                samples: 640,
+                ..DetectSettings::bare().baseline
+            },
+            excursion: ExcursionSettings {
+                samples: 128,
+                ..DetectSettings::bare().excursion
+            },
+            ..DetectSettings::bare()
         };
         let with = Engine::new(&[channel()], &[spec()], detect)
             .unwrap()
@@ -1109,7 +1125,7 @@ mod tests {
         let mut spec = (*spec()).clone();
         spec.batching.preferred_batch_sizes = vec![4];
         let mut engine =
-            Engine::new(&[channel()], &[Arc::new(spec)], DetectSettings::default()).unwrap();
+            Engine::new(&[channel()], &[Arc::new(spec)], DetectSettings::bare()).unwrap();
         let now = Instant::now();
         for seq in 0..5 {
             engine.admit(&sample(seq, seq as f32), now);
@@ -1200,8 +1216,7 @@ mod tests {
             .collect();
         let mut four = (*spec()).clone();
         four.batching.preferred_batch_sizes = vec![4];
-        let mut engine =
-            Engine::new(&channels, &[Arc::new(four)], DetectSettings::default()).unwrap();
+        let mut engine = Engine::new(&channels, &[Arc::new(four)], DetectSettings::bare()).unwrap();
         let now = Instant::now();
         // Interleaved as two partitions arrive; channel c's offsets are 10c + seq.
         for seq in 0..3 {
@@ -1240,13 +1255,19 @@ mod tests {
         wide.normalisation.scale = vec![1e30];
         let detect = DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 5.0,
-            min_event_gap: 1,
-            calibration_samples: 5,
-            min_peaks: 3,
-            risk: 0.01,
-            initial_quantile: 0.8,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 5.0,
+                calibration_samples: 5,
+                min_peaks: 3,
+                risk: 0.01,
+                initial_quantile: 0.8,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 1,
+                ..DetectSettings::bare().events
+            },
+            ..DetectSettings::bare()
         };
         let mut engine = Engine::new(&[channel()], &[Arc::new(wide)], detect).unwrap();
         let now = Instant::now();

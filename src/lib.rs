@@ -11,7 +11,10 @@
 //! - [`batch`]: per-model dynamic batching with Triton's semantics.
 //! - [`backend`]: the inference backends (ONNX Runtime on CPU), run on their
 //!   own threads.
-//! - [`detect`]: forecast errors into scores, thresholds and anomaly events.
+//! - [`detect`]: forecast errors into scores, thresholds and anomaly events;
+//!   one file per score part (surprise, burst, level over a baseline,
+//!   excursion, stuck), each owning its `[detect.<part>]` settings and state,
+//!   plus the threshold and the events.
 //! - [`sink`]: PostgreSQL and the `anomalies`/`forecasts` topics; acknowledges
 //!   records back to the source once their outputs are durable.
 //!
@@ -19,7 +22,8 @@
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
 //! the service together; [`replay`], [`eval`], [`bench`] and [`topics`] are the tools
-//! around it;
+//! around it ([`dataset`] reads the SMAP files, [`offline`] feeds the engine
+//! from memory for `eval` and `bench`, [`round_trip`] times the broker alone);
 //! [`http`], [`metrics`] and [`health`] are what operators look at;
 //! [`secrets`] masks secret settings in the messages that could quote them.
 

@@ -113,7 +113,7 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         #[arg(long)]
         json: bool,
         /// Replace a `[detect]` setting of the pipeline file for this run
-        /// (repeatable), e.g. `--detect burst_threshold=6`: how
+        /// (repeatable), with a dotted key, e.g. `--detect burst.threshold=6`: how
         /// training/folds.py tries settings.
         #[arg(long = "detect", value_name = "KEY=VALUE", value_parser = parse_setting)]
         detect: Vec<(String, String)>,

@@ -40,12 +40,7 @@ fn refusal_line(stderr: &str) -> &str {
 fn a_pipeline_file_error_names_file_line_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let original = smap_pipeline_text();
-    let gap = original
-        .lines()
-        .find(|l| l.starts_with("min_event_gap = "))
-        .expect("the pipeline sets min_event_gap");
-    let text = original.replace(gap, &format!("{gap}\nmin_event_gapp = 3"));
+    let text = smap_pipeline_text().replace("[detect]\n", "[detect]\nmin_event_gapp = 3\n");
     std::fs::write(&path, &text).unwrap();
     let line = text
         .lines()
@@ -57,6 +52,23 @@ fn a_pipeline_file_error_names_file_line_and_reason() {
     let refusal = refusal_line(&stderr);
     assert!(refusal.contains(&format!("bad.toml:{line}:")), "{refusal}");
     assert!(refusal.contains("min_event_gapp"), "{refusal}");
+}
+
+/// A `[detect]` key from before each part had its own table names where it
+/// lives now.
+#[test]
+fn a_detect_key_that_moved_names_its_new_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    let text = smap_pipeline_text().replace("[detect]\n", "[detect]\nburst_window = 10\n");
+    std::fs::write(&path, &text).unwrap();
+    let (ok, stderr) = run(&path);
+    assert!(!ok);
+    let refusal = refusal_line(&stderr);
+    assert!(
+        refusal.contains("detect.burst_window is now detect.burst.window"),
+        "{refusal}"
+    );
 }
 
 #[test]

@@ -205,7 +205,7 @@ fn eval_lists_every_event_with_its_cause_and_the_figures_long_alarms_cannot_game
 fn eval_takes_detect_settings_for_one_run_and_refuses_bad_ones_by_name() {
     let shipped = eval("P-4", &[]).unwrap();
     // A level threshold no value reaches: P-4's level events go.
-    let changed = eval("P-4", &["--detect", "level_threshold=1000"]).unwrap();
+    let changed = eval("P-4", &["--detect", "level.threshold=1000"]).unwrap();
     let causes = |v: &Value| -> Vec<String> {
         v["events"]
             .as_array()
@@ -225,14 +225,14 @@ fn eval_takes_detect_settings_for_one_run_and_refuses_bad_ones_by_name() {
         causes(&changed)
     );
 
-    let refused = eval("P-4", &["--detect", "burst_threshold=-1"]).unwrap_err();
+    let refused = eval("P-4", &["--detect", "burst.threshold=-1"]).unwrap_err();
     assert!(
-        refused.contains("detect.burst_threshold = -1 must be > 0"),
+        refused.contains("detect.burst.threshold = -1 must be > 0"),
         "{refused}"
     );
     let refused = eval("P-4", &["--detect", "no_such_setting=1"]).unwrap_err();
     assert!(refused.contains("no_such_setting"), "{refused}");
-    let refused = eval("P-4", &["--detect", "burst_window"]).unwrap_err();
+    let refused = eval("P-4", &["--detect", "burst.window"]).unwrap_err();
     assert!(refused.contains("KEY=VALUE"), "{refused}");
 }
 
@@ -242,7 +242,7 @@ fn eval_takes_detect_settings_for_one_run_and_refuses_bad_ones_by_name() {
 fn folds_choose_on_other_channels_and_report_the_held_out_ones() {
     let dir = tempfile::tempdir().unwrap();
     let grid = dir.path().join("grid.toml");
-    std::fs::write(&grid, "min_event_gap = [50, 128]\n").unwrap();
+    std::fs::write(&grid, "[events]\nmin_gap = [50, 128]\n").unwrap();
     let json = dir.path().join("folds.json");
     let output = Command::new("python3")
         .args(["training/folds.py", "--grid"])

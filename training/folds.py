@@ -43,11 +43,17 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", type=Path, default=ROOT / "pipelines/smap.toml")
     p.add_argument("--data", type=Path, default=ROOT / "data/smap")
     p.add_argument("--grid", type=Path, default=ROOT / "training/grid.toml",
-                   help="TOML: one list of values per [detect] key; the candidates are their product")
+                   help="TOML laid out as [detect]: one list of values per key (e.g. [burst] window = [0, 1000]); "
+                        "the candidates are their product")
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--by-subsystem", action="store_true",
+                   help="one fold per subsystem (a channel id's letter) instead: choose on the other subsystems")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="evaluations run at once")
     p.add_argument("--satwatch", type=Path, default=ROOT / "target/release/satwatch")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="keep every candidate's per-channel figures in this file and reuse those already there "
+                        "(the same binary, pipeline and models are assumed)")
     return p.parse_args(argv)
 
 
@@ -60,6 +66,17 @@ def evaluate(args, settings: dict) -> dict[str, dict]:
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
     return {c["channel"]: c for c in json.loads(done.stdout)["channels"]}
+
+
+def flatten(table: dict, prefix: str = "") -> dict[str, list]:
+    """`{"burst": {"window": [...]}}` as `{"burst.window": [...]}`: the keys `--detect` takes."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def pooled(figures: dict[str, dict], channels: list[str]) -> dict:
@@ -101,23 +118,32 @@ def row(name: str, f: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    grid = tomllib.loads(args.grid.read_text())
+    grid = flatten(tomllib.loads(args.grid.read_text()))
     keys = sorted(grid)
     candidates = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     print(f"{len(candidates)} candidates over {', '.join(keys)}", file=sys.stderr)
 
+    kept = json.loads(args.runs.read_text()) if args.runs and args.runs.exists() else {}
+    key = lambda settings: json.dumps(settings, sort_keys=True)
+    missing = [s for s in candidates if key(s) not in kept]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        pending = [pool.submit(evaluate, args, settings) for settings in candidates]
+        pending = [pool.submit(evaluate, args, settings) for settings in missing]
         step = max(1, len(pending) // 20)
-        for i, future in enumerate(pending, 1):
-            future.result()
+        for i, (settings, future) in enumerate(zip(missing, pending), 1):
+            kept[key(settings)] = future.result()
             if i % step == 0 or i == len(pending):
-                print(f"{i}/{len(candidates)} evaluated", file=sys.stderr, flush=True)
-        runs = [future.result() for future in pending]
+                print(f"{i}/{len(missing)} evaluated", file=sys.stderr, flush=True)
+    if args.runs:
+        args.runs.write_text(json.dumps(kept))
+    runs = [kept[key(s)] for s in candidates]
     shipped = evaluate(args, {})
 
     channels = sorted(shipped)
-    folds = [channels[k::args.folds] for k in range(args.folds)]
+    if args.by_subsystem:
+        letters = sorted({c.split("-")[0] for c in channels})
+        folds = [[c for c in channels if c.split("-")[0] == letter] for letter in letters]
+    else:
+        folds = [channels[k::args.folds] for k in range(args.folds)]
     held_out: dict[str, dict] = {}
     choices = []
     for k, fold in enumerate(folds):
@@ -134,7 +160,8 @@ def main(argv=None) -> int:
     print("| figures | events TP/FP/FN | event P | event R | event F1 | Fc1 | point F1 | flagged / labelled | "
           "flagged over half, labelled under a tenth |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    print(row(f"**out of fold** ({args.folds} folds)", out_of_fold))
+    scheme = "one fold per subsystem" if args.by_subsystem else f"{args.folds} folds"
+    print(row(f"**out of fold** ({scheme})", out_of_fold))
     print(row("in fold (best on all channels)", in_fold))
     print(row(f"the pipeline file as it is ({args.pipeline.name})", as_shipped))
     print(row("target", {"events": {"tp": "-", "fp": "-", "fn": "-"}, "event_precision": float("nan"),

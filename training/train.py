@@ -45,9 +45,9 @@ FIT_FRACTION = 0.8
 # Train drift: the share of the train split's target values, after its first DRIFT_BASELINE
 # rows, that lie outside those rows' range (at least DRIFT_MIN_WIDTH wide) by more than
 # DRIFT_MARGIN of its width. The first rows play the part the stream's first
-# `[detect] baseline_samples` (640) play in satwatch; a channel that drifts all through its
+# `[detect.baseline] samples` (640) play in satwatch; a channel that drifts all through its
 # train split (a counter, a ramp, a slow trend) gets no level or excursion score, whose
-# alarms would run to the end of its stream (`[detect] max_train_drift`).
+# alarms would run to the end of its stream (`[detect.baseline] max_train_drift`).
 DRIFT_BASELINE = 640
 DRIFT_MIN_WIDTH = 0.05
 DRIFT_MARGIN = 0.01

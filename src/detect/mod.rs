@@ -1,30 +1,28 @@
 //! From forecasts to anomaly scores, thresholds and events, one channel at a time.
 //!
 //! A sample's error is how far its value lands from the one-step forecast made
-//! at the previous sample (telemanom's prediction error). Errors are smoothed
-//! with an exponentially weighted moving average and expressed in units of the
-//! channel's own error spread on held-out train data, so one threshold setting
-//! carries to every channel:
+//! at the previous sample (telemanom's prediction error), smoothed with an
+//! exponentially weighted moving average. Each sample gets one score, the
+//! largest of five label-free parts, each in a room of its own and each
+//! scaled so that reaching its own limit means reaching the threshold in
+//! force:
 //!
-//! `score = (ewma(|value - forecast|) - error_mean) / error_std`
+//! - [`surprise`]: the smoothed error in the model's train error spreads;
+//! - [`burst`]: the smoothed error in the stream's own recent error spreads;
+//! - [`level`]: how far the value lies outside the stream's [`baseline`] range;
+//! - [`excursion`]: how long the value has lain a little outside that range;
+//! - [`stuck`]: how long the value has repeated exactly.
 //!
-//! Three label-free parts join it, each scaled so that reaching its own limit
-//! means reaching the threshold: *level novelty* (the value lies far outside
-//! the range the stream showed over its baseline), a *sustained excursion*
-//! (the value lay even a little outside that range in more than
-//! `excursion_samples` of the last `baseline_samples` samples) and a *stuck
-//! run* (the value has repeated exactly for longer than `stuck_run_factor`
-//! times the longest such run the stream has shown, and for at least
-//! `min_stuck_run` samples). A stuck run and a sustained excursion are what
-//! a forecaster scores as good news: a frozen value is easy to predict, and
-//! a cycle whose peaks run a little high is predicted as well as before, one
-//! window later, while the stream behaves as it never did.
+//! A sample is anomalous when its score exceeds the threshold in force
+//! ([`threshold`]: fixed until the stream has a history, then fitted to the
+//! surprise's own tail); [`events`] open and close from that verdict, naming
+//! the part that opened them.
 //!
-//! A sample is anomalous when its score exceeds the threshold in force: the
-//! fixed `threshold` until the stream has a history, then a threshold fitted
-//! to the stream's own score tail (peaks over threshold, `threshold.rs`),
-//! never below `min_threshold`. An event opens at the first anomalous sample
-//! and closes once `min_event_gap` normal samples follow its last anomalous one.
+//! Each part owns its settings (a `[detect.<part>]` table of the pipeline
+//! file, whose defaults are the shipped settings, so a pipeline file only
+//! overrides), its state, its validation and its score. Adding a part: a
+//! file here, a field in [`DetectSettings`] and [`DetectorState`], a line in
+//! [`ChannelDetector::step`]'s fold and a [`Cause`].
 //!
 //! No number poisons the state: every part saturates where f32 would
 //! overflow, so any finite value and forecast give a score within
@@ -32,193 +30,111 @@
 //! forecast steps are kept as [`finite_forecast`] makes them; and a score no
 //! threshold can reach teaches the dynamic threshold nothing.
 
+pub mod baseline;
+pub mod burst;
+pub mod events;
+pub mod excursion;
+pub mod level;
+pub mod stuck;
+pub mod surprise;
 pub mod threshold;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{repository::ErrorCalibration, telemetry::MAX_ABS_VALUE};
-use threshold::{DynamicThreshold, SpotSettings};
+use baseline::{Baseline, BaselineSettings};
+use burst::{BurstSettings, ErrorSpread};
+pub use events::{Cause, EventChange, EventSpan};
+use events::{EventSettings, OpenEvent};
+use excursion::{ExcursionSettings, Excursions};
+use level::LevelSettings;
+use stuck::{StuckRun, StuckSettings};
+use surprise::SurpriseSettings;
+use threshold::{DynamicThreshold, ThresholdSettings};
 
-/// Detection settings: one set for every channel (`[detect]` in the pipeline file).
+/// Detection settings: one set for every channel (`[detect]` in the
+/// pipeline file, one nested table per part). The defaults are the shipped
+/// settings, chosen out of fold (docs/detection.md).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DetectSettings {
-    /// Weight of the newest error in the moving average (0 < alpha <= 1).
-    #[serde(default = "default_ewma_alpha")]
+    /// Weight of the newest error in the moving average (0 < alpha <= 1),
+    /// for the surprise and the burst.
     pub ewma_alpha: f32,
-    /// Anomalous above this score (error standard deviations above the mean)
-    /// until the dynamic threshold is fitted; the only threshold when
-    /// `calibration_samples` is 0.
-    #[serde(default = "default_threshold")]
-    pub threshold: f32,
-    /// Normal samples in a row that close an open event.
-    #[serde(default = "default_min_event_gap")]
-    pub min_event_gap: u64,
-    /// Scored samples that establish a channel's baseline value range (0 turns
-    /// the level score off).
-    #[serde(default)]
-    pub baseline_samples: u64,
-    /// A value this far outside the baseline range, in units of the range's
-    /// width, is anomalous whatever its forecast error.
-    #[serde(default = "default_level_threshold")]
-    pub level_threshold: f32,
-    /// The stream is anomalous while more than this many of its last
-    /// `baseline_samples` scored samples lay outside the baseline range by
-    /// more than `excursion_margin` (0 turns the excursion score off).
-    #[serde(default)]
-    pub excursion_samples: u64,
-    /// How far outside the baseline range, in units of its width, a value
-    /// counts as an excursion.
-    #[serde(default = "default_excursion_margin")]
-    pub excursion_margin: f32,
-    /// Scores that set the dynamic threshold's initial level (0 turns the
-    /// dynamic threshold off: `threshold` alone is used).
-    #[serde(default)]
-    pub calibration_samples: u64,
-    /// The initial level is this quantile of the calibration scores.
-    #[serde(default = "default_initial_quantile")]
-    pub initial_quantile: f64,
-    /// The dynamic threshold is the score exceeded with this probability
-    /// under the fitted tail (false alarms per normal sample).
-    #[serde(default = "default_risk")]
-    pub risk: f64,
-    /// Peaks above the initial level needed before the tail is fitted.
-    #[serde(default = "default_min_peaks")]
-    pub min_peaks: u64,
-    /// The dynamic threshold never goes below this score.
-    #[serde(default = "default_min_threshold")]
-    pub min_threshold: f32,
-    /// A value repeated exactly for more than this many times the longest
-    /// run of repeats the stream has shown is anomalous (0 turns the stuck
-    /// score off). Runs in progress during the baseline are normal.
-    #[serde(default)]
-    pub stuck_run_factor: f32,
-    /// ... and only once it has repeated for more than this many samples
-    /// (a stream whose values have hardly repeated yet is not stuck after a
-    /// few repeats).
-    #[serde(default = "default_min_stuck_run")]
-    pub min_stuck_run: u64,
-    /// Whether the forecast surprise (the smoothed error against the train
-    /// split's error spread) is a score part; the dynamic threshold is
-    /// fitted to it either way.
-    #[serde(default = "default_true")]
-    pub forecast_surprise: bool,
-    /// The surprise divides by the model's train error spread, but never by
-    /// less than this (input units): a model calibrated on a flat slice of
-    /// train has a spread near zero, and ordinary steps would score 10 to 20.
-    #[serde(default)]
-    pub min_error_std: f32,
-    /// Error burst: the smoothed error in standard deviations of the
-    /// stream's own errors over about the last `burst_window` samples
-    /// (exponentially weighted), anomalous beyond `burst_threshold` (0
-    /// turns it off). Needs no calibration, so it cannot collapse on a flat
-    /// validation slice, and it finds a pulse inside a quiet channel's range.
-    #[serde(default)]
-    pub burst_window: u64,
-    #[serde(default = "default_burst_threshold")]
-    pub burst_threshold: f32,
-    /// The burst divides by the stream's error spread, but never by less
-    /// than this (input units): a constant stream's spread is zero.
-    #[serde(default = "default_min_burst_std")]
-    pub min_burst_std: f32,
-    /// A baseline range is at least this wide (input units; SMAP's are
-    /// scaled to [-1, 1]), so a channel nearly constant during its baseline
-    /// is not flagged for moving a hair.
-    #[serde(default = "default_min_baseline_width")]
-    pub min_baseline_width: f32,
-    /// Once an event has been open for this many samples, the stream's
-    /// value level is taken as its new normal: the baseline range is set
-    /// again from the next `baseline_samples` samples, and the excursion
-    /// and stuck counts start afresh, so an alarm for a lasting shift or a
-    /// drift ends instead of running to the end of the stream (0: never).
-    #[serde(default)]
-    pub max_event_samples: u64,
-    /// A channel whose train split drifted out of its first rows' range
-    /// more than this share of the time (`satwatch.train_drift` from
-    /// training/train.py: a counter, a ramp, a slow trend) gets no level or
-    /// excursion score: for it, leaving the baseline range is normal, and
-    /// those alarms would run to the end of its stream (1: never muted).
-    #[serde(default = "default_max_train_drift")]
-    pub max_train_drift: f32,
-}
-
-fn default_ewma_alpha() -> f32 {
-    0.1
-}
-fn default_threshold() -> f32 {
-    10.0
-}
-fn default_min_event_gap() -> u64 {
-    50
-}
-fn default_level_threshold() -> f32 {
-    0.5
-}
-fn default_excursion_margin() -> f32 {
-    0.01
-}
-fn default_initial_quantile() -> f64 {
-    0.98
-}
-fn default_risk() -> f64 {
-    1e-3
-}
-fn default_min_peaks() -> u64 {
-    10
-}
-fn default_min_threshold() -> f32 {
-    2.5
-}
-fn default_min_stuck_run() -> u64 {
-    50
-}
-fn default_true() -> bool {
-    true
-}
-fn default_burst_threshold() -> f32 {
-    6.0
-}
-fn default_min_burst_std() -> f32 {
-    0.01
-}
-fn default_max_train_drift() -> f32 {
-    1.0
-}
-fn default_min_baseline_width() -> f32 {
-    0.05
+    pub threshold: ThresholdSettings,
+    pub events: EventSettings,
+    pub surprise: SurpriseSettings,
+    pub burst: BurstSettings,
+    pub baseline: BaselineSettings,
+    pub level: LevelSettings,
+    pub excursion: ExcursionSettings,
+    pub stuck: StuckSettings,
 }
 
 impl Default for DetectSettings {
     fn default() -> Self {
         Self {
-            ewma_alpha: default_ewma_alpha(),
-            threshold: default_threshold(),
-            min_event_gap: default_min_event_gap(),
-            baseline_samples: 0,
-            level_threshold: default_level_threshold(),
-            excursion_samples: 0,
-            excursion_margin: default_excursion_margin(),
-            calibration_samples: 0,
-            initial_quantile: default_initial_quantile(),
-            risk: default_risk(),
-            min_peaks: default_min_peaks(),
-            min_threshold: default_min_threshold(),
-            stuck_run_factor: 0.0,
-            min_stuck_run: default_min_stuck_run(),
-            forecast_surprise: true,
-            min_error_std: 0.0,
-            burst_window: 0,
-            burst_threshold: default_burst_threshold(),
-            min_burst_std: default_min_burst_std(),
-            min_baseline_width: default_min_baseline_width(),
-            max_event_samples: 0,
-            max_train_drift: default_max_train_drift(),
+            ewma_alpha: 0.1,
+            threshold: ThresholdSettings::default(),
+            events: EventSettings::default(),
+            surprise: SurpriseSettings::default(),
+            burst: BurstSettings::default(),
+            baseline: BaselineSettings::default(),
+            level: LevelSettings::default(),
+            excursion: ExcursionSettings::default(),
+            stuck: StuckSettings::default(),
         }
     }
 }
 
+/// Keys `[detect]` held before each part had its own table, and where they
+/// live now: a pipeline file that still uses one is refused with the way
+/// to the new key.
+pub const MOVED_KEYS: &[(&str, &str)] = &[
+    ("threshold", "threshold.fixed"),
+    ("min_event_gap", "events.min_gap"),
+    ("max_event_samples", "events.max_samples"),
+    ("baseline_samples", "baseline.samples"),
+    ("min_baseline_width", "baseline.min_width"),
+    ("max_train_drift", "baseline.max_train_drift"),
+    ("level_threshold", "level.threshold"),
+    ("excursion_samples", "excursion.samples"),
+    ("excursion_margin", "excursion.margin"),
+    ("calibration_samples", "threshold.calibration_samples"),
+    ("initial_quantile", "threshold.initial_quantile"),
+    ("risk", "threshold.risk"),
+    ("min_peaks", "threshold.min_peaks"),
+    ("min_threshold", "threshold.min"),
+    ("stuck_run_factor", "stuck.factor"),
+    ("min_stuck_run", "stuck.min_run"),
+    ("forecast_surprise", "surprise.enabled"),
+    ("min_error_std", "surprise.min_error_std"),
+    ("burst_window", "burst.window"),
+    ("burst_threshold", "burst.threshold"),
+    ("min_burst_std", "burst.min_std"),
+];
+
 impl DetectSettings {
+    /// The forecast surprise alone against the fixed threshold of 10, every
+    /// other part off: what tests build a part's case on.
+    pub fn bare() -> Self {
+        Self {
+            ewma_alpha: 0.1,
+            threshold: ThresholdSettings::FIXED,
+            events: EventSettings {
+                min_gap: 50,
+                max_samples: 0,
+            },
+            surprise: SurpriseSettings::UNFLOORED,
+            burst: BurstSettings::OFF,
+            baseline: BaselineSettings::OFF,
+            level: LevelSettings::default(),
+            excursion: ExcursionSettings::OFF,
+            stuck: StuckSettings::OFF,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !(self.ewma_alpha > 0.0 && self.ewma_alpha <= 1.0) {
             return Err(format!(
@@ -226,134 +142,15 @@ impl DetectSettings {
                 self.ewma_alpha
             ));
         }
-        if !(self.threshold.is_finite() && self.threshold < MAX_SCORE) {
-            return Err(format!(
-                "detect.threshold = {} must be finite and below {MAX_SCORE:e}, the largest score",
-                self.threshold
-            ));
-        }
-        if !(self.level_threshold > 0.0 && self.level_threshold.is_finite()) {
-            return Err(format!(
-                "detect.level_threshold = {} must be > 0",
-                self.level_threshold
-            ));
-        }
-        if !(self.excursion_margin >= 0.0 && self.excursion_margin.is_finite()) {
-            return Err(format!(
-                "detect.excursion_margin = {} must be >= 0",
-                self.excursion_margin
-            ));
-        }
-        if self.excursion_samples >= self.baseline_samples && self.excursion_samples > 0 {
-            return Err(format!(
-                "detect.excursion_samples = {} must be below detect.baseline_samples = {}: \
-                 excursions are counted over the last baseline_samples samples",
-                self.excursion_samples, self.baseline_samples
-            ));
-        }
-        if self.min_event_gap == 0 {
-            return Err("detect.min_event_gap must be >= 1".into());
-        }
-        if (1..5).contains(&self.calibration_samples) {
-            return Err(format!(
-                "detect.calibration_samples = {} must be 0 (dynamic threshold off) or >= 5",
-                self.calibration_samples
-            ));
-        }
-        if !(self.initial_quantile > 0.0 && self.initial_quantile < 1.0) {
-            return Err(format!(
-                "detect.initial_quantile = {} must be in (0, 1)",
-                self.initial_quantile
-            ));
-        }
-        // As f32 for the message: 0.02, not 0.020000000000000018.
-        let above = (1.0 - self.initial_quantile) as f32;
-        if !(self.risk > 0.0 && self.risk < 1.0 - self.initial_quantile) {
-            return Err(format!(
-                "detect.risk = {} must be in (0, {above}): below 1 - detect.initial_quantile, \
-                 so that the alarm level lies above the initial level",
-                self.risk
-            ));
-        }
-        if self.min_peaks < 3 {
-            return Err(format!(
-                "detect.min_peaks = {} must be >= 3 (the tail fit needs a spread of peaks)",
-                self.min_peaks
-            ));
-        }
-        if !(self.min_threshold.is_finite() && self.min_threshold < threshold::MAX_THRESHOLD) {
-            return Err(format!(
-                "detect.min_threshold = {} must be finite and below {}",
-                self.min_threshold,
-                threshold::MAX_THRESHOLD
-            ));
-        }
-        if !(self.stuck_run_factor == 0.0
-            || (self.stuck_run_factor >= 1.0 && self.stuck_run_factor.is_finite()))
-        {
-            return Err(format!(
-                "detect.stuck_run_factor = {} must be 0 (stuck score off) or a finite factor >= 1 \
-                 (below 1 the stream's normal runs would be anomalous)",
-                self.stuck_run_factor
-            ));
-        }
-        if !(self.min_error_std >= 0.0 && self.min_error_std.is_finite()) {
-            return Err(format!(
-                "detect.min_error_std = {} must be >= 0",
-                self.min_error_std
-            ));
-        }
-        if !(self.burst_threshold > 0.0 && self.burst_threshold.is_finite()) {
-            return Err(format!(
-                "detect.burst_threshold = {} must be > 0",
-                self.burst_threshold
-            ));
-        }
-        if !(self.min_burst_std > 0.0 && self.min_burst_std.is_finite()) {
-            return Err(format!(
-                "detect.min_burst_std = {} must be > 0 (a constant stream's error spread is 0)",
-                self.min_burst_std
-            ));
-        }
-        if !(self.min_baseline_width > 0.0 && self.min_baseline_width.is_finite()) {
-            return Err(format!(
-                "detect.min_baseline_width = {} must be > 0",
-                self.min_baseline_width
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.max_train_drift) {
-            return Err(format!(
-                "detect.max_train_drift = {} must be a share, in [0, 1]",
-                self.max_train_drift
-            ));
-        }
-        if (1..8).contains(&self.burst_window) {
-            return Err(format!(
-                "detect.burst_window = {} must be 0 (burst score off) or >= 8",
-                self.burst_window
-            ));
-        }
-        if self.stuck_run_factor > 0.0 && self.min_stuck_run == 0 {
-            return Err("detect.min_stuck_run must be >= 1 when the stuck score is on".into());
-        }
-        if self.stuck_run_factor > 0.0 && self.baseline_samples == 0 {
-            return Err(
-                "detect.stuck_run_factor needs detect.baseline_samples >= 1: the runs in \
-                 progress during the baseline are what tells a constant channel from a stuck one"
-                    .into(),
-            );
-        }
+        self.threshold.validate(MAX_SCORE)?;
+        self.events.validate()?;
+        self.surprise.validate()?;
+        self.burst.validate()?;
+        self.baseline.validate()?;
+        self.level.validate()?;
+        self.excursion.validate(self.baseline.samples)?;
+        self.stuck.validate(self.baseline.samples)?;
         Ok(())
-    }
-
-    fn spot(&self) -> SpotSettings {
-        SpotSettings {
-            calibration_samples: self.calibration_samples,
-            initial_quantile: self.initial_quantile,
-            risk: self.risk,
-            min_peaks: self.min_peaks,
-            min_threshold: self.min_threshold,
-        }
     }
 }
 
@@ -367,67 +164,6 @@ pub struct Scored {
     pub cause: Cause,
 }
 
-/// The score part that opened an event: an operator's first question is
-/// why it fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Cause {
-    /// The value landed far from its forecast (the forecast surprise).
-    Surprise,
-    /// The value lies far outside the stream's baseline range.
-    Level,
-    /// The value lay a little outside the baseline range for long.
-    Excursion,
-    /// The value has repeated exactly for far longer than it ever did.
-    Stuck,
-    /// The recent errors stand far above the stream's own error spread.
-    Burst,
-}
-
-impl Cause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::Surprise => "surprise",
-            Cause::Level => "level",
-            Cause::Excursion => "excursion",
-            Cause::Stuck => "stuck",
-            Cause::Burst => "burst",
-        }
-    }
-}
-
-/// An anomaly event as the detector knows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventSpan {
-    pub start_seq: u64,
-    pub start_ts: DateTime<Utc>,
-    /// The last anomalous sample; set once the event has closed.
-    pub end: Option<(u64, DateTime<Utc>)>,
-    pub peak_score: f32,
-    /// The threshold in force when the event opened.
-    pub threshold: f32,
-    /// The part with the highest score at the sample that opened the event;
-    /// None for an event opened before causes were recorded (restored from
-    /// an older checkpoint).
-    #[serde(default)]
-    pub cause: Option<Cause>,
-}
-
-/// What one step changed about events.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EventChange {
-    Opened(EventSpan),
-    Closed(EventSpan),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct OpenEvent {
-    span: EventSpan,
-    last_anomalous: (u64, DateTime<Utc>),
-    /// Normal samples since the last anomalous one.
-    normal_run: u64,
-}
-
 /// One channel's detector: its settings and its state.
 #[derive(Debug, Clone)]
 pub struct ChannelDetector {
@@ -438,8 +174,9 @@ pub struct ChannelDetector {
 
 /// Everything a channel's detector carries from one sample to the next, and
 /// nothing else: crash recovery checkpoints it (as JSON) and restores it, so
-/// it stays small and serialisable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// it stays small and serialisable. A part added later is `#[serde(default)]`,
+/// so an older checkpoint still loads and the part starts afresh.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DetectorState {
     /// The forecast made at the previous sample: the seq it was made at, and
     /// the horizon in the input's units.
@@ -464,136 +201,10 @@ pub struct DetectorState {
     errors: ErrorSpread,
 }
 
-impl Default for DetectorState {
-    fn default() -> Self {
-        Self {
-            last_forecast: None,
-            smoothed_error: None,
-            open: None,
-            threshold: None,
-            stuck: StuckRun::default(),
-            excursions: Excursions::default(),
-            errors: ErrorSpread::default(),
-            // Finite placeholders (JSON has no infinities): the first
-            // baseline sample replaces both.
-            baseline: Baseline {
-                seen: 0,
-                low: 0.0,
-                high: 0.0,
-            },
-        }
-    }
-}
-
-/// The range of values a channel showed over its first scored samples.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct Baseline {
-    seen: u64,
-    low: f32,
-    high: f32,
-}
-
-/// Which of the stream's recent scored samples lay outside its baseline
-/// range: one bit per sample, the newest `baseline_samples` of them, in a
-/// ring (80 bytes for 640 samples). Words are u32 so that a checkpoint's
-/// JSON numbers stay exact in any reader.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct Excursions {
-    /// Samples the ring covers: `baseline_samples` when it was made.
-    span: u64,
-    bits: Vec<u32>,
-    /// Samples recorded since the baseline; the ring's next slot is this
-    /// modulo `span`.
-    recorded: u64,
-}
-
-impl Excursions {
-    /// Words of a ring covering `span` samples.
-    fn words(span: u64) -> usize {
-        span.div_ceil(32) as usize
-    }
-
-    /// Records whether the newest sample was an excursion, forgetting the
-    /// sample `span` samples before it; returns how many of the last `span`
-    /// were.
-    fn record(&mut self, span: u64, excursion: bool) -> u64 {
-        if self.span != span {
-            // New, or checkpointed under another baseline length.
-            *self = Self {
-                span,
-                bits: vec![0; Self::words(span)],
-                recorded: 0,
-            };
-        }
-        let slot = self.recorded % span;
-        let (word, bit) = ((slot / 32) as usize, slot % 32);
-        self.bits[word] = (self.bits[word] & !(1 << bit)) | (u32::from(excursion) << bit);
-        self.recorded += 1;
-        self.count()
-    }
-
-    /// Excursions among the last `span` samples: the ring's set bits,
-    /// counted rather than kept, so no checkpoint can disagree with its bits.
-    fn count(&self) -> u64 {
-        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-}
-
-/// The mean and variance of the stream's recent one-step errors,
-/// exponentially weighted over about `burst_window` samples (plain running
-/// figures until that many are in): three numbers, O(1) per sample.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-struct ErrorSpread {
-    seen: u64,
-    /// As exact decimal strings, as the dynamic threshold keeps its f64s:
-    /// a restored detector scores bit for bit as the one checkpointed.
-    #[serde(with = "threshold::exact_f64")]
-    mean: f64,
-    #[serde(with = "threshold::exact_f64")]
-    variance: f64,
-}
-
-impl ErrorSpread {
-    fn learn(&mut self, window: u64, error: f32) {
-        self.seen += 1;
-        let weight = (1.0 / self.seen as f64).max(2.0 / (window as f64 + 1.0));
-        let delta = f64::from(error) - self.mean;
-        self.mean += weight * delta;
-        self.variance = (1.0 - weight) * (self.variance + weight * delta * delta);
-    }
-}
-
-/// The stream's runs of exactly repeated values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct StuckRun {
-    /// The previous scored sample's value.
-    previous: Option<f32>,
-    /// Scored samples in a row that repeat `previous` exactly.
-    run: u64,
-    /// The run began during the baseline: it is the stream's normal
-    /// behaviour (a constant channel), however long it lasts.
-    from_baseline: bool,
-    /// The longest run that ended without being anomalous.
-    longest: u64,
-}
-
-impl Default for StuckRun {
-    fn default() -> Self {
-        Self {
-            previous: None,
-            run: 0,
-            // A run in progress when the state was created is normal; the
-            // first value replaces this.
-            from_baseline: true,
-            longest: 0,
-        }
-    }
-}
-
 /// No score goes beyond ±this (in score units: train error standard
 /// deviations). Far above any threshold in force ([`threshold::MAX_THRESHOLD`],
-/// and `detect.threshold` is validated below it), so a score held here is
-/// still anomalous; far inside f32's range, so a score, its square and the
+/// and `detect.threshold.fixed` is validated below it), so a score held here
+/// is still anomalous; far inside f32's range, so a score, its square and the
 /// sums a consumer makes of scores stay finite. Every score part is held
 /// within it: an extreme value, a model's wild forecast or a tiny train
 /// error spread overflowed f32 to infinity before.
@@ -671,103 +282,12 @@ impl ChannelDetector {
             .as_ref()
             .map_or(0, |(_, h)| h.capacity())
             .max(horizon);
-        let ring = if self.settings.excursion_samples > 0 {
-            Excursions::words(self.settings.baseline_samples)
+        let ring = if self.settings.excursion.samples > 0 {
+            Excursions::words(self.settings.baseline.samples)
         } else {
             0
         };
         forecast * std::mem::size_of::<f32>() + ring * std::mem::size_of::<u32>()
-    }
-
-    /// How far `value` lies outside the baseline range, in range widths;
-    /// None while the baseline is still being established (or the level
-    /// score is off).
-    fn level_novelty(&mut self, value: f32) -> Option<f32> {
-        let wanted = self.settings.baseline_samples;
-        let b = &mut self.state.baseline;
-        if b.seen < wanted {
-            if b.seen == 0 {
-                (b.low, b.high) = (value, value);
-            }
-            b.seen += 1;
-            b.low = b.low.min(value);
-            b.high = b.high.max(value);
-            return None;
-        }
-        if wanted == 0 {
-            return None;
-        }
-        let width = (b.high - b.low).max(self.settings.min_baseline_width);
-        let novelty = (value - b.high).max(b.low - value).max(0.0) / width;
-        Some(saturate(novelty, MAX_SCORE))
-    }
-
-    /// How many of the last `baseline_samples` samples lay more than
-    /// `excursion_margin` widths outside the baseline range (`novelty` is
-    /// this sample's distance), in units of `excursion_samples` (anomalous
-    /// above 1); None while the excursion score is off.
-    fn excursion(&mut self, novelty: f32) -> Option<f32> {
-        let limit = self.settings.excursion_samples;
-        if limit == 0 {
-            return None;
-        }
-        let count = self.state.excursions.record(
-            self.settings.baseline_samples,
-            novelty > self.settings.excursion_margin,
-        );
-        Some(count as f32 / limit as f32)
-    }
-
-    /// The smoothed error in standard deviations of the stream's own recent
-    /// errors (measured before this sample's error joins them); None while
-    /// the burst score is off or fewer than a quarter window of errors are in.
-    fn burst(&mut self, smoothed: f32, error: f32) -> Option<f32> {
-        let window = self.settings.burst_window;
-        if window == 0 {
-            return None;
-        }
-        let spread = &mut self.state.errors;
-        let z = (spread.seen >= window / 4).then(|| {
-            let std = spread
-                .variance
-                .sqrt()
-                .max(f64::from(self.settings.min_burst_std));
-            saturate(
-                ((f64::from(smoothed) - spread.mean) / std) as f32,
-                MAX_SCORE,
-            )
-        });
-        spread.learn(window, error);
-        z
-    }
-
-    /// How long `value` has repeated exactly, in units of the longest run
-    /// the stream may show before it counts as stuck (anomalous above 1);
-    /// None while the stuck score is off or the run began in the baseline.
-    fn stuck_run(&mut self, value: f32, in_baseline: bool) -> Option<f32> {
-        let factor = f64::from(self.settings.stuck_run_factor);
-        if factor == 0.0 {
-            return None;
-        }
-        let min = self.settings.min_stuck_run as f64;
-        let limit = |longest: u64| (factor * longest as f64).max(min);
-        let s = &mut self.state.stuck;
-        if s.previous == Some(value) {
-            s.run += 1;
-        } else {
-            // A stuck run teaches nothing: the next one is measured against
-            // the stream's normal runs.
-            if s.from_baseline || s.run as f64 <= limit(s.longest) {
-                s.longest = s.longest.max(s.run);
-            }
-            s.run = 0;
-            s.from_baseline = in_baseline;
-            s.previous = Some(value);
-        }
-        if s.from_baseline {
-            return None;
-        }
-        Some((s.run as f64 / limit(s.longest)) as f32)
     }
 
     /// Takes the sample `seq` (its target `value`) and the forecast the model
@@ -818,40 +338,50 @@ impl ChannelDetector {
         // far apart, or a train error spread near zero, reach infinity in
         // f32, which no checkpoint can hold and no threshold can learn from.
         // In range the saturation changes nothing, bit for bit.
+        let s = &self.settings;
         let error = saturate((value - predicted).abs(), f32::MAX);
-        let alpha = self.settings.ewma_alpha;
+        let alpha = s.ewma_alpha;
         let smoothed = match self.state.smoothed_error {
             Some(previous) => saturate(alpha * error + (1.0 - alpha) * previous, f32::MAX),
             None => error,
         };
         self.state.smoothed_error = Some(smoothed);
-        let surprise = saturate(
-            (smoothed - self.calibration.mean)
-                / self.calibration.std.max(self.settings.min_error_std),
-            MAX_SCORE,
-        );
-        let burst = self.burst(smoothed, error);
-        let spot = self.settings.spot();
+        let surprise = s.surprise.score(&self.calibration, smoothed);
+        let burst = self.state.errors.score(&s.burst, smoothed, error);
+        let spot = s.threshold.spot();
         let dynamic = self
             .state
             .threshold
             .get_or_insert_with(|| DynamicThreshold::new(&spot));
-        let threshold = dynamic.current(self.settings.threshold);
+        let threshold = dynamic.current(s.threshold.fixed);
         // The threshold learns from the surprise alone, before this sample's
         // verdict is known to anyone, and only from surprises below it.
         dynamic.update(&spot, surprise, surprise > threshold);
-        // One score: the level novelty, the excursion count and the stuck
-        // run are scaled so that reaching their own limits means reaching
-        // the score threshold.
-        let in_baseline = self.state.baseline.seen < self.settings.baseline_samples;
-        let drifts = self.calibration.train_drift > self.settings.max_train_drift;
-        let novelty = self.level_novelty(value).filter(|_| !drifts);
+        // The other parts come in units of their own limits: scaled to the
+        // threshold in force, reaching a limit means reaching the threshold.
+        let in_baseline = self.state.baseline.in_progress(&s.baseline);
+        let drifts = self.calibration.train_drift > s.baseline.max_train_drift;
+        let novelty = self
+            .state
+            .baseline
+            .novelty(&s.baseline, value)
+            .filter(|_| !drifts);
         let scaled = |part: f32| saturate(part * threshold, MAX_SCORE);
-        let level = novelty.map(|l| scaled(l / self.settings.level_threshold));
-        let excursion = novelty.and_then(|l| self.excursion(l)).map(scaled);
-        let stuck = self.stuck_run(value, in_baseline).map(scaled);
-        let burst = burst.map(|b| scaled(b / self.settings.burst_threshold));
-        let surprise_part = if self.settings.forecast_surprise {
+        let level = novelty.map(|n| scaled(s.level.score(n)));
+        let excursion = novelty
+            .and_then(|n| {
+                self.state
+                    .excursions
+                    .score(&s.excursion, s.baseline.samples, n)
+            })
+            .map(scaled);
+        let stuck = self
+            .state
+            .stuck
+            .score(&s.stuck, value, in_baseline)
+            .map(scaled);
+        let burst = burst.map(scaled);
+        let surprise = if s.surprise.enabled {
             surprise
         } else {
             f32::MIN
@@ -865,7 +395,7 @@ impl ChannelDetector {
         ]
         .into_iter()
         .filter_map(|(part, cause)| Some((part?, cause)))
-        .fold((surprise_part, Cause::Surprise), |best, part| {
+        .fold((surprise, Cause::Surprise), |best, part| {
             if part.0 > best.0 {
                 part
             } else {
@@ -879,66 +409,29 @@ impl ChannelDetector {
             anomalous,
             cause,
         };
-        let change = self.track_event(seq, ts, scored);
+        let change = events::track(&mut self.state.open, &s.events, seq, ts, scored);
         self.rebaseline_after_long_event(seq);
         (Some(scored), change)
     }
 
-    /// After an event open for `max_event_samples`: the level the stream
+    /// After an event open for `events.max_samples`: the level the stream
     /// has kept that long is its new normal. The baseline range is set again
     /// from the samples to come, the excursion ring empties, and a run of
     /// repeats in progress counts as the stream's normal behaviour.
     fn rebaseline_after_long_event(&mut self, seq: u64) {
-        let max = self.settings.max_event_samples;
+        let max = self.settings.events.max_samples;
         let Some(open) = &self.state.open else {
             return;
         };
         if max == 0 || seq.saturating_sub(open.span.start_seq) + 1 < max {
             return;
         }
-        if self.state.baseline.seen < self.settings.baseline_samples {
+        if self.state.baseline.in_progress(&self.settings.baseline) {
             return; // Already being set again.
         }
-        self.state.baseline.seen = 0;
+        self.state.baseline.restart();
         self.state.excursions = Excursions::default();
         self.state.stuck.from_baseline = true;
-    }
-
-    fn track_event(&mut self, seq: u64, ts: DateTime<Utc>, scored: Scored) -> Option<EventChange> {
-        match (&mut self.state.open, scored.anomalous) {
-            (None, false) => None,
-            (None, true) => {
-                let span = EventSpan {
-                    start_seq: seq,
-                    start_ts: ts,
-                    end: None,
-                    peak_score: scored.score,
-                    threshold: scored.threshold,
-                    cause: Some(scored.cause),
-                };
-                self.state.open = Some(OpenEvent {
-                    span: span.clone(),
-                    last_anomalous: (seq, ts),
-                    normal_run: 0,
-                });
-                Some(EventChange::Opened(span))
-            }
-            (Some(open), true) => {
-                open.span.peak_score = open.span.peak_score.max(scored.score);
-                open.last_anomalous = (seq, ts);
-                open.normal_run = 0;
-                None
-            }
-            (Some(open), false) => {
-                open.normal_run += 1;
-                if open.normal_run < self.settings.min_event_gap {
-                    return None;
-                }
-                let mut open = self.state.open.take().expect("matched Some above");
-                open.span.end = Some(open.last_anomalous);
-                Some(EventChange::Closed(open.span))
-            }
-        }
     }
 
     /// The event open on this channel, if any.
@@ -950,14 +443,25 @@ impl ChannelDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::{
+        baseline::BaselineSettings, burst::BurstSettings, events::EventSettings,
+        excursion::ExcursionSettings, level::LevelSettings, stuck::StuckSettings,
+        surprise::SurpriseSettings, threshold::ThresholdSettings,
+    };
 
     fn detector(gap: u64) -> ChannelDetector {
         ChannelDetector::new(
             DetectSettings {
                 ewma_alpha: 1.0,
-                threshold: 3.0,
-                min_event_gap: gap,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    fixed: 3.0,
+                    ..DetectSettings::bare().threshold
+                },
+                events: EventSettings {
+                    min_gap: gap,
+                    ..DetectSettings::bare().events
+                },
+                ..DetectSettings::bare()
             },
             unit_errors(),
         )
@@ -1000,11 +504,23 @@ mod tests {
     fn level_novelty_scores_values_outside_the_baseline_range() {
         let settings = DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 10.0,
-            min_event_gap: 1,
-            baseline_samples: 3,
-            level_threshold: 0.5,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 10.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 1,
+                ..DetectSettings::bare().events
+            },
+            baseline: BaselineSettings {
+                samples: 3,
+                ..DetectSettings::bare().baseline
+            },
+            level: LevelSettings {
+                threshold: 0.5,
+                ..DetectSettings::bare().level
+            },
+            ..DetectSettings::bare()
         };
         let mut d = ChannelDetector::new(settings, unit_errors());
         d.step(0, ts(), 0.0, &[0.0]);
@@ -1034,13 +550,28 @@ mod tests {
         ChannelDetector::new(
             DetectSettings {
                 ewma_alpha: 1.0,
-                threshold: 100.0,
-                min_event_gap: 1,
-                baseline_samples: baseline,
-                level_threshold: 1e6,
-                stuck_run_factor: 2.0,
-                min_stuck_run: 3,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    fixed: 100.0,
+                    ..DetectSettings::bare().threshold
+                },
+                events: EventSettings {
+                    min_gap: 1,
+                    ..DetectSettings::bare().events
+                },
+                baseline: BaselineSettings {
+                    samples: baseline,
+                    ..DetectSettings::bare().baseline
+                },
+                level: LevelSettings {
+                    threshold: 1e6,
+                    ..DetectSettings::bare().level
+                },
+                stuck: StuckSettings {
+                    factor: 2.0,
+                    min_run: 3,
+                    ..DetectSettings::bare().stuck
+                },
+                ..DetectSettings::bare()
             },
             unit_errors(),
         )
@@ -1100,9 +631,15 @@ mod tests {
         let mut d = ChannelDetector::new(
             DetectSettings {
                 ewma_alpha: 0.5,
-                threshold: 3.0,
-                min_event_gap: 1,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    fixed: 3.0,
+                    ..DetectSettings::bare().threshold
+                },
+                events: EventSettings {
+                    min_gap: 1,
+                    ..DetectSettings::bare().events
+                },
+                ..DetectSettings::bare()
             },
             ErrorCalibration {
                 mean: 1.0,
@@ -1151,14 +688,20 @@ mod tests {
     fn the_dynamic_threshold_takes_over_from_the_fixed_one_and_adapts_to_the_stream() {
         let settings = DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 100.0,
-            min_event_gap: 1,
-            calibration_samples: 20,
-            initial_quantile: 0.8,
-            risk: 0.001,
-            min_peaks: 10,
-            min_threshold: 0.5,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 100.0,
+                calibration_samples: 20,
+                initial_quantile: 0.8,
+                risk: 0.001,
+                min_peaks: 10,
+                min: 0.5,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 1,
+                ..DetectSettings::bare().events
+            },
+            ..DetectSettings::bare()
         };
         let mut d = ChannelDetector::new(settings, unit_errors());
         d.step(0, ts(), 0.0, &[0.0]);
@@ -1194,62 +737,104 @@ mod tests {
     fn settings_outside_their_ranges_are_refused_with_the_key() {
         let bad = [
             DetectSettings {
-                calibration_samples: 3,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    calibration_samples: 3,
+                    ..DetectSettings::bare().threshold
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                initial_quantile: 1.0,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    initial_quantile: 1.0,
+                    ..DetectSettings::bare().threshold
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                risk: 0.05,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    risk: 0.05,
+                    ..DetectSettings::bare().threshold
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                min_peaks: 1,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    min_peaks: 1,
+                    ..DetectSettings::bare().threshold
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                min_threshold: f32::INFINITY,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    min: f32::INFINITY,
+                    ..DetectSettings::bare().threshold
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                stuck_run_factor: 0.5,
-                baseline_samples: 10,
-                ..Default::default()
+                stuck: StuckSettings {
+                    factor: 0.5,
+                    ..DetectSettings::bare().stuck
+                },
+                baseline: BaselineSettings {
+                    samples: 10,
+                    ..DetectSettings::bare().baseline
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                stuck_run_factor: 2.0,
-                baseline_samples: 10,
-                min_stuck_run: 0,
-                ..Default::default()
+                stuck: StuckSettings {
+                    factor: 2.0,
+                    min_run: 0,
+                    ..DetectSettings::bare().stuck
+                },
+                baseline: BaselineSettings {
+                    samples: 10,
+                    ..DetectSettings::bare().baseline
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                stuck_run_factor: 2.0,
-                baseline_samples: 0,
-                ..Default::default()
+                stuck: StuckSettings {
+                    factor: 2.0,
+                    ..DetectSettings::bare().stuck
+                },
+                baseline: BaselineSettings {
+                    samples: 0,
+                    ..DetectSettings::bare().baseline
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                excursion_margin: -0.1,
-                ..Default::default()
+                excursion: ExcursionSettings {
+                    margin: -0.1,
+                    ..DetectSettings::bare().excursion
+                },
+                ..DetectSettings::bare()
             },
             DetectSettings {
-                baseline_samples: 10,
-                excursion_samples: 10,
-                ..Default::default()
+                baseline: BaselineSettings {
+                    samples: 10,
+                    ..DetectSettings::bare().baseline
+                },
+                excursion: ExcursionSettings {
+                    samples: 10,
+                    ..DetectSettings::bare().excursion
+                },
+                ..DetectSettings::bare()
             },
         ];
         let keys = [
-            "calibration_samples",
-            "initial_quantile",
-            "risk",
-            "min_peaks",
-            "min_threshold",
-            "stuck_run_factor",
-            "min_stuck_run",
-            "baseline_samples",
-            "excursion_margin",
-            "excursion_samples",
+            "threshold.calibration_samples",
+            "threshold.initial_quantile",
+            "threshold.risk",
+            "threshold.min_peaks",
+            "threshold.min",
+            "stuck.factor",
+            "stuck.min_run",
+            "baseline.samples",
+            "excursion.margin",
+            "excursion.samples",
         ];
         for (settings, key) in bad.iter().zip(keys) {
             let err = settings.validate().unwrap_err();
@@ -1262,23 +847,44 @@ mod tests {
     fn a_restored_detector_goes_on_exactly_as_the_original() {
         let settings = DetectSettings {
             ewma_alpha: 0.3,
-            threshold: 2.0,
-            min_event_gap: 3,
-            baseline_samples: 4,
-            level_threshold: 0.5,
-            calibration_samples: 20,
-            initial_quantile: 0.5,
-            risk: 0.1,
-            min_peaks: 3,
-            min_threshold: 0.2,
-            stuck_run_factor: 2.0,
-            min_stuck_run: 4,
-            excursion_samples: 2,
-            excursion_margin: 0.1,
-            burst_window: 8,
-            burst_threshold: 2.0,
-            max_event_samples: 10,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 2.0,
+                calibration_samples: 20,
+                initial_quantile: 0.5,
+                risk: 0.1,
+                min_peaks: 3,
+                min: 0.2,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 3,
+                max_samples: 10,
+                ..DetectSettings::bare().events
+            },
+            baseline: BaselineSettings {
+                samples: 4,
+                ..DetectSettings::bare().baseline
+            },
+            level: LevelSettings {
+                threshold: 0.5,
+                ..DetectSettings::bare().level
+            },
+            stuck: StuckSettings {
+                factor: 2.0,
+                min_run: 4,
+                ..DetectSettings::bare().stuck
+            },
+            excursion: ExcursionSettings {
+                samples: 2,
+                margin: 0.1,
+                ..DetectSettings::bare().excursion
+            },
+            burst: BurstSettings {
+                window: 8,
+                threshold: 2.0,
+                ..DetectSettings::bare().burst
+            },
+            ..DetectSettings::bare()
         };
         let calibration = ErrorCalibration {
             mean: 0.1,
@@ -1379,59 +985,116 @@ mod tests {
     fn every_score_part() -> Vec<(&'static str, DetectSettings)> {
         let base = DetectSettings {
             ewma_alpha: 0.5,
-            threshold: 3.0,
-            min_event_gap: 2,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 3.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 2,
+                ..DetectSettings::bare().events
+            },
+            ..DetectSettings::bare()
         };
         let level = DetectSettings {
-            baseline_samples: 8,
-            level_threshold: 0.5,
+            baseline: BaselineSettings {
+                samples: 8,
+                ..base.baseline
+            },
+            level: LevelSettings {
+                threshold: 0.5,
+                ..base.level
+            },
             ..base
         };
         let excursion = DetectSettings {
-            baseline_samples: 8,
-            level_threshold: 1e6,
-            excursion_samples: 3,
-            excursion_margin: 0.1,
+            baseline: BaselineSettings {
+                samples: 8,
+                ..base.baseline
+            },
+            level: LevelSettings {
+                threshold: 1e6,
+                ..base.level
+            },
+            excursion: ExcursionSettings {
+                samples: 3,
+                margin: 0.1,
+                ..base.excursion
+            },
             ..base
         };
         let stuck = DetectSettings {
-            baseline_samples: 8,
-            level_threshold: 1e6,
-            stuck_run_factor: 2.0,
-            min_stuck_run: 3,
+            baseline: BaselineSettings {
+                samples: 8,
+                ..base.baseline
+            },
+            level: LevelSettings {
+                threshold: 1e6,
+                ..base.level
+            },
+            stuck: StuckSettings {
+                factor: 2.0,
+                min_run: 3,
+                ..base.stuck
+            },
             ..base
         };
         let dynamic = DetectSettings {
-            calibration_samples: 10,
-            initial_quantile: 0.8,
-            risk: 0.01,
-            min_peaks: 3,
-            min_threshold: 0.5,
+            threshold: ThresholdSettings {
+                calibration_samples: 10,
+                initial_quantile: 0.8,
+                risk: 0.01,
+                min_peaks: 3,
+                min: 0.5,
+                ..base.threshold
+            },
             ..base
         };
         let all = DetectSettings {
-            level_threshold: 0.5,
-            excursion_samples: 3,
-            excursion_margin: 0.1,
-            stuck_run_factor: 2.0,
-            min_stuck_run: 3,
+            level: LevelSettings {
+                threshold: 0.5,
+                ..dynamic.level
+            },
+            excursion: ExcursionSettings {
+                samples: 3,
+                margin: 0.1,
+                ..dynamic.excursion
+            },
+            stuck: StuckSettings {
+                factor: 2.0,
+                min_run: 3,
+                ..dynamic.stuck
+            },
             ..dynamic
         };
         let all = DetectSettings {
-            baseline_samples: 8,
+            baseline: BaselineSettings {
+                samples: 8,
+                ..all.baseline
+            },
             ..all
         };
         let burst = DetectSettings {
-            forecast_surprise: false,
-            burst_window: 8,
-            burst_threshold: 3.0,
-            min_burst_std: 0.001,
+            surprise: SurpriseSettings {
+                enabled: false,
+                ..base.surprise
+            },
+            burst: BurstSettings {
+                window: 8,
+                threshold: 3.0,
+                min_std: 0.001,
+                ..base.burst
+            },
             ..base
         };
         let all = DetectSettings {
-            burst_window: 8,
-            max_event_samples: 5,
+            burst: BurstSettings {
+                window: 8,
+                ..all.burst
+            },
+            events: EventSettings {
+                max_samples: 5,
+                ..all.events
+            },
             ..all
         };
         let parts = vec![
@@ -1600,12 +1263,27 @@ mod tests {
     fn a_checkpoint_from_before_the_excursion_score_starts_its_count_afresh() {
         let settings = DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 100.0,
-            min_event_gap: 1,
-            baseline_samples: 2,
-            level_threshold: 1e6,
-            excursion_samples: 1,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 100.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 1,
+                ..DetectSettings::bare().events
+            },
+            baseline: BaselineSettings {
+                samples: 2,
+                ..DetectSettings::bare().baseline
+            },
+            level: LevelSettings {
+                threshold: 1e6,
+                ..DetectSettings::bare().level
+            },
+            excursion: ExcursionSettings {
+                samples: 1,
+                ..DetectSettings::bare().excursion
+            },
+            ..DetectSettings::bare()
         };
         let mut d = ChannelDetector::new(settings, unit_errors());
         let mut seq = 0;
@@ -1627,13 +1305,28 @@ mod tests {
         ChannelDetector::new(
             DetectSettings {
                 ewma_alpha: 1.0,
-                threshold: 100.0,
-                min_event_gap: 1,
-                baseline_samples: 4,
-                level_threshold: 1e6,
-                excursion_samples: 2,
-                excursion_margin: 0.1,
-                ..Default::default()
+                threshold: ThresholdSettings {
+                    fixed: 100.0,
+                    ..DetectSettings::bare().threshold
+                },
+                events: EventSettings {
+                    min_gap: 1,
+                    ..DetectSettings::bare().events
+                },
+                baseline: BaselineSettings {
+                    samples: 4,
+                    ..DetectSettings::bare().baseline
+                },
+                level: LevelSettings {
+                    threshold: 1e6,
+                    ..DetectSettings::bare().level
+                },
+                excursion: ExcursionSettings {
+                    samples: 2,
+                    margin: 0.1,
+                    ..DetectSettings::bare().excursion
+                },
+                ..DetectSettings::bare()
             },
             ErrorCalibration {
                 mean: 0.0,
@@ -1707,13 +1400,25 @@ mod tests {
     fn burst_settings(window: u64) -> DetectSettings {
         DetectSettings {
             ewma_alpha: 0.5,
-            threshold: 3.0,
-            min_event_gap: 5,
-            forecast_surprise: false,
-            burst_window: window,
-            burst_threshold: 4.0,
-            min_burst_std: 0.001,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 3.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 5,
+                ..DetectSettings::bare().events
+            },
+            surprise: SurpriseSettings {
+                enabled: false,
+                ..DetectSettings::bare().surprise
+            },
+            burst: BurstSettings {
+                window: window,
+                threshold: 4.0,
+                min_std: 0.001,
+                ..DetectSettings::bare().burst
+            },
+            ..DetectSettings::bare()
         }
     }
 
@@ -1788,13 +1493,28 @@ mod tests {
     fn level_settings() -> DetectSettings {
         DetectSettings {
             ewma_alpha: 1.0,
-            threshold: 3.0,
-            min_event_gap: 5,
-            baseline_samples: 20,
-            level_threshold: 0.5,
-            max_train_drift: 0.5,
-            forecast_surprise: false,
-            ..Default::default()
+            threshold: ThresholdSettings {
+                fixed: 3.0,
+                ..DetectSettings::bare().threshold
+            },
+            events: EventSettings {
+                min_gap: 5,
+                ..DetectSettings::bare().events
+            },
+            baseline: BaselineSettings {
+                samples: 20,
+                max_train_drift: 0.5,
+                ..DetectSettings::bare().baseline
+            },
+            level: LevelSettings {
+                threshold: 0.5,
+                ..DetectSettings::bare().level
+            },
+            surprise: SurpriseSettings {
+                enabled: false,
+                ..DetectSettings::bare().surprise
+            },
+            ..DetectSettings::bare()
         }
     }
 
@@ -1824,7 +1544,10 @@ mod tests {
     #[test]
     fn a_long_event_makes_the_new_level_the_baseline_and_ends() {
         let settings = DetectSettings {
-            max_event_samples: 40,
+            events: EventSettings {
+                max_samples: 40,
+                ..level_settings().events
+            },
             ..level_settings()
         };
         let scored = level_shift(settings, 0.0);

@@ -30,7 +30,109 @@ use serde::{Deserialize, Serialize};
 /// extremely heavy-tailed; JSON cannot hold the infinity that would follow.
 pub const MAX_THRESHOLD: f32 = 1.0e6;
 
-/// The settings of the dynamic threshold, checked by `DetectSettings::validate`.
+/// `[detect.threshold]`: the surprise's threshold, fixed until the stream
+/// has a history, then fitted to the stream's own score tail. The other
+/// score parts are scaled to the threshold in force.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThresholdSettings {
+    /// Anomalous above this score (train error standard deviations above
+    /// the mean) until the dynamic threshold is fitted; the only threshold
+    /// when `calibration_samples` is 0.
+    pub fixed: f32,
+    /// Scores that set the dynamic threshold's initial level (0 turns the
+    /// dynamic threshold off: `fixed` alone is used).
+    pub calibration_samples: u64,
+    /// The initial level is this quantile of the calibration scores.
+    pub initial_quantile: f64,
+    /// The dynamic threshold is the score exceeded with this probability
+    /// under the fitted tail (false alarms per normal sample).
+    pub risk: f64,
+    /// Peaks above the initial level needed before the tail is fitted.
+    pub min_peaks: u64,
+    /// The dynamic threshold never goes below this score.
+    pub min: f32,
+}
+
+impl Default for ThresholdSettings {
+    fn default() -> Self {
+        Self {
+            fixed: 10.0,
+            calibration_samples: 640,
+            initial_quantile: 0.98,
+            risk: 1e-3,
+            min_peaks: 10,
+            min: 2.5,
+        }
+    }
+}
+
+impl ThresholdSettings {
+    /// The fixed threshold of 10 alone.
+    pub const FIXED: Self = Self {
+        fixed: 10.0,
+        calibration_samples: 0,
+        initial_quantile: 0.98,
+        risk: 1e-3,
+        min_peaks: 10,
+        min: 2.5,
+    };
+
+    pub fn validate(&self, max_score: f32) -> Result<(), String> {
+        if !(self.fixed.is_finite() && self.fixed < max_score) {
+            return Err(format!(
+                "detect.threshold.fixed = {} must be finite and below {max_score:e}, the largest score",
+                self.fixed
+            ));
+        }
+        if (1..5).contains(&self.calibration_samples) {
+            return Err(format!(
+                "detect.threshold.calibration_samples = {} must be 0 (dynamic threshold off) or >= 5",
+                self.calibration_samples
+            ));
+        }
+        if !(self.initial_quantile > 0.0 && self.initial_quantile < 1.0) {
+            return Err(format!(
+                "detect.threshold.initial_quantile = {} must be in (0, 1)",
+                self.initial_quantile
+            ));
+        }
+        // As f32 for the message: 0.02, not 0.020000000000000018.
+        let above = (1.0 - self.initial_quantile) as f32;
+        if !(self.risk > 0.0 && self.risk < 1.0 - self.initial_quantile) {
+            return Err(format!(
+                "detect.threshold.risk = {} must be in (0, {above}): below 1 - \
+                 detect.threshold.initial_quantile, so that the alarm level lies above the initial level",
+                self.risk
+            ));
+        }
+        if self.min_peaks < 3 {
+            return Err(format!(
+                "detect.threshold.min_peaks = {} must be >= 3 (the tail fit needs a spread of peaks)",
+                self.min_peaks
+            ));
+        }
+        if !(self.min.is_finite() && self.min < MAX_THRESHOLD) {
+            return Err(format!(
+                "detect.threshold.min = {} must be finite and below {MAX_THRESHOLD}",
+                self.min
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn spot(&self) -> SpotSettings {
+        SpotSettings {
+            calibration_samples: self.calibration_samples,
+            initial_quantile: self.initial_quantile,
+            risk: self.risk,
+            min_peaks: self.min_peaks,
+            min_threshold: self.min,
+        }
+    }
+}
+
+/// The settings the fit works with (the dynamic part of [`ThresholdSettings`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpotSettings {
     pub calibration_samples: u64,
