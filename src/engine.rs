@@ -942,7 +942,8 @@ impl Engine {
         let scale = spec.normalisation.scale[spec.target_feature];
         let center = spec.normalisation.center[spec.target_feature];
         // (channel, seq, window start, record) of each channel's last entry.
-        let mut progressed: Vec<(u32, u64, (i64, SeqOrder), Option<Origin>)> = Vec::new();
+        type Progress = (u32, u64, (i64, SeqOrder), Option<Origin>);
+        let mut progressed: Vec<Progress> = Vec::new();
         let replaced_before = self.counters.replaced_forecast_steps;
         for (entry, normalised) in batch
             .entries
@@ -1693,13 +1694,14 @@ mod tests {
             });
             let (again, rescored, _) = run_records(&mut engine, &records);
             for (offset, (first, again)) in (0..).zip(first.iter().zip(&again)) {
-                let expected = if offset < refill_from {
-                    Admission::Refill
-                } else if offset <= at && *first != Admission::Duplicate {
-                    Admission::Refill
-                } else {
-                    *first
-                };
+                // Older than the window, or refilled up to the checkpoint's
+                // record; duplicates stay duplicates.
+                let expected =
+                    if offset < refill_from || (offset <= at && *first != Admission::Duplicate) {
+                        Admission::Refill
+                    } else {
+                        *first
+                    };
                 assert_eq!(
                     *again, expected,
                     "restored at offset {at} (refill from {refill_from}): record {offset} \
