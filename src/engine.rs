@@ -6,7 +6,7 @@
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use ustr::Ustr;
 
 use crate::{
@@ -30,8 +30,9 @@ pub struct Entry {
     pub value: f32,
     pub origin: Option<Origin>,
     /// Kafka offset of the oldest sample in this window: where a restored
-    /// channel starts refilling it.
-    pub window_start: Option<i64>,
+    /// channel starts refilling it; and where the channel's numbering stood
+    /// before that sample.
+    pub window_start: Option<(i64, SeqOrder)>,
     /// The channel's restore generation when the window was queued; a
     /// restore in between makes the entry stale.
     pub epoch: u32,
@@ -160,12 +161,26 @@ pub struct Checkpoint {
     pub last_seq: u64,
     /// Offset of the oldest sample in the window that ends at `last_seq`.
     pub refill_from: i64,
-    pub detector: DetectorState,
+    pub state: SavedState,
     /// The record of `last_seq` (None for a checkpoint read back from
     /// PostgreSQL): the sink writes the checkpoint only once that record's
     /// offset is committed, so a checkpoint never covers a sample whose
     /// outputs could still be lost.
     pub last_origin: Option<Origin>,
+}
+
+/// What a checkpoint stores as JSON (`channel_checkpoints.detector`): the
+/// channel's detector state, and where its numbering stood before the
+/// sample at `refill_from`, so that a restore decides which refilled
+/// samples were duplicates exactly as the first run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    #[serde(flatten)]
+    pub detector: DetectorState,
+    /// Absent from checkpoints written before it was kept: the numbering
+    /// starts at the first refilled sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<SeqOrder>,
 }
 
 /// A partition was assigned: the channels it carries start over from their
@@ -212,7 +227,8 @@ impl Outputs {
 /// How a sample was taken in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// `seq` not above the channel's last: dropped and counted.
+    /// `seq` names a sample already taken in, or one the channel's numbering
+    /// has passed (see [`SeqOrder`]): dropped, counted and logged.
     Duplicate,
     /// Still filling the channel's window: nothing to infer yet.
     WarmUp,
@@ -229,6 +245,9 @@ pub struct Counters {
     pub duplicates: u64,
     /// Samples that arrived after a jump in `seq`.
     pub gaps: u64,
+    /// Samples that took a channel back into the seqs its last jump skipped
+    /// (see [`SeqOrder`]).
+    pub returns: u64,
     pub warm_up: u64,
     /// Samples that only refilled a restored channel's window.
     pub refilled: u64,
@@ -246,13 +265,20 @@ struct ChannelState {
     subsystem: Ustr,
     model: usize,
     window: Window,
-    /// Kafka offsets of the samples in `window`, oldest first (empty offline).
-    offsets: VecDeque<i64>,
+    /// Kafka offsets of the samples in `window`, oldest first (empty
+    /// offline), each with where the channel's numbering stood before it.
+    offsets: VecDeque<(i64, SeqOrder)>,
     /// The partition the channel's samples last came from.
     partition: Option<u32>,
     /// The record of the last sample taken in.
     last_origin: Option<Origin>,
-    last_seq: Option<u64>,
+    /// Where the channel is in its producer's numbering.
+    order: SeqOrder,
+    /// Duplicates and returns so far, for logging each at 1, 2, 4, 8, ...
+    /// per channel: a producer that restarted its numbering is reported,
+    /// not once per sample.
+    duplicates: u64,
+    returns: u64,
     detector: ChannelDetector,
     /// Which samples only refill the window after a restore.
     resume: Resume,
@@ -281,15 +307,21 @@ impl ChannelState {
         self.window.clear();
         self.queued = 0;
         self.offsets.clear();
-        self.last_seq = None;
         self.epoch = self.epoch.wrapping_add(1);
-        let state = checkpoint
+        let SavedState {
+            detector: state,
+            order,
+        } = checkpoint
             .as_ref()
-            .map(|c| c.detector.clone())
+            .map(|c| c.state.clone())
             .unwrap_or_default();
+        self.order = order.unwrap_or_default();
         self.detector = ChannelDetector::restore(settings, spec.calibration, state);
         self.resume = match checkpoint {
-            Some(c) => Resume::RefillTo(c.last_seq),
+            Some(c) => Resume::RefillTo {
+                last_seq: c.last_seq,
+                from: c.refill_from,
+            },
             None => Resume::RefillBelowCommitted,
         };
     }
@@ -298,17 +330,119 @@ impl ChannelState {
 /// Where a channel's scoring resumes after a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resume {
-    /// From its checkpoint: samples up to this seq only refill the window,
-    /// every later one is scored (also below the committed offset, whose
-    /// outputs were published before: the detector state must step through
-    /// them to stay the same as if nothing had happened).
-    RefillTo(u64),
+    /// From its checkpoint: the samples up to the checkpoint's, `last_seq`,
+    /// only refill the window, every later one is scored (also below the
+    /// committed offset, whose outputs were published before: the detector
+    /// state must step through them to stay the same as if nothing had
+    /// happened). Records before `from` (the offset of the window's oldest
+    /// sample) are older than the window: passed over, so that the
+    /// channel's numbering is rebuilt from the same record as the window.
+    ///
+    /// "Up to the checkpoint's sample" is by position, not by seq: a
+    /// sample before it may have a larger seq (a glitch its producer
+    /// returned from, see [`SeqOrder`]), and one after it a smaller seq (the
+    /// return). The checkpoint's record lies below the committed offset (a
+    /// checkpoint is written once its record's offset is committed): so
+    /// until the checkpoint's seq comes, a sample below the committed
+    /// offset is a refill, and one at or above it is not (with no
+    /// committed offset known, one whose seq is below the checkpoint's is).
+    RefillTo { last_seq: u64, from: i64 },
     /// Past its checkpoint: every sample is scored.
     Scoring,
     /// With no checkpoint, its state below the committed offset is unknown:
     /// those samples only refill the window (and their rows were written
     /// before); scoring starts at the committed offset.
     RefillBelowCommitted,
+}
+
+/// Where a channel is in its producer's numbering, and which seqs it takes
+/// in next (docs/contract.md, "Order within a channel").
+///
+/// A `seq` names one sample: its score row, its forecast row and the id of
+/// an event it opens. So no seq is taken in twice, and the numbering only
+/// moves on, by any step, but for one exception that keeps a glitch from
+/// silencing a channel: the seqs a jump ahead skipped were never taken in,
+/// so a sample among them is taken as the producer returning to its
+/// numbering (a glitch of one record with seq 2^63-1, or 10,000 ahead, is
+/// followed by the producer's next seq). Everything else at or below the
+/// last seq is a duplicate, also a producer that restarted its numbering
+/// from zero, until it passes its old last seq: its seqs name samples that
+/// were scored already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqOrder {
+    /// The seq of the last sample taken in.
+    last: Option<u64>,
+    /// The seqs strictly between these two were skipped by the latest jump
+    /// ahead and none has been taken in since.
+    skipped: Option<(u64, u64)>,
+    /// After a return: the seqs from the first to the last of these, all
+    /// above `last`, were taken in before the latest return (the glitch's),
+    /// and stay duplicates.
+    taken_ahead: Option<(u64, u64)>,
+}
+
+/// How a seq moved its channel's numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The first sample, or the one after the last.
+    Next,
+    /// Ahead of the last by more than one: the seqs in between are skipped.
+    Gap,
+    /// Among the seqs the latest jump skipped: the numbering goes back from
+    /// `from` to it.
+    Returned { from: u64 },
+    /// Taken in already, or passed over: not taken in (`last` is the
+    /// channel's last seq).
+    Duplicate { last: u64 },
+}
+
+impl SeqOrder {
+    /// The seq of the last sample taken in.
+    pub fn last(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// Takes `seq` in, unless it is a duplicate.
+    pub fn take(&mut self, seq: u64) -> Step {
+        let Some(last) = self.last else {
+            self.last = Some(seq);
+            return Step::Next;
+        };
+        if let Some((first, end)) = self.taken_ahead {
+            if (first..=end).contains(&seq) {
+                return Step::Duplicate { last };
+            }
+        }
+        if seq > last {
+            // Past the glitch's seqs, the numbering goes on from the last of
+            // them; before them, from `last`.
+            let after = match self.taken_ahead {
+                Some((_, end)) if seq > end => {
+                    self.taken_ahead = None;
+                    end
+                }
+                _ => last,
+            };
+            self.last = Some(seq);
+            if seq - after > 1 {
+                self.skipped = Some((after, seq));
+                return Step::Gap;
+            }
+            return Step::Next;
+        }
+        match self.skipped {
+            Some((before, after)) if before < seq && seq < after => {
+                // Any seqs taken ahead before lie above `last`, so above
+                // these: they are forgotten (should the numbering reach a
+                // glitch's seq from before the latest, its sample is taken).
+                self.taken_ahead = Some((after, last));
+                self.skipped = (seq - before > 1).then_some((before, seq));
+                self.last = Some(seq);
+                Step::Returned { from: last }
+            }
+            _ => Step::Duplicate { last },
+        }
+    }
 }
 
 struct ModelState {
@@ -393,7 +527,9 @@ impl Engine {
                 offsets: VecDeque::with_capacity(spec.window),
                 partition: None,
                 last_origin: None,
-                last_seq: None,
+                order: SeqOrder::default(),
+                duplicates: 0,
+                returns: 0,
                 detector: ChannelDetector::new(detect, spec.calibration),
                 resume: Resume::RefillBelowCommitted,
                 epoch: 0,
@@ -451,9 +587,12 @@ impl Engine {
         Some(Checkpoint {
             channel: c.id,
             partition: c.partition?,
-            last_seq: c.last_seq?,
-            refill_from: *c.offsets.front()?,
-            detector: c.detector.state().clone(),
+            last_seq: c.order.last?,
+            refill_from: c.offsets.front()?.0,
+            state: SavedState {
+                detector: c.detector.state().clone(),
+                order: Some(c.offsets.front()?.1),
+            },
             last_origin: c.last_origin,
         })
     }
@@ -497,7 +636,7 @@ impl Engine {
             .map(|c| {
                 std::mem::size_of::<ChannelState>()
                     + c.window.heap_bytes()
-                    + c.offsets.capacity() * std::mem::size_of::<i64>()
+                    + c.offsets.capacity() * std::mem::size_of::<(i64, SeqOrder)>()
                     + c.detector.heap_bytes(self.models[c.model].spec.horizon)
             })
             .sum()
@@ -506,39 +645,87 @@ impl Engine {
     pub fn admit(&mut self, sample: &Sample, now: Instant) -> Admission {
         let channel = &mut self.channels[sample.channel as usize];
         self.counters.admitted += 1;
-        if let Some(last) = channel.last_seq {
-            if sample.seq <= last {
-                self.counters.duplicates += 1;
-                return Admission::Duplicate;
-            }
-            if sample.seq > last + 1 {
-                self.counters.gaps += 1;
+        if let (Resume::RefillTo { from, .. }, Some(origin)) = (channel.resume, sample.origin) {
+            if origin.offset < from {
+                // Older than the restored window: its row would only be
+                // pushed out again.
+                self.counters.refilled += 1;
+                return Admission::Refill;
             }
         }
-        channel.last_seq = Some(sample.seq);
+        let order_before = channel.order;
+        match channel.order.take(sample.seq) {
+            Step::Next => {}
+            Step::Gap => self.counters.gaps += 1,
+            Step::Returned { from } => {
+                self.counters.returns += 1;
+                channel.returns += 1;
+                if channel.returns.is_power_of_two() {
+                    tracing::warn!(
+                        channel = %channel.id,
+                        seq = sample.seq,
+                        from,
+                        returns = channel.returns,
+                        "the channel's numbering returned into the seqs its last jump skipped: \
+                         taken as its producer resuming after a glitch, and scored on; the seqs \
+                         the glitch took stay taken (logged at 1, 2, 4, ... returns per channel)"
+                    );
+                }
+            }
+            Step::Duplicate { last } => {
+                self.counters.duplicates += 1;
+                channel.duplicates += 1;
+                if channel.duplicates.is_power_of_two() {
+                    tracing::warn!(
+                        channel = %channel.id,
+                        seq = sample.seq,
+                        last,
+                        duplicates = channel.duplicates,
+                        "sample dropped as a duplicate: a seq names one sample (its score row, \
+                         forecast and event id) and this one was taken in already or passed; a \
+                         producer that restarted its numbering is scored again once it passes \
+                         the last seq (logged at 1, 2, 4, ... duplicates per channel)"
+                    );
+                }
+                return Admission::Duplicate;
+            }
+        }
         let row = channel.window.push(&sample.values);
         if let Some(origin) = sample.origin {
             if channel.offsets.len() == self.models[channel.model].spec.window {
                 channel.offsets.pop_front();
             }
-            channel.offsets.push_back(origin.offset);
+            channel.offsets.push_back((origin.offset, order_before));
             channel.partition = Some(origin.partition);
         }
         channel.last_origin = sample.origin;
+        let committed = sample.origin.and_then(|o| {
+            let committed = self
+                .replay_below
+                .get(o.partition as usize)
+                .copied()
+                .flatten()?;
+            Some(o.offset < committed)
+        });
+        let below_committed = committed == Some(true);
         let refill = match channel.resume {
-            Resume::RefillTo(to) if sample.seq <= to => true,
-            Resume::RefillTo(_) => {
+            Resume::RefillTo { last_seq, .. } if sample.seq == last_seq => {
+                channel.resume = Resume::Scoring;
+                true
+            }
+            // Before the checkpoint's sample; with no committed offset
+            // known, by its seq.
+            Resume::RefillTo { last_seq, .. }
+                if below_committed || (committed.is_none() && sample.seq < last_seq) =>
+            {
+                true
+            }
+            Resume::RefillTo { .. } => {
                 channel.resume = Resume::Scoring;
                 false
             }
             Resume::Scoring => false,
-            Resume::RefillBelowCommitted => sample.origin.is_some_and(|o| {
-                self.replay_below
-                    .get(o.partition as usize)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|committed| o.offset < committed)
-            }),
+            Resume::RefillBelowCommitted => below_committed,
         };
         if refill || !channel.window.is_full() {
             if channel.queued == 0 {
@@ -755,7 +942,8 @@ impl Engine {
         let scale = spec.normalisation.scale[spec.target_feature];
         let center = spec.normalisation.center[spec.target_feature];
         // (channel, seq, window start, record) of each channel's last entry.
-        let mut progressed: Vec<(u32, u64, i64, Option<Origin>)> = Vec::new();
+        type Progress = (u32, u64, (i64, SeqOrder), Option<Origin>);
+        let mut progressed: Vec<Progress> = Vec::new();
         let replaced_before = self.counters.replaced_forecast_steps;
         for (entry, normalised) in batch
             .entries
@@ -846,7 +1034,7 @@ impl Engine {
                  sample's value and the others by the bound"
             );
         }
-        for (channel, last_seq, refill_from, last_origin) in progressed {
+        for (channel, last_seq, (refill_from, order), last_origin) in progressed {
             let c = &self.channels[channel as usize];
             if let Some(partition) = c.partition {
                 out.checkpoints.push(Checkpoint {
@@ -854,7 +1042,10 @@ impl Engine {
                     partition,
                     last_seq,
                     refill_from,
-                    detector: c.detector.state().clone(),
+                    state: SavedState {
+                        detector: c.detector.state().clone(),
+                        order: Some(order),
+                    },
                     last_origin,
                 });
             }
@@ -1156,7 +1347,7 @@ mod tests {
             partition: 0,
             last_seq: 3,
             refill_from: 2,
-            detector: DetectorState::default(),
+            state: SavedState::default(),
             last_origin: None,
         };
         engine.restore(Restore {
@@ -1312,11 +1503,251 @@ mod tests {
             assert!(s.score.is_finite() && s.threshold.is_finite(), "{s:?}");
         }
         for c in &checkpoints {
-            let json = serde_json::to_string(&c.detector).unwrap();
-            let back: DetectorState = serde_json::from_str(&json).unwrap();
-            assert_eq!(back, c.detector, "{json}");
+            let json = serde_json::to_string(&c.state).unwrap();
+            let back: SavedState = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, c.state, "{json}");
         }
         assert!(engine.counters().replaced_forecast_steps > 0);
+    }
+
+    #[test]
+    fn a_channel_takes_each_seq_once_and_returns_from_a_jump_into_what_it_skipped() {
+        let mut order = SeqOrder::default();
+        let steps: Vec<Step> = [0, 1, 1, 0, 3, 4].map(|s| order.take(s)).to_vec();
+        assert_eq!(
+            steps,
+            [
+                Step::Next,
+                Step::Next,
+                Step::Duplicate { last: 1 },
+                Step::Duplicate { last: 1 },
+                Step::Gap,
+                Step::Next
+            ]
+        );
+        // A glitch of one record, then the producer's own numbering again.
+        let top = i64::MAX as u64;
+        assert_eq!(order.take(top), Step::Gap);
+        assert_eq!(order.take(5), Step::Returned { from: top });
+        assert_eq!(order.take(6), Step::Next);
+        assert_eq!(order.take(4), Step::Duplicate { last: 6 }, "taken before");
+        assert_eq!(
+            order.take(top),
+            Step::Duplicate { last: 6 },
+            "the glitch's seq stays taken"
+        );
+        assert_eq!(order.last(), Some(6));
+        // A glitch of two records 10,000 ahead: the first seqs after the
+        // return are taken in, the glitch's seqs are duplicates when the
+        // numbering reaches them, and it goes on past them.
+        let mut order = SeqOrder::default();
+        for seq in 0..=10 {
+            order.take(seq);
+        }
+        assert_eq!(order.take(10_010), Step::Gap);
+        assert_eq!(order.take(10_011), Step::Next);
+        assert_eq!(order.take(11), Step::Returned { from: 10_011 });
+        for seq in 12..10_010 {
+            assert_eq!(order.take(seq), Step::Next, "seq {seq}");
+        }
+        assert_eq!(order.take(10_010), Step::Duplicate { last: 10_009 });
+        assert_eq!(order.take(10_011), Step::Duplicate { last: 10_009 });
+        assert_eq!(
+            order.take(10_012),
+            Step::Next,
+            "just past the glitch's seqs"
+        );
+        // A return that itself skips: what it skipped can still come.
+        let mut order = SeqOrder::default();
+        order.take(0);
+        order.take(100);
+        assert_eq!(order.take(50), Step::Returned { from: 100 });
+        assert_eq!(order.take(20), Step::Returned { from: 50 });
+        assert_eq!(order.take(21), Step::Next);
+        // The largest seqs do not overflow.
+        let mut order = SeqOrder::default();
+        assert_eq!(order.take(u64::MAX), Step::Next);
+        assert_eq!(order.take(u64::MAX), Step::Duplicate { last: u64::MAX });
+        assert_eq!(order.take(0), Step::Duplicate { last: u64::MAX });
+    }
+
+    #[test]
+    fn a_producer_restarted_from_zero_is_scored_again_once_it_passes_its_last_seq() {
+        let mut order = SeqOrder::default();
+        for seq in 0..100 {
+            assert_eq!(order.take(seq), Step::Next);
+        }
+        for seq in 0..100 {
+            assert_eq!(order.take(seq), Step::Duplicate { last: 99 }, "seq {seq}");
+        }
+        assert_eq!(order.take(100), Step::Next);
+    }
+
+    /// Admits `seqs` (value 1.0 each) and completes every batch with the
+    /// forecast 1.0; returns the seqs that got a score row.
+    fn scored_seqs(engine: &mut Engine, seqs: &[u64]) -> Vec<u64> {
+        let now = Instant::now();
+        let mut scored = Vec::new();
+        for &seq in seqs {
+            engine.admit(&sample(seq, 1.0), now);
+            while let Some(batch) = engine.flush_batch() {
+                let rows = batch.entries.len();
+                let mut out = Outputs::default();
+                engine.complete(batch, &vec![1.0; rows], &mut out);
+                scored.extend(out.scores.iter().map(|s| s.seq));
+            }
+        }
+        scored
+    }
+
+    #[test]
+    fn a_glitch_far_ahead_then_the_producers_numbering_keeps_the_channel_scored() {
+        let mut engine = engine();
+        let top = i64::MAX as u64;
+        let scored = scored_seqs(&mut engine, &[0, 1, 2, 3, top, 4, 5, 6]);
+        assert_eq!(
+            scored,
+            [2, 3, 5, 6],
+            "the glitch and the first after the return have no forecast covering them"
+        );
+        assert_eq!(
+            (engine.counters().duplicates, engine.counters().returns),
+            (0, 1)
+        );
+    }
+
+    #[test]
+    fn the_first_sample_after_a_gap_longer_than_the_horizon_has_no_score() {
+        let mut engine = engine();
+        // Horizon 1: a forecast made at seq 3 covers seq 4 only.
+        let scored = scored_seqs(&mut engine, &[0, 1, 2, 3, 5, 6, 7]);
+        assert_eq!(scored, [2, 3, 6, 7]);
+        let mut wide = (*spec()).clone();
+        wide.horizon = 3;
+        let mut engine = Engine::new(
+            &[channel()],
+            &[Arc::new(wide)],
+            DetectSettings {
+                ewma_alpha: 1.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let now = Instant::now();
+        let mut scored = Vec::new();
+        for seq in [0, 1, 2, 5, 9, 10] {
+            engine.admit(&sample(seq, 1.0), now);
+            while let Some(batch) = engine.flush_batch() {
+                let rows = batch.entries.len();
+                let mut out = Outputs::default();
+                engine.complete(batch, &vec![1.0; rows * 3], &mut out);
+                scored.extend(out.scores.iter().map(|s| s.seq));
+            }
+        }
+        assert_eq!(
+            scored,
+            [2, 5, 10],
+            "seq 5 is 3 after 2 (covered), 9 is 4 after 5 (not)"
+        );
+    }
+
+    /// What one run of records did: each record's admission, the scores
+    /// (seq, score) and the checkpoints with their record's offset.
+    type Replayed = (Vec<Admission>, Vec<(u64, f32)>, Vec<(i64, Checkpoint)>);
+
+    /// Runs `records` (seq, offset) of channel X-1 through `engine` as the
+    /// processor does, completing each batch with the forecast 1.0.
+    fn run_records(engine: &mut Engine, records: &[(u64, i64)]) -> Replayed {
+        let now = Instant::now();
+        let (mut admissions, mut scores, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
+        for &(seq, offset) in records {
+            let mut s = sample(seq, seq as f32);
+            s.origin = Some(Origin {
+                partition: 0,
+                generation: 1,
+                offset,
+            });
+            let admission = engine.admit(&s, now);
+            if admission == Admission::WarmUp {
+                checkpoints.extend(engine.warm_up_checkpoint(0).map(|c| (offset, c)));
+            }
+            admissions.push(admission);
+            while let Some(batch) = engine.flush_batch() {
+                let rows = batch.entries.len();
+                let mut out = Outputs::default();
+                engine.complete(batch, &vec![1.0; rows], &mut out);
+                scores.extend(out.scores.iter().map(|r| (r.seq, r.score)));
+                checkpoints.extend(out.checkpoints.into_iter().map(|c| {
+                    let offset = c.last_origin.expect("online samples have origins").offset;
+                    (offset, c)
+                }));
+            }
+        }
+        (admissions, scores, checkpoints)
+    }
+
+    #[test]
+    fn a_restart_from_any_checkpoint_after_glitches_and_returns_scores_on_the_same() {
+        let top = i64::MAX as u64;
+        // A glitch and a return, a duplicate, a jump ahead and a return into
+        // what it skipped.
+        let seqs = [0, 1, 2, 3, top, 4, 5, 5, 6, 20, 21, 7, 8, 9, 20, 22];
+        let records: Vec<(u64, i64)> = seqs.iter().copied().zip(0..).collect();
+        let (first, scores, checkpoints) = run_records(&mut engine(), &records);
+        assert_eq!(
+            first.iter().filter(|a| **a == Admission::Duplicate).count(),
+            2,
+            "the repeated 5, and 20 which the jump took: {first:?}"
+        );
+        assert!(scores.iter().any(|(seq, _)| *seq == 9), "{scores:?}");
+        assert!(checkpoints.len() > 8);
+        for (at, checkpoint) in checkpoints {
+            let json = serde_json::to_string(&checkpoint.state).unwrap();
+            let mut checkpoint = checkpoint;
+            checkpoint.state = serde_json::from_str(&json).unwrap();
+            checkpoint.last_origin = None;
+            let refill_from = checkpoint.refill_from;
+            let mut engine = engine();
+            engine.restore(Restore {
+                partition: 0,
+                committed: Some(at + 1),
+                checkpoints: vec![checkpoint],
+            });
+            let (again, rescored, _) = run_records(&mut engine, &records);
+            for (offset, (first, again)) in (0..).zip(first.iter().zip(&again)) {
+                // Older than the window, or refilled up to the checkpoint's
+                // record; duplicates stay duplicates.
+                let expected =
+                    if offset < refill_from || (offset <= at && *first != Admission::Duplicate) {
+                        Admission::Refill
+                    } else {
+                        *first
+                    };
+                assert_eq!(
+                    *again, expected,
+                    "restored at offset {at} (refill from {refill_from}): record {offset} \
+                     (seq {})",
+                    seqs[offset as usize]
+                );
+            }
+            let after: Vec<(u64, f32)> = scores
+                .iter()
+                .copied()
+                .filter(|(seq, _)| rescored.iter().any(|(s, _)| s == seq))
+                .collect();
+            assert_eq!(rescored, after, "restored at offset {at}: the same scores");
+            assert_eq!(
+                rescored.len(),
+                scores
+                    .iter()
+                    .filter(|(seq, _)| {
+                        let offset = seqs.iter().position(|s| s == seq).unwrap() as i64;
+                        offset > at
+                    })
+                    .count(),
+                "restored at offset {at}: every sample after the checkpoint's is scored"
+            );
+        }
     }
 
     #[test]

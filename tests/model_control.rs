@@ -231,3 +231,79 @@ fn poll_mode_picks_up_a_new_version_directory() {
     assert_eq!(served_version(&service, "smap_T-1"), "7");
     assert!(service.terminate(Duration::from_secs(30)).success());
 }
+
+#[test]
+fn a_model_name_that_is_a_path_is_answered_as_any_unknown_model() {
+    let broker = Broker::start();
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, pipeline) = repository_copy(dir.path(), "explicit");
+    // A model directory beside the repository, and one inside it that no
+    // channel uses: unload answers 200 for the second, as Triton does.
+    copy_dir(&repo.join("smap_A-1"), &dir.path().join("outside"));
+    copy_dir(&repo.join("smap_A-1"), &repo.join("spare"));
+    satwatch(
+        &["topics", "--pipeline", pipeline.to_str().unwrap()],
+        &broker,
+    );
+    let service = Satwatch::start_with(
+        &broker,
+        &pg.url(),
+        &pipeline,
+        dir.path(),
+        &[("SATWATCH_REPOSITORY_TOKEN", TOKEN)],
+    );
+    let post = |path: String| {
+        let (status, body) =
+            http_post(&service.http, &path, Some(TOKEN)).expect("satwatch answers");
+        // 200 has no body; every refusal a JSON one.
+        let body: serde_json::Value = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{path}: a JSON body ({e}): {body}"))
+        };
+        (status, body)
+    };
+    assert_eq!(
+        post("/v2/repository/models/spare/unload".into()).0,
+        200,
+        "a model in the repository that is not served"
+    );
+    let outside = dir.path().join("outside");
+    let outside = outside.to_str().unwrap();
+    let names = [
+        ("no_such_model".to_owned(), "no_such_model".to_owned()),
+        ("..%2Foutside".to_owned(), "../outside".to_owned()),
+        ("%2E%2E%2Foutside".to_owned(), "../outside".to_owned()),
+        (
+            "spare%2F..%2F..%2Foutside".to_owned(),
+            "spare/../../outside".to_owned(),
+        ),
+        (outside.replace('/', "%2F"), outside.to_owned()),
+    ];
+    let unknown_load = post("/v2/repository/models/no_such_model/load".into());
+    for (encoded, name) in &names {
+        let (status, body) = post(format!("/v2/repository/models/{encoded}/unload"));
+        assert_eq!(
+            (status, body),
+            (
+                404,
+                serde_json::json!({ "error": format!("unknown model '{name}'") })
+            ),
+            "unload {name}"
+        );
+        let (status, body) = post(format!("/v2/repository/models/{encoded}/load"));
+        let expected = unknown_load.1["error"]
+            .as_str()
+            .unwrap()
+            .replace("no_such_model", name);
+        assert_eq!(
+            (status, body),
+            (unknown_load.0, serde_json::json!({ "error": expected })),
+            "load {name}"
+        );
+    }
+    assert_eq!(unknown_load.0, 404);
+    assert!(service.terminate(Duration::from_secs(30)).success());
+}

@@ -163,7 +163,9 @@ impl RepositoryControl {
     /// Opens and checks the new version off the runtime; the engine refuses
     /// it if its shapes differ from the served one's.
     async fn load_version(&self, name: &str) -> Result<u64, ControlError> {
-        let dir = self.root.join(name);
+        let dir = self
+            .model_dir(name)
+            .ok_or_else(|| ControlError::NotFound(format!("unknown model '{name}'")))?;
         let engine = self.engine.clone();
         let (spec, runner) = tokio::task::spawn_blocking(move || {
             let spec = Arc::new(
@@ -216,10 +218,25 @@ impl RepositoryControl {
                  remove the channels from the pipeline file and restart"
             )));
         }
-        if self.root.join(name).join("config.pbtxt").is_file() {
-            Ok(()) // Not loaded: nothing to do, as in Triton.
-        } else {
-            Err(ControlError::NotFound(format!("unknown model '{name}'")))
+        match self.model_dir(name) {
+            Some(dir) if dir.join("config.pbtxt").is_file() => Ok(()), // Not loaded: nothing to do, as in Triton.
+            // A name that is a path (`../x`, `/etc`) is answered like any
+            // unknown model, so the answer says nothing about what lies
+            // outside the repository.
+            _ => Err(ControlError::NotFound(format!("unknown model '{name}'"))),
+        }
+    }
+
+    /// The directory of the model called `name`, if `name` can name one: a
+    /// single plain path component, so never a directory outside the
+    /// repository.
+    fn model_dir(&self, name: &str) -> Option<PathBuf> {
+        let mut components = Path::new(name).components();
+        match (components.next(), components.next()) {
+            (Some(std::path::Component::Normal(plain)), None) if plain == name => {
+                Some(self.root.join(name))
+            }
+            _ => None,
         }
     }
 
@@ -282,4 +299,48 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         files.push(stat(dir.join(v.to_string()).join("model.onnx")));
     }
     Fingerprint { version, files }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unload_answers_a_path_as_it_answers_any_unknown_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repository");
+        for model in [root.join("known"), dir.path().join("outside")] {
+            std::fs::create_dir_all(&model).unwrap();
+            std::fs::write(model.join("config.pbtxt"), "").unwrap();
+        }
+        let control = RepositoryControl::new(
+            root.clone(),
+            EngineSettings::default(),
+            Arc::new(RwLock::new(Vec::new())),
+            mpsc::channel(1).0,
+        );
+        assert!(
+            control.unload("known").is_ok(),
+            "in the repository, not served"
+        );
+        let outside = dir.path().join("outside");
+        for name in [
+            "no_such_model",
+            "../outside",
+            "known/../../outside",
+            "./known",
+            "known/",
+            "..",
+            ".",
+            "",
+            outside.to_str().unwrap(),
+        ] {
+            match control.unload(name) {
+                Err(ControlError::NotFound(reason)) => {
+                    assert_eq!(reason, format!("unknown model '{name}'"))
+                }
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+    }
 }

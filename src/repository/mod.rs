@@ -263,17 +263,35 @@ fn validate(
     };
     let vector = |key: &str| -> Result<Vec<f32>, RepositoryError> {
         let raw = param(key)?;
-        let values: Option<Vec<f32>> = raw
-            .split(',')
-            .map(|v| v.trim().parse::<f32>().ok().filter(|v| v.is_finite()))
-            .collect();
-        match values {
-            Some(values) if values.len() == features => Ok(values),
-            _ => Err(refuse(
-                key,
-                format!("parameter \"{key}\" must be {features} comma-separated finite numbers"),
-            )),
+        let mut values = Vec::with_capacity(features);
+        for (i, v) in raw.split(',').enumerate() {
+            // NaN, infinities and numbers beyond f32 would make every
+            // normalised input and forecast of the model NaN or infinite.
+            match v.trim().parse::<f32>() {
+                Ok(v) if v.is_finite() => values.push(v),
+                _ => {
+                    return Err(refuse(
+                        key,
+                        format!(
+                            "parameter \"{key}\" must be {features} comma-separated finite \
+                             numbers; element {i} is \"{}\"",
+                            v.trim()
+                        ),
+                    ))
+                }
+            }
         }
+        if values.len() != features {
+            return Err(refuse(
+                key,
+                format!(
+                    "parameter \"{key}\" must be {features} comma-separated finite numbers; \
+                     it has {}",
+                    values.len()
+                ),
+            ));
+        }
+        Ok(values)
     };
 
     for (key, expected) in [("satwatch.window", window), ("satwatch.horizon", horizon)] {
@@ -567,6 +585,36 @@ parameters: { key: "satwatch.error_std" value: { string_value: "0.02" } }
             .unwrap_err()
             .reason
             .contains("2 comma-separated"));
+    }
+
+    #[test]
+    fn a_norm_vector_with_nan_infinity_or_beyond_f32_is_refused_naming_the_element() {
+        for (key, bad) in [
+            ("satwatch.norm_scale", "NaN"),
+            ("satwatch.norm_scale", "nan"),
+            ("satwatch.norm_scale", "inf"),
+            ("satwatch.norm_scale", "1e39"),
+            ("satwatch.norm_center", "-Infinity"),
+        ] {
+            let good = if key == "satwatch.norm_scale" {
+                "2,1"
+            } else {
+                "0.5,0"
+            };
+            let config = GOOD.replace(
+                &format!("\"{key}\" value: {{ string_value: \"{good}\""),
+                &format!("\"{key}\" value: {{ string_value: \"1,{bad}\""),
+            );
+            assert_ne!(config, GOOD);
+            let err = load(&config, &[1]).unwrap_err();
+            assert!(
+                err.reason.contains(key)
+                    && err.reason.contains("finite")
+                    && err.reason.contains(&format!("element 1 is \"{bad}\"")),
+                "{bad}: {err}"
+            );
+            assert_eq!(err.line, locate(&config, key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -250,7 +250,13 @@ impl CommitStage {
                 .held_checkpoints
                 .entry(checkpoint.channel)
                 .or_insert_with(|| checkpoint.clone());
-            if checkpoint.last_seq >= slot.last_seq {
+            // Later: a larger seq, or on the same partition a window that
+            // starts further on (the numbering may go back after a glitch;
+            // the offsets do not).
+            if checkpoint.last_seq >= slot.last_seq
+                || (checkpoint.partition == slot.partition
+                    && checkpoint.refill_from >= slot.refill_from)
+            {
                 *slot = checkpoint;
             }
         }

@@ -407,7 +407,9 @@ ON CONFLICT (event_id) DO UPDATE SET state = excluded.state, end_seq = excluded.
 WHERE anomaly_events.state = 'open'";
 
 /// Upserts channel checkpoints given as one array per column; a checkpoint
-/// never replaces a later one.
+/// never replaces a later one: later means a larger seq, or on the same
+/// partition a window that starts further on (a channel's numbering may go
+/// back after a glitch, see [`crate::engine::SeqOrder`]; its offsets do not).
 const UPSERT_CHECKPOINTS: &str = "
 INSERT INTO channel_checkpoints (channel, topic, partition, last_seq, refill_from, detector, updated_at)
 SELECT c, t, p, s, r, d::jsonb, now()
@@ -415,7 +417,9 @@ FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::text
 ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, partition = excluded.partition,
     last_seq = excluded.last_seq, refill_from = excluded.refill_from,
     detector = excluded.detector, updated_at = now()
-WHERE channel_checkpoints.last_seq < excluded.last_seq";
+WHERE channel_checkpoints.last_seq < excluded.last_seq
+    OR ((channel_checkpoints.topic, channel_checkpoints.partition) = (excluded.topic, excluded.partition)
+        AND channel_checkpoints.refill_from < excluded.refill_from)";
 
 impl PgWriter {
     pub fn new(connector: PgConnector) -> Self {
@@ -601,7 +605,7 @@ impl PgWriter {
             seqs.push(c.checkpoint.last_seq as i64);
             refills.push(c.checkpoint.refill_from);
             states.push(
-                serde_json::to_string(&c.checkpoint.detector)
+                serde_json::to_string(&c.checkpoint.state)
                     .map_err(|e| PgError(format!("detector state to JSON: {e}")))?,
             );
         }
@@ -655,7 +659,7 @@ pub async fn load_checkpoints(
                 partition: index,
                 last_seq: row.get::<_, i64>(3) as u64,
                 refill_from: row.get(4),
-                detector,
+                state: detector,
                 last_origin: None,
             })
         })
