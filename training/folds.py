@@ -169,11 +169,12 @@ def main(argv=None) -> int:
                          "point_f1": TARGETS["point_f1"], "coverage": TARGETS["coverage"], "wide_unlabelled": []})
           .replace("nan", "-"))
     print()
-    print("| held-out fold | its channels | chosen on the other folds | objective there | event F1 held out | "
-          "Fc1 held out | point F1 held out |")
+    print("| held-out fold | its channels | chosen on the other folds (where it differs from the in-fold choice) "
+          "| objective there | event F1 held out | Fc1 held out | point F1 held out |")
     print("|---|---|---|---:|---:|---:|---:|")
     for k, fold, settings, train, test in choices:
-        chosen = ", ".join(f"{key} = {value}" for key, value in settings.items())
+        chosen = ", ".join(f"{key} = {value}" for key, value in settings.items()
+                           if value != candidates[best_all][key]) or "(the in-fold choice)"
         print(f"| {k + 1} | {', '.join(fold)} | {chosen} | {objective(train):.3f} | {test['event_f1']:.3f} "
               f"| {test['fc1']:.3f} | {test['point_f1']:.3f} |")
     print()
