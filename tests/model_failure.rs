@@ -2,7 +2,7 @@
 //! is the shipped model with a tripwire: ONNX Runtime refuses to run any
 //! batch holding a marked sample (its Gather reads out of bounds). Its
 //! channel is held, nothing of it committed, while A-2 (on A-1's partition)
-//! and E-2 (another topic) keep flowing; once version 2 (the shipped file)
+//! and P-4 (another topic, three anomalies) keep flowing; once version 2 (the shipped file)
 //! is loaded, A-1 resumes where it stopped. Checked against a reference run
 //! on the shipped models that consumes the same records: the same rows,
 //! and each `forecasts` and `anomalies` record published once.
@@ -19,13 +19,15 @@ use prost::Message;
 use satwatch::backend::graph::proto::{self, tensor_proto::DataType};
 
 /// A-1's model fails on its marked sample; A-2 shares its partition (one per
-/// topic), E-2 is on another topic.
-const CHANNELS: &str = "A-1,A-2,E-2";
+/// topic), P-4 is on another topic. Rows 0..5400 hold anomalies of P-4 and
+/// A-1 (see tests/crash_recovery.rs), so events are published on both sides.
+const CHANNELS: &str = "A-1,A-2,P-4";
+const HEALTHY: [&str; 2] = ["A-2", "P-4"];
 const FAILING_CHANNEL: &str = "A-1";
 const FAILING_MODEL: &str = "smap_A-1";
 /// The marked sample's seq, and the rows replayed per channel.
 const MARKED_SEQ: i64 = 1000;
-const ROWS: i64 = 1500;
+const ROWS: i64 = 5400;
 /// The marker: this value on a command column that otherwise holds 0 or 1
 /// (A-1's column 10: center 0, scale 0.05, so 10 once normalised).
 const MARKED_COLUMN: usize = 10;
@@ -232,7 +234,7 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         &[("SATWATCH_REPOSITORY_TOKEN", TOKEN)],
     );
 
-    // Rows 0..1500 of each channel, A-1's row 1000 marked.
+    // Rows 0..5400 of each channel, A-1's row 1000 marked.
     replay(&broker, CHANNELS, 0, MARKED_SEQ);
     let mut marked: Vec<f32> = data.values.row(MARKED_SEQ as usize).to_vec();
     marked[MARKED_COLUMN] = MARKED_VALUE;
@@ -248,7 +250,7 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         FAILING_CHANNEL.as_bytes(),
         payload.as_bytes(),
     );
-    replay(&broker, "A-2,E-2", MARKED_SEQ, ROWS - MARKED_SEQ);
+    replay(&broker, "A-2,P-4", MARKED_SEQ, ROWS - MARKED_SEQ);
     replay(
         &broker,
         FAILING_CHANNEL,
@@ -272,28 +274,28 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         body.contains("inference failed"),
         "the reason is given: {body}"
     );
-    let (status, body) = answer(&service, "/v2/models/smap_E-2/ready");
+    let (status, body) = answer(&service, "/v2/models/smap_P-4/ready");
     assert_eq!(status, 200, "the other models stay ready: {body}");
 
     // The others flow to the end: A-2's rows are written although its
-    // partition's commit position waits on A-1, E-2's records published.
+    // partition's commit position waits on A-1, P-4's records published.
     wait_for(
-        "A-2 and E-2 to be scored to their last sample",
+        "A-2 and P-4 to be scored to their last sample",
         Duration::from_secs(60),
         || {
-            ["A-2", "E-2"]
+            HEALTHY
                 .iter()
                 .all(|c| scores_of(&pg, c) == (ROWS - window, ROWS - 1))
                 .then_some(())
         },
     );
     wait_for(
-        "E-2's forecasts to be published",
+        "P-4's forecasts to be published",
         Duration::from_secs(60),
         || {
             let published = published_forecasts(&broker, "forecasts");
-            let e2 = published.keys().filter(|(c, _)| c == "E-2").count() as i64;
-            (e2 == ROWS - window + 1).then_some(())
+            let p4 = published.keys().filter(|(c, _)| c == "P-4").count() as i64;
+            (p4 == ROWS - window + 1).then_some(())
         },
     );
     let (a1_rows, a1_last) = scores_of(&pg, FAILING_CHANNEL);
@@ -301,7 +303,7 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         a1_last < MARKED_SEQ,
         "A-1 is held before its marked sample (scored {a1_rows} rows up to seq {a1_last})"
     );
-    let committed = committed_vs_end(&broker, "faulty", &["telemetry.acs", "telemetry.eps"]);
+    let committed = committed_vs_end(&broker, "faulty", &["telemetry.acs", "telemetry.ps"]);
     eprintln!("while held: A-1 scored up to seq {a1_last}; committed vs end {committed:?}");
     for (topic, _, committed, end) in &committed {
         match topic.as_str() {
@@ -318,16 +320,16 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         &page,
         &format!("satwatch_model_failures_total{{model=\"{FAILING_MODEL}\"}}"),
     );
-    let e2_available = metric(&page, "satwatch_model_available{model=\"smap_E-2\"}");
+    let p4_available = metric(&page, "satwatch_model_available{model=\"smap_P-4\"}");
     eprintln!(
-        "metrics: available {available:?}, failures {failures:?}, E-2 available {e2_available:?}"
+        "metrics: available {available:?}, failures {failures:?}, P-4 available {p4_available:?}"
     );
     assert_eq!(available, Some(0.0));
     assert!(
         failures.is_some_and(|f| f >= 3.0),
         "failures counted: {failures:?}"
     );
-    assert_eq!(e2_available, Some(1.0));
+    assert_eq!(p4_available, Some(1.0));
 
     // Version 2, the shipped file: A-1 resumes where it stopped.
     copy_dir(
@@ -412,6 +414,21 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         );
     }
 
+    // Event rows likewise, but for their last column, model_version.
+    let without_last = |rows: Vec<String>| -> Vec<String> {
+        rows.into_iter()
+            .map(|r| {
+                r.rsplit_once('|')
+                    .map_or(r.clone(), |(head, _)| head.to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(
+        without_last(events(&pg, "satwatch")),
+        without_last(events(&pg, "reference")),
+        "anomaly_events"
+    );
+
     // The topics, read_committed: each record once, the reference's.
     let got = published_forecasts(&broker, "forecasts");
     let want = published_forecasts(&broker, "reference.forecasts");
@@ -424,6 +441,11 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
     let got = published_events(&broker, "anomalies");
     let want = published_events(&broker, "reference.anomalies");
     assert_published_once(&got, "anomalies");
+    assert!(
+        !want.is_empty(),
+        "the replayed stretch has anomalies: {}",
+        events(&pg, "reference").len()
+    );
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>()
