@@ -16,7 +16,7 @@
 
 use std::{collections::VecDeque, time::Instant};
 
-use crate::repository::BatchPolicy;
+use crate::repository::{BatchPolicy, Normalisation};
 
 #[derive(Debug)]
 pub struct Batcher<T> {
@@ -187,6 +187,19 @@ impl BatchInputs {
         self.starts.push(start);
     }
 
+    /// Rewrites every row (`features` values each), normalised by `old`, as
+    /// normalised by `new`: a batch whose call failed runs again on a
+    /// version loaded meanwhile, which may normalise otherwise.
+    pub fn renormalise(&mut self, features: usize, old: &Normalisation, new: &Normalisation) {
+        if old == new {
+            return;
+        }
+        for (i, x) in self.rows.iter_mut().enumerate() {
+            let j = i % features;
+            *x = (*x * old.scale[j] + old.center[j] - new.center[j]) / new.scale[j];
+        }
+    }
+
     /// The windows laid out `[len, window, features]`: `rows` itself when no
     /// two windows share rows, else copied out into `scratch`.
     pub fn windows<'a>(&'a self, scratch: &'a mut Vec<f32>) -> &'a [f32] {
@@ -207,6 +220,24 @@ impl BatchInputs {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn renormalise_rewrites_every_row_feature_by_feature() {
+        let old = Normalisation {
+            center: vec![1.0, 0.0],
+            scale: vec![2.0, 1.0],
+        };
+        let new = Normalisation {
+            center: vec![0.0, 10.0],
+            scale: vec![1.0, 0.5],
+        };
+        let mut inputs = BatchInputs::new(4);
+        // Two rows of two features: raw values (3, 4) and (5, 6).
+        inputs.push_run(&[1.0, 4.0, 2.0, 6.0]);
+        inputs.push_window(0);
+        inputs.renormalise(2, &old, &new);
+        assert_eq!(inputs.rows, [3.0, -12.0, 5.0, -8.0]);
+    }
 
     fn batcher(preferred: &[usize], max: usize, delay_us: u64) -> Batcher<u32> {
         Batcher::new(BatchPolicy {

@@ -611,6 +611,40 @@ impl Engine {
         self.pending == 0 && self.models.iter().all(|m| !m.in_flight)
     }
 
+    /// Whether nothing is queued or being inferred for any model `held`
+    /// leaves out (models whose failed batch waits for a retry).
+    pub fn is_idle_except(&self, held: impl Fn(usize) -> bool) -> bool {
+        self.models
+            .iter()
+            .enumerate()
+            .all(|(i, m)| held(i) || (m.batcher.is_empty() && !m.in_flight))
+    }
+
+    /// Windows waiting in model `model`'s batcher.
+    pub fn queued_for(&self, model: usize) -> usize {
+        self.models[model].batcher.len()
+    }
+
+    /// Readies a batch whose inference call failed to run again. It is
+    /// still its model's batch in flight, so nothing else of the model runs
+    /// meanwhile; a version loaded since (waiting for this batch, see
+    /// [`Engine::swap_model`]) is swapped in now and the batch re-normalised
+    /// for it, so the retry runs on that version.
+    pub fn prepare_retry(&mut self, batch: &mut ModelBatch) {
+        let index = batch.model;
+        let Some((spec, runner)) = self.models[index].next.take() else {
+            return;
+        };
+        batch.inputs.renormalise(
+            spec.features,
+            &batch.spec.normalisation,
+            &spec.normalisation,
+        );
+        batch.spec = spec.clone();
+        batch.runner = Some(runner.clone());
+        self.swap_now(index, spec, runner);
+    }
+
     pub fn model_spec(&self, model: usize) -> &Arc<ModelSpec> {
         &self.models[model].spec
     }
@@ -1309,6 +1343,47 @@ mod tests {
             "denormalised with version 4"
         );
         assert_eq!(out.scores[0].model_version, 4);
+    }
+
+    #[test]
+    fn a_failed_batch_retried_after_a_swap_runs_on_the_new_version() {
+        let mut engine = engine();
+        let now = Instant::now();
+        for seq in 0..3 {
+            engine.admit(&sample(seq, 1.0 + seq as f32), now);
+        }
+        let mut failed = engine.next_batch(now).expect("preferred size 2");
+        let mut v4 = (*spec()).clone();
+        v4.version = 4;
+        v4.normalisation.center = vec![1.0];
+        v4.normalisation.scale = vec![2.0];
+        let runner = Runner {
+            backend: Arc::new(LastValue),
+            index: 0,
+        };
+        engine.swap_model(Arc::new(v4), runner).unwrap();
+        assert!(
+            engine.next_batch(now).is_none(),
+            "the failed batch is still in flight"
+        );
+        engine.prepare_retry(&mut failed);
+        assert_eq!(failed.spec.version, 4);
+        assert!(failed.runner.is_some());
+        assert_eq!(
+            failed.inputs.windows(&mut Vec::new()),
+            vec![0.0, 0.5, 0.5, 1.0],
+            "values 1, 2 and 3 re-normalised as (x - 1) / 2"
+        );
+        let mut out = Outputs::default();
+        engine.complete(failed, &[0.5, 1.0], &mut out);
+        assert_eq!(
+            out.forecasts
+                .iter()
+                .map(|f| (f.seq, f.model_version))
+                .collect::<Vec<_>>(),
+            [(1, 4), (2, 4)]
+        );
+        assert!(engine.is_idle());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Readiness as the parts of the pipeline report it, and stalls: a stage
-//! whose oldest unfinished work is older than `[health] max_stall_ms`.
+//! Readiness as the parts of the pipeline report it; stalls, a stage whose
+//! oldest unfinished work is older than `[health] max_stall_ms`; and models
+//! reported unavailable (their inference calls keep failing).
 
 use std::{
     collections::BTreeMap,
@@ -79,6 +80,8 @@ struct State {
     consumer_committed: Option<i64>,
     /// Older unfinished work than this is a stall.
     max_stall: Duration,
+    /// Models whose inference calls keep failing, with why.
+    unavailable_models: BTreeMap<String, String>,
 }
 
 impl Default for State {
@@ -94,6 +97,7 @@ impl Default for State {
             consumer_progress: None,
             consumer_committed: None,
             max_stall: Duration::from_secs(30),
+            unavailable_models: BTreeMap::new(),
         }
     }
 }
@@ -166,6 +170,19 @@ impl Health {
         self.with(|s| s.shutting_down = true);
     }
 
+    /// Reports model `model` unavailable, saying why, or (None) available.
+    pub fn set_model_unavailable(&self, model: &str, reason: Option<String>) {
+        self.with(|s| match reason {
+            Some(reason) => s.unavailable_models.insert(model.to_owned(), reason),
+            None => s.unavailable_models.remove(model),
+        });
+    }
+
+    /// Why model `model` is unavailable, if it is.
+    pub fn model_unavailable(&self, model: &str) -> Option<String> {
+        self.with(|s| s.unavailable_models.get(model).cloned())
+    }
+
     pub fn set_max_stall(&self, max_stall: Duration) {
         self.with(|s| s.max_stall = max_stall);
     }
@@ -224,6 +241,11 @@ impl Health {
             if let Some(err) = &s.kafka_publish_error {
                 reasons.push(format!("publishing outputs to Kafka fails: {err}"));
             }
+            reasons.extend(
+                s.unavailable_models
+                    .iter()
+                    .map(|(model, why)| format!("model {model} is unavailable: {why}")),
+            );
             reasons.extend(s.stalls(Instant::now()).iter().map(Stall::to_string));
             if reasons.is_empty() {
                 Ok(())
@@ -299,6 +321,27 @@ mod tests {
         let (waiting, stalls) = health.stages(t0 + Duration::from_secs(200));
         assert_eq!(waiting[Stage::Consumer as usize], Duration::ZERO);
         assert!(stalls.is_empty());
+    }
+
+    #[test]
+    fn readiness_names_an_unavailable_model_until_it_is_available_again() {
+        let health = health(30);
+        health.set_models_loaded(true);
+        health.set_partitions_assigned(1);
+        health.set_model_unavailable("smap_A-1", Some("inference failed 3 times".into()));
+        let reasons = health.readiness().unwrap_err();
+        assert_eq!(
+            reasons,
+            ["model smap_A-1 is unavailable: inference failed 3 times"]
+        );
+        assert_eq!(
+            health.model_unavailable("smap_A-1").as_deref(),
+            Some("inference failed 3 times")
+        );
+        assert_eq!(health.model_unavailable("smap_E-2"), None);
+        health.set_model_unavailable("smap_A-1", None);
+        assert_eq!(health.readiness(), Ok(()));
+        assert_eq!(health.model_unavailable("smap_A-1"), None);
     }
 
     #[test]

@@ -341,10 +341,18 @@ async fn model_version_metadata(
     }
 }
 
+/// KServe v2 model readiness: 200 while the model serves its channels, 503
+/// with the reason while it is unavailable (its calls keep failing).
 async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -> Response {
-    match find(&state, &model) {
-        Some(_) => StatusCode::OK.into_response(),
-        None => not_found(format!("unknown model '{model}'")),
+    if find(&state, &model).is_none() {
+        return not_found(format!("unknown model '{model}'"));
+    }
+    match state.health.model_unavailable(&model) {
+        None => StatusCode::OK.into_response(),
+        Some(why) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model {model} is unavailable: {why}"),
+        ),
     }
 }
 

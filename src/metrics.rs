@@ -46,6 +46,11 @@ pub struct Metrics {
     /// `[http] max_connections`.
     pub http_connections: IntGauge,
     pub http_connections_evicted: IntCounter,
+    /// Per model: inference calls that failed (each retry counts), and 1
+    /// while the model is available, 0 while it is reported unavailable
+    /// (its channels held).
+    pub model_failures: IntCounterVec,
+    pub model_available: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -175,7 +180,26 @@ impl Metrics {
         .expect("valid");
         r.register(Box::new(http_connections_evicted.clone()))
             .expect("registered once");
+        let model_available = IntGaugeVec::new(
+            Opts::new(
+                "satwatch_model_available",
+                "1 while the model serves its channels, 0 while it is unavailable: its \
+                 inference calls kept failing, its channels are held (nothing of theirs is \
+                 committed) and readiness is 503 naming it.",
+            ),
+            &["model"],
+        )
+        .expect("valid");
+        r.register(Box::new(model_available.clone()))
+            .expect("registered once");
         Self {
+            model_failures: counter(
+                &r,
+                "satwatch_model_failures_total",
+                "Inference calls that failed or panicked (each retry of a batch counts).",
+                &["model"],
+            ),
+            model_available,
             stage_waiting_seconds,
             stage_stalled,
             http_connections,

@@ -215,7 +215,10 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         samples_rx,
         outputs_tx,
         metrics.clone(),
-        Some(updates_rx),
+        Some(processor::Live {
+            updates: updates_rx,
+            health: health.clone(),
+        }),
     )
     .map_err(RunError)?;
     let sink = tokio::spawn(sink::write_loop(
@@ -272,8 +275,10 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         std::process::exit(2);
     });
 
-    let processed = processor.await.map_err(|e| fail("processor task")(&e))?;
-    // The processor only stops early on a fatal error: stop consuming too.
+    // A model's failed calls are held and retried inside the processor; it
+    // only stops early when the sink is gone, or when it panicked. Either
+    // way stop consuming too, and let the sink commit what is done.
+    let processed = processor.await;
     health.set_shutting_down();
     shutdown_tx.send_replace(true);
     source.await.map_err(|e| fail("source task")(&e))?;
@@ -281,7 +286,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         .map_err(|e| fail("sink task")(&e))?
         .map_err(|e| fail("sink")(&e))?;
     http_task.abort();
-    let engine = processed.map_err(|e| RunError(e.to_string()))?;
+    let engine = processed
+        .map_err(|e| fail("the processor task failed")(&e))?
+        .map_err(|e| RunError(e.to_string()))?;
     let counters = engine.counters();
     tracing::info!(
         admitted = counters.admitted,

@@ -142,14 +142,7 @@ impl BackendPool {
                         for (batch, dispatched) in queue {
                             scratch.input_time = Duration::ZERO;
                             let started = Instant::now();
-                            let result = match &batch.runner {
-                                Some(r) => {
-                                    r.backend.infer_batch(r.index, &batch.inputs, &mut scratch)
-                                }
-                                None => {
-                                    backend.infer_batch(batch.model, &batch.inputs, &mut scratch)
-                                }
-                            };
+                            let result = run_batch(backend.as_ref(), &batch, &mut scratch);
                             let input_time = scratch.input_time;
                             let compute_time = started.elapsed().saturating_sub(input_time);
                             let queue_time =
@@ -188,6 +181,46 @@ impl BackendPool {
             let _ = thread.join();
         }
     }
+}
+
+/// Runs `batch` on its version's backend. A call that panics, or returns
+/// other than `[windows, horizon]` values, is that model's failed call: the
+/// panic is caught here, at the backend's boundary, and the inference
+/// thread goes on with the next batch.
+fn run_batch(
+    backend: &dyn Backend,
+    batch: &ModelBatch,
+    scratch: &mut Scratch,
+) -> Result<Vec<f32>, BackendError> {
+    let call = std::panic::AssertUnwindSafe(|| match &batch.runner {
+        Some(r) => r.backend.infer_batch(r.index, &batch.inputs, scratch),
+        None => backend.infer_batch(batch.model, &batch.inputs, scratch),
+    });
+    let failed = |reason: String| BackendError::Inference {
+        model: batch.spec.name.clone(),
+        reason,
+    };
+    let forecasts = match std::panic::catch_unwind(call) {
+        Ok(result) => result?,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            return Err(failed(format!("the backend panicked: {message}")));
+        }
+    };
+    let expected = batch.entries.len() * batch.spec.horizon;
+    if forecasts.len() != expected {
+        return Err(failed(format!(
+            "the backend returned {} values for {} windows of horizon {} ({expected} expected)",
+            forecasts.len(),
+            batch.entries.len(),
+            batch.spec.horizon
+        )));
+    }
+    Ok(forecasts)
 }
 
 /// Makes the calling thread's floating-point unit flush subnormal results to
