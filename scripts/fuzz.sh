@@ -2,7 +2,7 @@
 # Runs each cargo-fuzz target for a bounded time (default 60 s each).
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
-# Targets: decode_telemetry, parse_model_config, parse_pipeline (default: all).
+# Targets: decode_telemetry, parse_model_config, parse_pipeline, drive_engine (default: all).
 # cargo-fuzz needs nightly features; the machine's stable toolchain provides
 # them with RUSTC_BOOTSTRAP=1. Findings land in fuzz/artifacts/<target>/.
 # CI does not run this (it is bounded by time, not by a pass/fail oracle).
@@ -13,7 +13,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(decode_telemetry parse_model_config parse_pipeline)
+    targets=(decode_telemetry parse_model_config parse_pipeline drive_engine)
 fi
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]" >&2; exit 2; }
 

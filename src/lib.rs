@@ -29,6 +29,8 @@
 
 pub mod backend;
 pub mod batch;
+// Its latency figures use round_trip's quantiles, which need Kafka.
+#[cfg(feature = "kafka")]
 pub mod bench;
 pub mod config;
 pub mod dataset;
