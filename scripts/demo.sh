@@ -304,7 +304,7 @@ forecast_rows=$(q "select count(*) from forecasts")
 anomalous=$(q "select count(*) from scores where anomalous")
 events=$(q "select subsystem, count(*), count(*) filter (where state = 'closed') from anomaly_events group by subsystem order by subsystem")
 events_total=$(q "select count(*) || ' opened, ' || count(*) filter (where state = 'closed') || ' closed' from anomaly_events")
-by_cause=$(q "select coalesce(cause, 'unknown'), count(*), sum(coalesce(end_seq, start_seq) - start_seq + 1) from anomaly_events group by 1 order by 2 desc")
+by_cause=$(q "select coalesce(cause, 'unknown'), count(*), coalesce(sum(end_seq - start_seq + 1) filter (where state = 'closed'), 0) from anomaly_events group by 1 order by 2 desc")
 psql_cmd="psql $DATABASE_URL"
 
 echo
@@ -319,7 +319,7 @@ if [[ -n $events ]]; then
     while IFS='|' read -r sub opened closed; do
         printf '    %-10s %8s %8s\n' "$sub" "$opened" "$closed"
     done <<<"$events"
-    printf '    %-10s %8s %8s\n' cause events samples
+    printf '    %-10s %8s %8s\n' cause opened "samples in closed events"
     while IFS='|' read -r cause n samples; do
         printf '    %-10s %8s %8s\n' "$cause" "$n" "$samples"
     done <<<"$by_cause"

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Install everything a fresh Debian 12 machine needs to build, run and test
 # satwatch: apt packages (a Java 17+ runtime and Maven among them), ONNX
-# Runtime's shared library (from PyPI's wheel, in a venv), the training venv
-# (training/requirements.txt, for training/train.py and the tests that train a
-# small model) and Apache Kafka's broker jars (from Maven Central, through
-# deploy/kafka-local/pom.xml).
+# Runtime's shared library (from PyPI's wheel, in a venv) and Apache Kafka's
+# broker jars (from Maven Central, through deploy/kafka-local/pom.xml); with
+# --training also the training venv (training/requirements.txt, for
+# training/train.py and the tests that train a small model: torch, a few GB,
+# which running the shipped models does not need).
 # Idempotent: each step is skipped when its result is already there, so
 # running it on every CI run costs seconds.
 # Building satwatch itself (cargo build) is not its job.
 #
-# Usage: scripts/setup.sh            (no arguments; works with no TTY and CI=true)
+# Usage: scripts/setup.sh [--training]   (works with no TTY and CI=true)
 # Env:   SATWATCH_CACHE      cache dir for the venv and Kafka's jars (default ~/.cache/satwatch)
 #        SATWATCH_KAFKA_LIB  where Kafka's jars go (default $SATWATCH_CACHE/kafka/<version>/lib)
 #        SATWATCH_JAVA       the java to check (default $JAVA_HOME/bin/java, else java on PATH)
@@ -19,10 +20,15 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [[ $# -ne 0 ]]; then
-    echo "usage: $0   (takes no arguments)" >&2
+TRAINING=0
+case "${1:-}" in
+"") ;;
+--training) TRAINING=1 ;;
+*)
+    echo "usage: $0 [--training]" >&2
     exit 2
-fi
+    ;;
+esac
 
 # Never let apt, debconf or pip stop to ask a question: CI has no stdin.
 export DEBIAN_FRONTEND=noninteractive
@@ -177,6 +183,8 @@ step_apt
 step_java
 step_rust
 step_onnxruntime
-step_training
+if ((TRAINING)); then
+    step_training
+fi
 step_kafka
 log "setup complete; for services run: scripts/services.sh up && eval \"\$(scripts/services.sh env)\""

@@ -22,8 +22,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cd "$SATWATCH_ROOT"
 
-log "setup: scripts/setup.sh"
-scripts/setup.sh
+log "setup: scripts/setup.sh --training (tests/any_width.rs trains a model)"
+scripts/setup.sh --training
 
 if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
