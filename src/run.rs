@@ -232,6 +232,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
             metrics: metrics.clone(),
             health: health.clone(),
             partitions: tracker,
+            shutdown: shutdown_rx.clone(),
         },
     ));
     let source = tokio::spawn(source::consume(

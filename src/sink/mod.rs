@@ -17,7 +17,7 @@ use rdkafka::{
     Offset, TopicPartitionList,
 };
 use tokio::{
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{sleep, sleep_until, Instant},
 };
 
@@ -58,6 +58,9 @@ pub struct SinkParts {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub partitions: Arc<Mutex<OffsetTracker>>,
+    /// Turns true when shutdown begins: the source stops polling the
+    /// consumer then, so the group must not be rejoined.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Why the sink stopped before its input closed.
@@ -88,6 +91,7 @@ pub async fn write_loop(
         metrics,
         health,
         partitions,
+        shutdown,
     } = parts;
     let (committed_tx, committed_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
     let stage = CommitStage {
@@ -100,6 +104,7 @@ pub async fn write_loop(
         held: VecDeque::new(),
         held_checkpoints: HashMap::new(),
         draining: false,
+        shutdown,
         settled_ts: Vec::new(),
     };
     let committing = tokio::spawn(commit_loop(committed_rx, stage, settings.commit_interval()));
@@ -218,6 +223,11 @@ struct CommitStage {
     /// polls the consumer: a fenced producer is then not followed by a
     /// rejoin of the group.
     draining: bool,
+    /// True once shutdown has begun, possibly while a transaction is still
+    /// in flight before the final commit: no rejoin either (with no one
+    /// polling, librdkafka aborts when the consumer is destroyed; a CI run
+    /// of tests/cluster.rs saw it).
+    shutdown: watch::Receiver<bool>,
     /// Sample times of the rows settled since the last commit, for the
     /// end-to-end latency.
     settled_ts: Vec<DateTime<Utc>>,
@@ -364,7 +374,7 @@ impl CommitStage {
         }
         self.held.clear();
         self.held_checkpoints.clear();
-        if self.draining {
+        if self.draining || *self.shutdown.borrow() {
             // Shutting down, with the source no longer polling: no new
             // producer and no rejoin. The open transaction is aborted by the
             // coordinator (or at once by this instance's restart), and the
