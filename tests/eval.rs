@@ -11,27 +11,7 @@ use serde_json::Value;
 
 #[test]
 fn eval_json_agrees_with_the_labels_and_its_own_counts() {
-    let output = Command::new(satwatch_bin())
-        .args([
-            "eval",
-            "--pipeline",
-            SMAP_PIPELINE,
-            "--data",
-            "data/smap",
-            "--channels",
-            "T-3,P-4",
-            "--json",
-        ])
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let figures: Value =
-        serde_json::from_slice(&output.stdout).expect("--json prints one JSON object");
+    let figures = eval("T-3,P-4", &[]).unwrap();
     let labels =
         dataset::load_labels(&repo_root().join("data/smap/labeled_anomalies.csv")).unwrap();
 
@@ -95,17 +75,16 @@ fn eval_json_agrees_with_the_labels_and_its_own_counts() {
     assert_eq!(totals["samples"].as_u64(), Some(samples));
 }
 
-/// `satwatch eval --json` on `channels` with `args` added: its JSON, or its stderr.
-fn eval(channels: &str, args: &[&str]) -> Result<Value, String> {
+/// `satwatch <command> --pipeline <SMAP> --data data/smap --json` with
+/// `args` added: its stdout as JSON, or its stderr.
+fn satwatch_json(command: &str, args: &[&str]) -> Result<Value, String> {
     let output = Command::new(satwatch_bin())
         .args([
-            "eval",
+            command,
             "--pipeline",
             SMAP_PIPELINE,
             "--data",
             "data/smap",
-            "--channels",
-            channels,
             "--json",
         ])
         .args(args)
@@ -116,6 +95,13 @@ fn eval(channels: &str, args: &[&str]) -> Result<Value, String> {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     Ok(serde_json::from_slice(&output.stdout).expect("--json prints one JSON object"))
+}
+
+/// `satwatch eval --json` on `channels` with `args` added.
+fn eval(channels: &str, args: &[&str]) -> Result<Value, String> {
+    let mut all = vec!["--channels", channels];
+    all.extend_from_slice(args);
+    satwatch_json("eval", &all)
 }
 
 fn count(v: &Value) -> u64 {
@@ -284,25 +270,9 @@ fn folds_choose_on_other_channels_and_report_the_held_out_ones() {
     assert_eq!(count(&oof["tp"]), held);
 }
 
-/// `satwatch bench` with `args` added; its stdout as JSON, or its stderr.
+/// `satwatch bench --json` with `args` added.
 fn bench(args: &[&str]) -> Result<Value, String> {
-    let output = Command::new(satwatch_bin())
-        .args([
-            "bench",
-            "--pipeline",
-            SMAP_PIPELINE,
-            "--data",
-            "data/smap",
-            "--json",
-        ])
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    Ok(serde_json::from_slice(&output.stdout).expect("--json prints one JSON object"))
+    satwatch_json("bench", args)
 }
 
 #[test]
