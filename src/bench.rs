@@ -28,10 +28,10 @@ use crate::{
     backend::{Backend, BackendError, Scratch},
     batch::BatchInputs,
     config::Pipeline,
+    kafka::round_trip::Quantiles,
     metrics::Metrics,
     offline,
     repository::ModelSpec,
-    round_trip::Quantiles,
 };
 
 /// A batch the pipeline formed: its model, and its windows per run of rows.

@@ -183,6 +183,18 @@ pub struct SavedState {
     pub order: Option<SeqOrder>,
 }
 
+/// What the processor is fed, in order: by the Kafka consumer in `satwatch
+/// run`, from memory in `eval` and `bench`.
+#[derive(Debug)]
+pub enum Input {
+    Sample(Sample),
+    /// Samples in order, handed over at once (the in-process feeder sends a
+    /// row of every channel): one hand-off instead of one per sample.
+    Samples(Vec<Sample>),
+    /// A partition was assigned; its records follow.
+    Restore(Restore),
+}
+
 /// A partition was assigned: the channels it carries start over from their
 /// checkpoints. Sent ahead of the partition's first record.
 #[derive(Debug, Clone)]

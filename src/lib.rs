@@ -4,9 +4,10 @@
 //!
 //! A sample takes one path, and data flows one way along it:
 //!
-//! - [`source`]: the Kafka consumer group over the telemetry topics; decodes
-//!   records with [`telemetry`] (bad ones go to the dead-letter topic) and
-//!   tracks which offsets may be committed.
+//! - [`kafka`]: everything said to Kafka. Its [`kafka::consumer`] is the
+//!   consumer group over the telemetry topics; it decodes records with
+//!   [`telemetry`] (bad ones go to the dead-letter topic) and tracks which
+//!   offsets may be committed ([`kafka::offsets`]).
 //! - [`window`]: each channel's sliding window of normalised samples.
 //! - [`batch`]: per-model dynamic batching with Triton's semantics.
 //! - [`backend`]: the inference backends (ONNX Runtime on CPU), run on their
@@ -15,17 +16,21 @@
 //!   one file per score part (surprise, burst, level over a baseline,
 //!   excursion, stuck), each owning its `[detect.<part>]` settings and state,
 //!   plus the threshold and the events.
-//! - [`sink`]: PostgreSQL and the `anomalies`/`forecasts` topics; acknowledges
-//!   records back to the source once their outputs are durable.
+//! - [`sink`]: gathers outputs into write batches for [`postgres`] (rows,
+//!   checkpoints) and the `anomalies`/`forecasts` topics ([`kafka::publisher`]),
+//!   and acknowledges records back to the consumer once their outputs are
+//!   durable. Data flows one way: no module imports one downstream of it.
 //!
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`replay`], [`eval`], [`bench`] and [`topics`] are the tools
-//! around it ([`dataset`] reads the SMAP files, [`offline`] feeds the engine
-//! from memory for `eval` and `bench`, [`round_trip`] times the broker alone);
+//! the service together; [`eval`], [`bench`], [`kafka::replay`] and
+//! [`kafka::topics`] are the tools around it ([`dataset`] reads the SMAP
+//! files, [`offline`] feeds the engine from memory for `eval` and `bench`,
+//! [`kafka::round_trip`] times the broker alone);
 //! [`http`], [`metrics`] and [`health`] are what operators look at;
-//! [`secrets`] masks secret settings in the messages that could quote them.
+//! [`secrets`] masks secret settings in the messages that could quote them;
+//! [`retry`] is the one backoff every retry loop waits with.
 
 pub mod backend;
 pub mod batch;
@@ -39,22 +44,19 @@ pub mod engine;
 pub mod eval;
 pub mod health;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
 pub mod offline;
+#[cfg(feature = "kafka")]
+pub mod postgres;
 pub mod processor;
-#[cfg(feature = "kafka")]
-pub mod replay;
 pub mod repository;
-#[cfg(feature = "kafka")]
-pub mod round_trip;
+pub mod retry;
 #[cfg(feature = "kafka")]
 pub mod run;
 pub mod secrets;
 #[cfg(feature = "kafka")]
 pub mod sink;
-#[cfg(feature = "kafka")]
-pub mod source;
 pub mod telemetry;
-#[cfg(feature = "kafka")]
-pub mod topics;
 pub mod window;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use satwatch::{
     backend::{self, BackendChoice, GpuFallback},
     config::Pipeline,
-    eval, replay, run, topics,
+    eval,
+    kafka::{replay, topics},
+    run,
 };
 
 #[derive(Parser)]
@@ -340,7 +342,8 @@ async fn execute(command: Command) -> Result<(), String> {
         } => {
             let mut pipeline = load_pipeline(&pipeline)?;
             if round_trip {
-                let figures = satwatch::round_trip::measure(&pipeline, rate, seconds).await?;
+                let figures =
+                    satwatch::kafka::round_trip::measure(&pipeline, rate, seconds).await?;
                 print_round_trip(&figures, json);
                 return Ok(());
             }
@@ -521,12 +524,12 @@ fn micro_bench(
 }
 
 /// `satwatch bench --round-trip`.
-fn print_round_trip(figures: &satwatch::round_trip::RoundTrip, json: bool) {
+fn print_round_trip(figures: &satwatch::kafka::round_trip::RoundTrip, json: bool) {
     if json {
         println!("{}", serde_json::json!(figures));
         return;
     }
-    let q = |q: &satwatch::round_trip::Quantiles| {
+    let q = |q: &satwatch::kafka::round_trip::Quantiles| {
         format!(
             "p50 {:.1} / p99 {:.1} / p99.9 {:.1} / max {:.1} ms",
             q.p50_ms, q.p99_ms, q.p999_ms, q.max_ms

@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use crate::{
     backend::Backend,
     config::Pipeline,
-    engine::{Counters, Outputs},
+    engine::{Counters, Input, Outputs},
     metrics::Metrics,
-    processor::{self, Input},
+    processor,
     repository::ModelSpec,
     telemetry::{Sample, Values},
 };

@@ -16,7 +16,7 @@
 //! succeeds, or a new version loaded (the next retry runs on it at once),
 //! resumes them where they stopped. Offline, a failed call is an error.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec};
 use ustr::{Ustr, UstrMap};
@@ -28,23 +28,13 @@ use tokio::{
 
 use crate::{
     backend::{BackendError, BackendPool, Completion},
-    engine::{Admission, Engine, ModelBatch, Outputs, Restore},
+    engine::{Admission, Engine, Input, ModelBatch, Outputs},
     health::Health,
     metrics::Metrics,
     repository::control::ModelUpdate,
+    retry::Backoff,
     telemetry::Sample,
 };
-
-/// What the source hands the processor, in order.
-#[derive(Debug)]
-pub enum Input {
-    Sample(Sample),
-    /// Samples in order, handed over at once (the in-process feeder sends a
-    /// row of every channel): one hand-off instead of one per sample.
-    Samples(Vec<Sample>),
-    /// A partition was assigned; its records follow.
-    Restore(Restore),
-}
 
 /// Per-channel label values for metrics, indexed like the engine's channels.
 pub struct ChannelLabels {
@@ -318,10 +308,6 @@ async fn process(
     result.map(|()| engine)
 }
 
-/// Retries of a failed batch start this long after the failure and double
-/// up to [`MAX_RETRY_DELAY`], where they stay while the model keeps failing.
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Failed calls in a row after which a model is reported unavailable.
 pub const UNAVAILABLE_AFTER: u32 = 3;
 
@@ -395,9 +381,7 @@ impl ModelFaults {
         };
         let failed = &mut self.failed_in_a_row[model];
         *failed += 1;
-        let delay = FIRST_RETRY_DELAY
-            .saturating_mul(1 << (*failed - 1).min(16))
-            .min(MAX_RETRY_DELAY);
+        let delay = Backoff::after(*failed);
         match (*failed).cmp(&UNAVAILABLE_AFTER) {
             std::cmp::Ordering::Less => tracing::warn!(
                 model = %name, version, windows, failed_in_a_row = *failed,

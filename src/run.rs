@@ -1,4 +1,4 @@
-//! `satwatch run`: wires source -> processor -> sink around the engine, serves
+//! `satwatch run`: wires the Kafka consumer -> processor -> sink around the engine, serves
 //! HTTP, and shuts down cleanly on SIGINT/SIGTERM (stop consuming, drain,
 //! commit, exit 0).
 
@@ -16,15 +16,19 @@ use crate::{
     engine::Counters,
     health::Health,
     http,
+    kafka::{
+        consumer::{self, SourceParts},
+        DeadLetters, Publisher,
+    },
     metrics::Metrics,
+    postgres::{self, PgWriter},
     processor,
     repository::{
         self,
         control::{RepositoryControl, Served},
         ModelSpec,
     },
-    sink::{self, postgres, DeadLetters, PgWriter, Publisher, SinkParts},
-    source::{self, SourceParts},
+    sink::{self, SinkParts},
     telemetry::{ChannelShape, Decoder},
 };
 
@@ -141,14 +145,14 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     tracing::info!(delivery = ?kafka.delivery, %transactional_id, "Kafka producer ready");
 
     let topics = pipeline.telemetry_topics();
-    let subscription = source::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())
+    let subscription = consumer::subscribe(kafka, &topics, &pg, health.clone(), metrics.clone())
         .map_err(|e| kafka_fail("cannot create the Kafka consumer", &e, kafka))?;
     let tracker = subscription.tracker.clone();
     let consumer = subscription.consumer.clone();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
-    source::spawn_lag_watch(
+    consumer::spawn_lag_watch(
         consumer.clone(),
         tracker.clone(),
         metrics.clone(),
@@ -235,7 +239,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
             shutdown: shutdown_rx.clone(),
         },
     ));
-    let source = tokio::spawn(source::consume(
+    let source = tokio::spawn(consumer::consume(
         subscription,
         SourceParts {
             decoder: decoder(&pipeline, &specs),

@@ -246,8 +246,10 @@ control_token = 'tok-en'
 
         use crate::{
             config::Pipeline,
-            sink::{kafka::client_config, DeadLetters, Publisher},
-            source::consumer_config,
+            kafka::{
+                client::{client_config, consumer_config},
+                DeadLetters, Publisher,
+            },
         };
 
         let cases = [

@@ -14,20 +14,11 @@ use rdkafka::{
 };
 use ustr::Ustr;
 
+use super::client::client_config;
 use crate::{
     config::{Delivery, KafkaSettings},
     telemetry::Rejection,
 };
-
-/// librdkafka settings shared by every client satwatch makes.
-pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings.brokers);
-    for (key, value) in &settings.client {
-        config.set(key, value);
-    }
-    config
-}
 
 /// The largest record satwatch produces (librdkafka's default is 1,000,000).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

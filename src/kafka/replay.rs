@@ -26,9 +26,9 @@ use rdkafka::{
 
 use crate::{
     config::{KafkaSettings, Pipeline},
-    dataset, repository,
-    sink::kafka::client_config,
-    telemetry,
+    dataset,
+    kafka::client::client_config,
+    repository, telemetry,
 };
 
 pub struct ReplayOptions {

@@ -8,7 +8,8 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-use crate::{config::KafkaSettings, sink::kafka::client_config};
+use super::client::client_config;
+use crate::config::KafkaSettings;
 
 /// Creates each topic that does not exist yet; returns (created, existing).
 pub async fn create_topics(

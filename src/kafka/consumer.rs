@@ -1,11 +1,9 @@
-//! The Kafka source: a consumer group over the telemetry topics.
+//! The source: a consumer group over the telemetry topics.
 //!
 //! Records are decoded and validated; good samples go on to the processor,
 //! bad ones to the dead-letter topic with their reason. Every record's offset
 //! is held in the [`OffsetTracker`] until what it caused is durable; the sink
-//! commits it then, with the records it caused (see `sink::CommitStage`).
-
-pub mod offsets;
+//! commits it then, with the records it caused (see `crate::sink`).
 
 use std::{
     sync::{Arc, Mutex},
@@ -20,20 +18,20 @@ use rdkafka::{
     error::KafkaError,
     message::Message,
     types::RDKafkaRespErr,
-    ClientConfig, ClientContext, Offset, TopicPartitionList,
+    ClientContext, Offset, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
 
+use super::{client::consumer_config, DeadLetters, OffsetTracker};
 use crate::{
     config::KafkaSettings,
-    engine::Restore,
+    engine::{Input, Restore},
     health::Health,
     metrics::Metrics,
-    processor::Input,
-    sink::{kafka::client_config, postgres, DeadLetters},
+    postgres,
+    retry::Backoff,
     telemetry::{Decoder, Origin},
 };
-pub use offsets::OffsetTracker;
 
 /// Rebalance hooks: end the assignment of partitions that go (nothing of
 /// theirs still in flight is published or committed from here), start
@@ -144,15 +142,14 @@ impl SourceContext {
         partitions: &[(String, i32, u32)],
     ) -> Vec<crate::engine::Checkpoint> {
         let load = async {
-            let mut delay = Duration::from_millis(100);
+            let mut backoff = Backoff::new();
             loop {
                 match postgres::load_checkpoints(&self.checkpoints.postgres, partitions).await {
                     Ok(checkpoints) => break checkpoints,
                     Err(err) => {
-                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read channel checkpoints");
+                        tracing::warn!(error = %err, retry_in_ms = backoff.next_ms(), "cannot read channel checkpoints");
                         self.health.set_postgres(Some(err.to_string()));
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
+                        backoff.wait().await;
                     }
                 }
             }
@@ -298,30 +295,6 @@ pub struct Subscription {
     pub consumer: Arc<TelemetryConsumer>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub restores: Arc<Mutex<Vec<Restore>>>,
-}
-
-/// The consumer settings `satwatch run` reads telemetry with, in `group`
-/// (`satwatch bench --round-trip` measures the broker with the same ones).
-pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
-    let mut config = client_config(settings);
-    config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Latency: librdkafka backs a partition off for fetch.error.backoff.ms
-        // (500 ms) after a fetch answered with an error code, which tansu does
-        // for fetches that find nothing new; at low rates that backoff sat in
-        // every sample's latency (p50 0.7 s at 1,000 samples/s, 49 ms after).
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.error.backoff.ms", "5");
-    // The pipeline's `[kafka.client]` settings win over the defaults above.
-    for (key, value) in &settings.client {
-        config.set(key, value);
-    }
-    config
 }
 
 /// Creates the group consumer and subscribes it to `topics`. Partitions start
@@ -583,14 +556,13 @@ async fn dead_letter_loop(
                     let dead_letters = dead_letters.clone();
                     in_flight.push_back(async move {
                         let DeadLetter { key, payload, rejection, source, origin } = letter;
-                        let mut delay = Duration::from_millis(100);
+                        let mut backoff = Backoff::new();
                         while let Err(err) = dead_letters
                             .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
                             .await
                         {
-                            tracing::warn!(error = %err, %source, "dead-lettering failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
+                            tracing::warn!(error = %err, %source, retry_in_ms = backoff.next_ms(), "dead-lettering failed; retrying");
+                            backoff.wait().await;
                         }
                         origin
                     });

@@ -24,7 +24,8 @@ use rdkafka::{
 };
 use serde::Serialize;
 
-use crate::{config::Pipeline, replay, source::consumer_config, topics};
+use super::{client::consumer_config, replay, topics};
+use crate::config::Pipeline;
 
 /// How long consuming may go on after the last record was published.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

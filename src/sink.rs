@@ -2,9 +2,6 @@
 //! commits them to PostgreSQL and the output topics, then acknowledges the
 //! records they came from so their offsets can be committed.
 
-pub mod kafka;
-pub mod postgres;
-
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
@@ -18,24 +15,22 @@ use rdkafka::{
 };
 use tokio::{
     sync::{mpsc, watch},
-    time::{sleep, sleep_until, Instant},
+    time::{sleep_until, Instant},
 };
 
 use crate::{
     config::SinkSettings,
     engine::{Checkpoint, Outputs},
     health::{Health, Stage},
+    kafka::{
+        consumer::TelemetryConsumer, offsets::Commit, OffsetTracker, OutputRecord, PublishError,
+        Publisher, Topic,
+    },
     metrics::Metrics,
-    source::{offsets::Commit, OffsetTracker, TelemetryConsumer},
+    postgres::{self, PgWriter},
+    retry::Backoff,
     telemetry::Origin,
 };
-
-pub use kafka::{DeadLetters, OutputRecord, PublishError, Publisher, Topic};
-pub use postgres::PgWriter;
-
-/// Retries start here and double up to [`MAX_RETRY_DELAY`].
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Batches committed to PostgreSQL and not yet taken by the commit stage.
 /// Bounds the memory a slow broker holds; past it, writing waits.
@@ -282,7 +277,7 @@ impl CommitStage {
     /// offsets, retrying (after a rollback) until it is done; then writes
     /// the checkpoints they cover.
     async fn commit(&mut self) -> Result<(), PublishError> {
-        let mut delay = FIRST_RETRY_DELAY;
+        let mut backoff = Backoff::new();
         // From the first attempt that has offsets to commit to the one that
         // succeeds.
         let mut publishing = None;
@@ -329,7 +324,7 @@ impl CommitStage {
                 }
                 Err(PublishError::Retry(err)) => {
                     self.metrics.kafka_publish_failures.inc();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "publishing outputs to Kafka failed; rolled back, retrying");
+                    tracing::warn!(error = %err, retry_in_ms = backoff.next_ms(), "publishing outputs to Kafka failed; rolled back, retrying");
                     self.health.set_kafka_publish(Some(err.to_string()));
                     // Put everything back as it was; the next round filters
                     // out what a rebalance has taken away meanwhile.
@@ -343,8 +338,7 @@ impl CommitStage {
                     for c in checkpoints {
                         self.held_checkpoints.entry(c.channel).or_insert(c);
                     }
-                    sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    backoff.wait().await;
                 }
                 Err(PublishError::Fatal(err)) => {
                     self.metrics.kafka_publish_failures.inc();
@@ -382,7 +376,7 @@ impl CommitStage {
             tracing::warn!("shutting down with a fenced producer: what was not committed is processed again after the restart");
             return;
         }
-        let mut delay = FIRST_RETRY_DELAY;
+        let mut backoff = Backoff::new();
         loop {
             let mut publisher = self.publisher.clone();
             let renewed =
@@ -395,9 +389,8 @@ impl CommitStage {
                     break;
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot make a new transactional producer yet");
-                    sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    tracing::warn!(error = %err, retry_in_ms = backoff.next_ms(), "cannot make a new transactional producer yet");
+                    backoff.wait().await;
                 }
             }
         }
@@ -478,7 +471,7 @@ impl CommitStage {
 /// published after this returns, so giving up would lose them.
 async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, health: &Arc<Health>) {
     let _writing = health.begin(Stage::Postgres);
-    let mut delay = FIRST_RETRY_DELAY;
+    let mut backoff = Backoff::new();
     loop {
         match pg.write(batch).await {
             Ok(elapsed) => {
@@ -498,10 +491,9 @@ async fn write_rows(pg: &mut PgWriter, batch: &Outputs, metrics: &Metrics, healt
             }
             Err(err) => {
                 metrics.postgres_write_failures.inc();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "write to PostgreSQL failed");
+                tracing::warn!(error = %err, retry_in_ms = backoff.next_ms(), "write to PostgreSQL failed");
                 health.set_postgres(Some(err.to_string()));
-                sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+                backoff.wait().await;
             }
         }
     }
@@ -544,12 +536,11 @@ async fn write_checkpoints(
             },
         )
         .collect();
-    let mut delay = FIRST_RETRY_DELAY;
+    let mut backoff = Backoff::new();
     while let Err(err) = pg.write_checkpoints(&rows).await {
         metrics.postgres_write_failures.inc();
-        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "writing checkpoints to PostgreSQL failed");
+        tracing::warn!(error = %err, retry_in_ms = backoff.next_ms(), "writing checkpoints to PostgreSQL failed");
         health.set_postgres(Some(err.to_string()));
-        sleep(delay).await;
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
+        backoff.wait().await;
     }
 }
