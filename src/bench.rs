@@ -25,7 +25,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::{
-    backend::{Backend, BackendError, Scratch},
+    backend::{Backend, BackendError, Runner, Scratch},
     batch::BatchInputs,
     config::Pipeline,
     kafka::round_trip::Quantiles,
@@ -41,43 +41,84 @@ struct Call {
     runs: Vec<usize>,
 }
 
-/// Records every batch it forwards, and the time inside the model calls
-/// (laying out their inputs excluded: that is counted as the pipeline's).
-struct RecordingBackend {
-    inner: Arc<dyn Backend>,
+/// The batches the pipeline's models were called with, and the time inside
+/// those calls (laying out their inputs excluded: that is counted as the
+/// pipeline's).
+#[derive(Default)]
+struct CallLog {
     calls: Mutex<Vec<Call>>,
     inside_ns: AtomicU64,
 }
 
+/// One model's runner, recording every batch it forwards in the log.
+struct RecordingBackend {
+    inner: Runner,
+    /// The model's index in the pipeline, as the log names it.
+    model: usize,
+    log: Arc<CallLog>,
+}
+
+impl RecordingBackend {
+    /// Runners that record into `log` and forward to `runners`.
+    fn wrap(runners: &[Runner], log: &Arc<CallLog>) -> Vec<Runner> {
+        runners
+            .iter()
+            .enumerate()
+            .map(|(model, inner)| Runner {
+                backend: Arc::new(RecordingBackend {
+                    inner: inner.clone(),
+                    model,
+                    log: log.clone(),
+                }),
+                index: 0,
+            })
+            .collect()
+    }
+}
+
 impl Backend for RecordingBackend {
-    fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
-        self.inner.infer(model, inputs, rows)
+    fn infer(&self, _: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
+        self.inner.backend.infer(self.inner.index, inputs, rows)
     }
 
     fn infer_batch(
         &self,
-        model: usize,
+        _: usize,
         batch: &BatchInputs,
         scratch: &mut Scratch,
     ) -> Result<Vec<f32>, BackendError> {
+        let model = self.model;
         let laid_out = scratch.input_time;
         let started = Instant::now();
-        let result = self.inner.infer_batch(model, batch, scratch);
+        let result = self
+            .inner
+            .backend
+            .infer_batch(self.inner.index, batch, scratch);
         let inside = started
             .elapsed()
             .saturating_sub(scratch.input_time - laid_out);
-        self.inside_ns
+        self.log
+            .inside_ns
             .fetch_add(inside.as_nanos() as u64, Ordering::Relaxed);
         let mut runs = vec![0; batch.run_starts.len()];
         for &start in &batch.starts {
             runs[batch.locate(start).0] += 1;
         }
-        self.calls
+        self.log
+            .calls
             .lock()
             .expect("recording never panics")
             .push(Call { model, runs });
         result
     }
+}
+
+/// Every model of `specs` on a [`FreeBackend`].
+fn free_runners(specs: &[Arc<ModelSpec>]) -> Vec<Runner> {
+    let free = FreeBackend {
+        horizons: specs.iter().map(|s| s.horizon).collect(),
+    };
+    Runner::all_on(Arc::new(free), specs.len())
 }
 
 /// Returns a zero forecast at once: the pipeline's own cost, with free models.
@@ -178,15 +219,11 @@ fn cpu_and_peak_rss() -> (Duration, u64) {
 pub async fn measure(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
-    backend: Arc<dyn Backend>,
+    runners: Vec<Runner>,
     inputs: Vec<Arc<Array2<f32>>>,
     replicas: usize,
 ) -> Result<BenchRun, String> {
-    let recorder = Arc::new(RecordingBackend {
-        inner: backend.clone(),
-        calls: Mutex::new(Vec::new()),
-        inside_ns: AtomicU64::new(0),
-    });
+    let log = Arc::new(CallLog::default());
     let samples: u64 = inputs.iter().map(|v| v.nrows() as u64).sum();
     let (cpu_before, _) = cpu_and_peak_rss();
     let started = Instant::now();
@@ -196,7 +233,7 @@ pub async fn measure(
     let counters = offline::stream(
         pipeline,
         specs,
-        recorder.clone(),
+        RecordingBackend::wrap(&runners, &log),
         inputs,
         metrics.clone(),
         None,
@@ -208,10 +245,10 @@ pub async fn measure(
     debug_assert_eq!(counters.admitted, samples);
 
     let threads = pipeline.file.engine.backend_threads;
-    let calls = std::mem::take(&mut *recorder.calls.lock().expect("recording never panics"));
+    let calls = std::mem::take(&mut *log.calls.lock().expect("recording never panics"));
     let first_channel = inputs_again.first().ok_or("the pipeline has no channels")?;
     let ceiling_rows = ceiling_rows(pipeline, specs, first_channel, &calls)?;
-    let inside = Duration::from_nanos(recorder.inside_ns.load(Ordering::Relaxed));
+    let inside = Duration::from_nanos(log.inside_ns.load(Ordering::Relaxed));
     let laying_out = Duration::from_micros(
         specs
             .iter()
@@ -224,11 +261,9 @@ pub async fn measure(
             })
             .sum(),
     );
-    let ceiling = replay_calls(backend, specs, &calls, threads, &ceiling_rows)?;
+    let ceiling = replay_calls(&runners, specs, &calls, threads, &ceiling_rows)?;
 
-    let free: Arc<dyn Backend> = Arc::new(FreeBackend {
-        horizons: specs.iter().map(|s| s.horizon).collect(),
-    });
+    let free = free_runners(specs);
     let started = Instant::now();
     let unobserved = Arc::new(Metrics::new());
     offline::stream(
@@ -275,7 +310,12 @@ pub async fn measure(
 }
 
 fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<usize, String> {
-    let engine = crate::engine::Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    let engine = crate::engine::Engine::new(
+        &pipeline.channels,
+        specs,
+        free_runners(specs),
+        pipeline.file.detect,
+    )?;
     Ok(engine.channel_state_bytes())
 }
 
@@ -325,7 +365,7 @@ fn ceiling_rows(
 /// do. Building each batch (a copy of its rows, as the engine does) is not
 /// counted, nor is laying out its inputs inside the call.
 fn replay_calls(
-    backend: Arc<dyn Backend>,
+    runners: &[Runner],
     specs: &[Arc<ModelSpec>],
     calls: &[Call],
     threads: usize,
@@ -358,7 +398,10 @@ fn replay_calls(
                     }
                     scratch.input_time = Duration::ZERO;
                     let started = Instant::now();
-                    let result = backend.infer_batch(call.model, batch, &mut scratch);
+                    let runner = &runners[call.model];
+                    let result = runner
+                        .backend
+                        .infer_batch(runner.index, batch, &mut scratch);
                     let inside = started.elapsed().saturating_sub(scratch.input_time);
                     inside_ns.fetch_add(inside.as_nanos() as u64, Ordering::Relaxed);
                     if let Err(err) = result {
@@ -403,7 +446,7 @@ pub struct LatencyAt {
 pub async fn measure_latency(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
-    backend: Arc<dyn Backend>,
+    runners: Vec<Runner>,
     inputs: &[Arc<Array2<f32>>],
     samples_per_s: f64,
     seconds: f64,
@@ -444,7 +487,7 @@ pub async fn measure_latency(
     offline::stream(
         pipeline,
         specs,
-        backend,
+        runners,
         inputs,
         Arc::new(Metrics::new()),
         Some(pace),

@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    backend::{BackendChoice, GpuFallback},
+    backend::{BackendKind, GpuFallback},
     detect::DetectSettings,
 };
 
@@ -275,7 +275,7 @@ pub struct EngineSettings {
     /// KIND_GPU on the GPU backend built in), or `"onnx"`, `"native"`,
     /// `"cuda"`, `"onnx-tensorrt"` for every model.
     #[serde(default)]
-    pub backend: BackendChoice,
+    pub backend: BackendKind,
     /// A model that asks for a GPU when none is usable: `"cpu"` (default) runs
     /// it on ONNX Runtime's CPU backend after one warning; `"refuse"` stops
     /// satwatch with the reason.
@@ -310,7 +310,7 @@ impl Default for EngineSettings {
             backend_threads: default_backend_threads(),
             max_pending_windows: default_max_pending_windows(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
-            backend: BackendChoice::default(),
+            backend: BackendKind::default(),
             gpu_fallback: GpuFallback::default(),
             gpu_device: 0,
             tensorrt_cache_dir: None,

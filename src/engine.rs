@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use ustr::Ustr;
 
+pub use crate::backend::Runner;
 use crate::{
     batch::{BatchInputs, Batcher},
     config::ChannelConfig,
@@ -39,29 +40,16 @@ pub struct Entry {
     pub received: Option<Instant>,
 }
 
-/// Where a model version runs: a backend and the model's index there.
-#[derive(Clone)]
-pub struct Runner {
-    pub backend: Arc<dyn crate::backend::Backend>,
-    pub index: usize,
-}
-
-impl std::fmt::Debug for Runner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Runner {{ index: {} }}", self.index)
-    }
-}
-
 /// A batch of windows for one model, ready for a backend.
 #[derive(Debug)]
 pub struct ModelBatch {
+    /// The engine's index of the model, where the batch's results go back.
     pub model: usize,
     /// The version the batch was cut for: its outputs carry this version,
     /// even if a newer one is swapped in while it runs.
     pub spec: Arc<ModelSpec>,
-    /// Set once a version was loaded at run time; otherwise the pool's
-    /// backend runs model `model`.
-    pub runner: Option<Runner>,
+    /// Where that version runs.
+    pub runner: Runner,
     /// The windows, one per entry, in the entries' order.
     pub inputs: BatchInputs,
     pub entries: Vec<Entry>,
@@ -459,7 +447,7 @@ impl SeqOrder {
 
 struct ModelState {
     spec: Arc<ModelSpec>,
-    runner: Option<Runner>,
+    runner: Runner,
     /// A version waiting for the batch in flight to complete.
     next: Option<(Arc<ModelSpec>, Runner)>,
     name: Ustr,
@@ -506,15 +494,18 @@ impl Engine {
     pub fn new(
         channels: &[ChannelConfig],
         models: &[Arc<ModelSpec>],
+        runners: Vec<Runner>,
         detect: DetectSettings,
     ) -> Result<Self, String> {
+        assert_eq!(models.len(), runners.len(), "one runner per model");
         let model_states: Vec<ModelState> = models
             .iter()
-            .map(|spec| ModelState {
+            .zip(runners)
+            .map(|(spec, runner)| ModelState {
                 batcher: Batcher::new(spec.batching.clone()),
                 name: Ustr::from(&spec.name),
                 spec: spec.clone(),
-                runner: None,
+                runner,
                 next: None,
                 in_flight: false,
             })
@@ -653,7 +644,7 @@ impl Engine {
             &spec.normalisation,
         );
         batch.spec = spec.clone();
-        batch.runner = Some(runner.clone());
+        batch.runner = runner.clone();
         self.swap_now(index, spec, runner);
     }
 
@@ -963,7 +954,7 @@ impl Engine {
         }
         tracing::info!(model = %spec.name, from = model.spec.version, to = spec.version, "model version swapped in");
         model.spec = spec;
-        model.runner = Some(runner);
+        model.runner = runner;
     }
 
     fn complete_batch(&mut self, batch: ModelBatch, forecasts: &[f32], out: &mut Outputs) {
@@ -1190,14 +1181,19 @@ mod tests {
             },
             ..DetectSettings::bare()
         };
-        Engine::new(&[channel()], &[spec()], detect).unwrap()
+        Engine::new(&[channel()], &[spec()], one_runner(), detect).unwrap()
     }
 
     #[test]
     fn channel_state_counts_the_offsets_and_the_detectors_heap() {
-        let without = Engine::new(&[channel()], &[spec()], DetectSettings::bare())
-            .unwrap()
-            .channel_state_bytes();
+        let without = Engine::new(
+            &[channel()],
+            &[spec()],
+            one_runner(),
+            DetectSettings::bare(),
+        )
+        .unwrap()
+        .channel_state_bytes();
         let detect = DetectSettings {
             baseline: BaselineSettings {
                 samples: 640,
@@ -1209,7 +1205,7 @@ mod tests {
             },
             ..DetectSettings::bare()
         };
-        let with = Engine::new(&[channel()], &[spec()], detect)
+        let with = Engine::new(&[channel()], &[spec()], one_runner(), detect)
             .unwrap()
             .channel_state_bytes();
         assert_eq!(with - without, 640 / 8, "one bit per baseline sample");
@@ -1297,6 +1293,11 @@ mod tests {
     /// Answers every row with its window's last value.
     struct LastValue;
 
+    /// The runner of an engine's one model.
+    fn one_runner() -> Vec<Runner> {
+        Runner::all_on(Arc::new(LastValue), 1)
+    }
+
     impl crate::backend::Backend for LastValue {
         fn infer(
             &self,
@@ -1328,6 +1329,7 @@ mod tests {
             backend: Arc::new(LastValue),
             index: 0,
         };
+        let v4_backend = runner.backend.clone();
         engine.swap_model(Arc::new(v4), runner).unwrap();
         assert_eq!(engine.model_spec(0).version, 3, "deferred while in flight");
 
@@ -1341,7 +1343,10 @@ mod tests {
 
         let batch = engine.next_batch(now).expect("seq 3's deadline passed");
         assert_eq!(batch.spec.version, 4);
-        assert!(batch.runner.is_some(), "runs on the new version's backend");
+        assert!(
+            Arc::ptr_eq(&batch.runner.backend, &v4_backend),
+            "runs on the new version's backend"
+        );
         assert_eq!(
             batch.inputs.windows(&mut Vec::new()),
             vec![1.0, 1.5],
@@ -1373,14 +1378,16 @@ mod tests {
             backend: Arc::new(LastValue),
             index: 0,
         };
+        let v4_backend = runner.backend.clone();
         engine.swap_model(Arc::new(v4), runner).unwrap();
         assert!(
             engine.next_batch(now).is_none(),
             "the failed batch is still in flight"
         );
+        assert!(!Arc::ptr_eq(&failed.runner.backend, &v4_backend));
         engine.prepare_retry(&mut failed);
         assert_eq!(failed.spec.version, 4);
-        assert!(failed.runner.is_some());
+        assert!(Arc::ptr_eq(&failed.runner.backend, &v4_backend));
         assert_eq!(
             failed.inputs.windows(&mut Vec::new()),
             vec![0.0, 0.5, 0.5, 1.0],
@@ -1402,8 +1409,13 @@ mod tests {
     fn a_run_of_windows_travels_as_its_rows_and_is_laid_out_window_by_window() {
         let mut spec = (*spec()).clone();
         spec.batching.preferred_batch_sizes = vec![4];
-        let mut engine =
-            Engine::new(&[channel()], &[Arc::new(spec)], DetectSettings::bare()).unwrap();
+        let mut engine = Engine::new(
+            &[channel()],
+            &[Arc::new(spec)],
+            one_runner(),
+            DetectSettings::bare(),
+        )
+        .unwrap();
         let now = Instant::now();
         for seq in 0..5 {
             engine.admit(&sample(seq, seq as f32), now);
@@ -1494,7 +1506,13 @@ mod tests {
             .collect();
         let mut four = (*spec()).clone();
         four.batching.preferred_batch_sizes = vec![4];
-        let mut engine = Engine::new(&channels, &[Arc::new(four)], DetectSettings::bare()).unwrap();
+        let mut engine = Engine::new(
+            &channels,
+            &[Arc::new(four)],
+            one_runner(),
+            DetectSettings::bare(),
+        )
+        .unwrap();
         let now = Instant::now();
         // Interleaved as two partitions arrive; channel c's offsets are 10c + seq.
         for seq in 0..3 {
@@ -1547,7 +1565,8 @@ mod tests {
             },
             ..DetectSettings::bare()
         };
-        let mut engine = Engine::new(&[channel()], &[Arc::new(wide)], detect).unwrap();
+        let mut engine =
+            Engine::new(&[channel()], &[Arc::new(wide)], one_runner(), detect).unwrap();
         let now = Instant::now();
         let returned = [
             f32::NAN,
@@ -1714,6 +1733,7 @@ mod tests {
         let mut engine = Engine::new(
             &[channel()],
             &[Arc::new(wide)],
+            one_runner(),
             DetectSettings {
                 ewma_alpha: 1.0,
                 ..Default::default()

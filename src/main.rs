@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
 use satwatch::{
-    backend::{self, BackendChoice, GpuFallback},
+    backend::{self, BackendKind, GpuFallback},
     config::Pipeline,
     eval,
     kafka::{replay, topics},
@@ -145,11 +145,11 @@ from its checkpoint in PostgreSQL after a crash, restart or rebalance.")]
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run every model on this backend (auto, onnx, native, cuda,
-        /// onnx-tensorrt) instead of the pipeline's [engine] backend; a GPU
-        /// backend with no usable GPU is refused, never replaced.
-        #[arg(long)]
-        backend: Option<BackendChoice>,
+        /// Run every model on this backend instead of the pipeline's
+        /// [engine] backend; a GPU backend with no usable GPU is refused,
+        /// never replaced.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
         /// Inference threads for the pipeline runs (and so for their
         /// ceiling) instead of the pipeline's [engine] backend_threads: on
         /// few cores, whether the engine's own thread shares them.
@@ -298,12 +298,12 @@ async fn execute(command: Command) -> Result<(), String> {
                 Pipeline::load_with_detect(&pipeline, &detect).map_err(|e| e.to_string())?;
             pipeline.select_channels(&channels)?;
             let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-            let backend = backend::select(&specs, &pipeline.file.engine)
+            let runners = backend::select(&specs, &pipeline.file.engine)
                 .map_err(|e| e.to_string())?
-                .backend;
+                .runners;
             let show_progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let (evaluation, traces) =
-                eval::evaluate(&pipeline, &specs, backend, &data, &split, show_progress).await?;
+                eval::evaluate(&pipeline, &specs, runners, &data, &split, show_progress).await?;
             let table = eval::table(&evaluation);
             if json {
                 println!(
@@ -367,9 +367,9 @@ async fn execute(command: Command) -> Result<(), String> {
                 return micro_bench(&pipeline, &data, &split, &sizes, min_time_ms, json);
             }
             let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-            let backend = backend::select(&specs, &pipeline.file.engine)
+            let runners = backend::select(&specs, &pipeline.file.engine)
                 .map_err(|e| e.to_string())?
-                .backend;
+                .runners;
             let window = specs.iter().map(|s| s.window).max().unwrap_or(0);
             if limit.is_some_and(|rows| rows <= window) {
                 return Err(format!(
@@ -398,7 +398,7 @@ async fn execute(command: Command) -> Result<(), String> {
                 let result = satwatch::bench::measure(
                     &replicated,
                     &specs,
-                    backend.clone(),
+                    runners.clone(),
                     inputs.clone(),
                     n,
                 )
@@ -416,7 +416,7 @@ async fn execute(command: Command) -> Result<(), String> {
                     let figures = satwatch::bench::measure_latency(
                         &replicated,
                         &specs,
-                        backend.clone(),
+                        runners.clone(),
                         &inputs,
                         rate,
                         latency_seconds,
@@ -483,9 +483,10 @@ fn micro_bench(
         satwatch::dataset::load_channel(data, split, &pipeline.channels[0].id, spec.features)
             .map_err(|e| e.to_string())?;
     let rows = satwatch::bench::real_rows(&loaded.values, spec)?;
+    let runner = &selection.runners[0];
     let figures = satwatch::bench::sweep(
-        selection.backend.as_ref(),
-        0,
+        runner.backend.as_ref(),
+        runner.index,
         &rows,
         spec.window,
         spec.features,

@@ -9,7 +9,7 @@ use ndarray::Array2;
 use tokio::sync::mpsc;
 
 use crate::{
-    backend::Backend,
+    backend::Runner,
     config::Pipeline,
     engine::{Counters, Input, Outputs},
     metrics::Metrics,
@@ -37,7 +37,7 @@ pub struct Pace {
 pub async fn stream(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
-    backend: Arc<dyn Backend>,
+    runners: Vec<Runner>,
     inputs: Vec<Arc<Array2<f32>>>,
     metrics: Arc<Metrics>,
     pace: Option<Pace>,
@@ -52,7 +52,7 @@ pub async fn stream(
     let (samples_tx, samples_rx) = mpsc::channel((4096 / inputs.len().max(1)).max(2));
     let (outputs_tx, mut outputs_rx) = mpsc::channel::<Outputs>(64);
     let processor = processor::spawn(
-        pipeline, specs, backend, samples_rx, outputs_tx, metrics, None,
+        pipeline, specs, runners, samples_rx, outputs_tx, metrics, None,
     )?;
     let feeder = tokio::spawn(async move {
         let longest = inputs.iter().map(|v| v.nrows()).max().unwrap_or(0);

@@ -139,19 +139,15 @@ pub struct Live {
 pub fn spawn(
     pipeline: &crate::config::Pipeline,
     specs: &[Arc<crate::repository::ModelSpec>],
-    backend: Arc<dyn crate::backend::Backend>,
+    runners: Vec<crate::backend::Runner>,
     samples: mpsc::Receiver<Input>,
     outputs: mpsc::Sender<Outputs>,
     metrics: Arc<Metrics>,
     live: Option<Live>,
 ) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
-    let engine = Engine::new(&pipeline.channels, specs, pipeline.file.detect)?;
+    let engine = Engine::new(&pipeline.channels, specs, runners, pipeline.file.detect)?;
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-    let pool = BackendPool::start(
-        backend,
-        pipeline.file.engine.backend_threads,
-        completions_tx,
-    );
+    let pool = BackendPool::start(pipeline.file.engine.backend_threads, completions_tx);
     let (updates, health) = match live {
         Some(Live { updates, health }) => (Some(updates), Some(health)),
         None => (None, None),
@@ -694,10 +690,11 @@ mod tests {
     ) -> (Result<Engine, ProcessError>, Vec<Outputs>, Arc<Metrics>) {
         let specs = [spec("bad"), spec("good")];
         let channels = [channel("X-1", "bad"), channel("Y-1", "good")];
-        let engine = Engine::new(&channels, &specs, DetectSettings::default()).unwrap();
+        let runners = crate::backend::Runner::all_on(Arc::new(backend), specs.len());
+        let engine = Engine::new(&channels, &specs, runners, DetectSettings::default()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-        let pool = BackendPool::start(Arc::new(backend), 1, completions_tx);
+        let pool = BackendPool::start(1, completions_tx);
         let faults = ModelFaults::new(&specs, &metrics, health);
         let (samples_tx, samples_rx) = mpsc::channel(16);
         let (outputs_tx, mut outputs_rx) = mpsc::channel(16);

@@ -11,7 +11,7 @@ use std::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    backend::{self, Backend},
+    backend,
     config::{ControlMode, Pipeline},
     engine::Counters,
     health::Health,
@@ -96,7 +96,6 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let specs = load_models(&pipeline)?;
     let selection =
         backend::select(&specs, &pipeline.file.engine).map_err(|e| RunError(e.to_string()))?;
-    let backend: Arc<dyn Backend> = selection.backend;
     health.set_models_loaded(true);
     for (spec, placement) in specs.iter().zip(&selection.placements) {
         tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, backend = %placement.backend, "model loaded");
@@ -215,7 +214,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let processor = processor::spawn(
         &pipeline,
         &specs,
-        backend,
+        selection.runners,
         samples_rx,
         outputs_tx,
         metrics.clone(),

@@ -324,7 +324,10 @@ fn a_gpu_model_without_a_usable_gpu_falls_back_or_is_refused_as_configured() {
     for (model, channel) in ["T-1", "A-1"].iter().enumerate() {
         let inputs = windows(channel, &specs[model], 16);
         assert_eq!(
-            selection.backend.infer(model, &inputs, 16).unwrap(),
+            {
+                let runner = &selection.runners[model];
+                runner.backend.infer(runner.index, &inputs, 16).unwrap()
+            },
             cpu.infer(model, &inputs, 16).unwrap(),
             "{channel} after the fallback"
         );
@@ -387,10 +390,10 @@ fn an_explicit_gpu_backend_is_refused_with_its_name_when_no_gpu_is_usable() {
 #[test]
 fn the_pipeline_file_names_the_allowed_backend_and_fallback_values() {
     let p = pipeline_with_engine("").unwrap();
-    assert_eq!(p.file.engine.backend, backend::BackendChoice::Auto);
+    assert_eq!(p.file.engine.backend, backend::BackendKind::Auto);
     assert_eq!(p.file.engine.gpu_fallback, backend::GpuFallback::Cpu);
     let p = pipeline_with_engine("backend = \"onnx-tensorrt\"\ngpu_fallback = \"refuse\"").unwrap();
-    assert_eq!(p.file.engine.backend, backend::BackendChoice::OnnxTensorrt);
+    assert_eq!(p.file.engine.backend, backend::BackendKind::OnnxTensorrt);
     assert_eq!(p.file.engine.gpu_fallback, backend::GpuFallback::Refuse);
 
     let err = pipeline_with_engine("backend = \"tpu\"").unwrap_err();

@@ -21,7 +21,6 @@ pub mod rows;
 
 use std::{
     fmt,
-    str::FromStr,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -120,17 +119,13 @@ pub struct BackendPool {
 }
 
 impl BackendPool {
-    /// Starts `threads` workers on `backend`; completions go to `completions`.
-    pub fn start(
-        backend: Arc<dyn Backend>,
-        threads: usize,
-        completions: mpsc::UnboundedSender<Completion>,
-    ) -> Self {
+    /// Starts `threads` workers, each running batches on their models'
+    /// runners; completions go to `completions`.
+    pub fn start(threads: usize, completions: mpsc::UnboundedSender<Completion>) -> Self {
         let (jobs, queue) = crossbeam_channel::unbounded::<(ModelBatch, Instant)>();
         let threads = (0..threads.max(1))
             .map(|i| {
                 let queue = queue.clone();
-                let backend = backend.clone();
                 let completions = completions.clone();
                 thread::Builder::new()
                     .name(format!("satwatch-infer-{i}"))
@@ -142,7 +137,7 @@ impl BackendPool {
                         for (batch, dispatched) in queue {
                             scratch.input_time = Duration::ZERO;
                             let started = Instant::now();
-                            let result = run_batch(backend.as_ref(), &batch, &mut scratch);
+                            let result = run_batch(&batch, &mut scratch);
                             let input_time = scratch.input_time;
                             let compute_time = started.elapsed().saturating_sub(input_time);
                             let queue_time =
@@ -183,18 +178,16 @@ impl BackendPool {
     }
 }
 
-/// Runs `batch` on its version's backend. A call that panics, or returns
+/// Runs `batch` on its version's runner. A call that panics, or returns
 /// other than `[windows, horizon]` values, is that model's failed call: the
 /// panic is caught here, at the backend's boundary, and the inference
 /// thread goes on with the next batch.
-fn run_batch(
-    backend: &dyn Backend,
-    batch: &ModelBatch,
-    scratch: &mut Scratch,
-) -> Result<Vec<f32>, BackendError> {
-    let call = std::panic::AssertUnwindSafe(|| match &batch.runner {
-        Some(r) => r.backend.infer_batch(r.index, &batch.inputs, scratch),
-        None => backend.infer_batch(batch.model, &batch.inputs, scratch),
+fn run_batch(batch: &ModelBatch, scratch: &mut Scratch) -> Result<Vec<f32>, BackendError> {
+    let runner = &batch.runner;
+    let call = std::panic::AssertUnwindSafe(|| {
+        runner
+            .backend
+            .infer_batch(runner.index, &batch.inputs, scratch)
     });
     let failed = |reason: String| BackendError::Inference {
         model: batch.spec.name.clone(),
@@ -243,10 +236,27 @@ pub fn treat_subnormals_as_zero() {
     }
 }
 
-/// `[engine] backend` in the pipeline file.
+/// `[engine] gpu_fallback`: what happens to a model that asks for a GPU when
+/// none can be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum BackendChoice {
+pub enum GpuFallback {
+    /// Run it on ONNX Runtime's CPU backend, after one warning line.
+    #[default]
+    Cpu,
+    /// Refuse to start, saying why.
+    Refuse,
+}
+
+/// A backend a model can run on, as `[engine] backend` and `--backend` name
+/// it (serde and clap read the same names). `Auto` is Triton's `KIND_AUTO`:
+/// each model where its `config.pbtxt` puts it, resolved by [`select`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum BackendKind {
     /// Each model where its `config.pbtxt` puts it: `KIND_CPU` on ONNX
     /// Runtime (CPU), `KIND_GPU` on the GPU backend this build has (`cuda`,
     /// else `onnx-tensorrt`).
@@ -263,52 +273,91 @@ pub enum BackendChoice {
     OnnxTensorrt,
 }
 
-impl BackendChoice {
-    pub const NAMES: &'static str = "auto, onnx, native, cuda, onnx-tensorrt";
+/// One row of [`BACKENDS`]: what satwatch knows of a backend.
+pub struct BackendEntry {
+    pub kind: BackendKind,
+    pub gpu: bool,
+    /// Loads a group of models on it.
+    pub load: fn(&[Arc<ModelSpec>], &EngineSettings) -> Result<Arc<dyn Backend>, BackendError>,
 }
 
-impl FromStr for BackendChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "onnx" => Ok(Self::Onnx),
-            "native" => Ok(Self::Native),
-            "cuda" => Ok(Self::Cuda),
-            "onnx-tensorrt" => Ok(Self::OnnxTensorrt),
-            other => Err(format!(
-                "unknown backend \"{other}\" (one of {})",
-                Self::NAMES
-            )),
-        }
-    }
+/// Every backend, in the order [`select`] loads them: GPU ones first, so that
+/// models that fall back to the CPU join the CPU group. A new backend is a
+/// file beside `onnx.rs`, a [`BackendKind`] variant and a row here.
+pub const BACKENDS: &[BackendEntry] = &[
+    BackendEntry {
+        kind: BackendKind::Cuda,
+        gpu: true,
+        load: load_cuda,
+    },
+    BackendEntry {
+        kind: BackendKind::OnnxTensorrt,
+        gpu: true,
+        load: load_onnx_tensorrt,
+    },
+    BackendEntry {
+        kind: BackendKind::Native,
+        gpu: false,
+        load: |specs, _| Ok(Arc::new(native::NativeBackend::load(specs)?)),
+    },
+    BackendEntry {
+        kind: BackendKind::Onnx,
+        gpu: false,
+        load: |specs, engine| {
+            Ok(if engine.row_form {
+                Arc::new(onnx::OnnxBackend::load(specs, 1)?)
+            } else {
+                Arc::new(onnx::OnnxBackend::load_files(specs, 1)?)
+            })
+        },
+    },
+];
+
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    specs: &[Arc<ModelSpec>],
+    engine: &EngineSettings,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(cuda::CudaBackend::load(specs, engine.gpu_device)?))
 }
 
-/// `[engine] gpu_fallback`: what happens to a model that asks for a GPU when
-/// none can be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GpuFallback {
-    /// Run it on ONNX Runtime's CPU backend, after one warning line.
-    #[default]
-    Cpu,
-    /// Refuse to start, saying why.
-    Refuse,
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(_: &[Arc<ModelSpec>], _: &EngineSettings) -> Result<Arc<dyn Backend>, BackendError> {
+    Err(BackendError::NoGpu(
+        "this satwatch was built without the `cuda` cargo feature (cargo build --release --features cuda)".into(),
+    ))
 }
 
-/// The backend a model runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackendKind {
-    Onnx,
-    Native,
-    Cuda,
-    OnnxTensorrt,
+#[cfg(feature = "onnx-gpu")]
+fn load_onnx_tensorrt(
+    specs: &[Arc<ModelSpec>],
+    engine: &EngineSettings,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(onnx::OnnxBackend::load_gpu(
+        specs,
+        1,
+        &onnx::GpuOptions::from_engine(engine),
+    )?))
+}
+
+#[cfg(not(feature = "onnx-gpu"))]
+fn load_onnx_tensorrt(
+    _: &[Arc<ModelSpec>],
+    _: &EngineSettings,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    Err(BackendError::NoGpu(
+        "this satwatch was built without the `onnx-gpu` cargo feature (cargo build --release --features onnx-gpu)".into(),
+    ))
 }
 
 impl BackendKind {
+    /// Its row in [`BACKENDS`]; None for `Auto`, which is not a backend.
+    pub fn entry(self) -> Option<&'static BackendEntry> {
+        BACKENDS.iter().find(|b| b.kind == self)
+    }
+
     pub fn is_gpu(self) -> bool {
-        matches!(self, Self::Cuda | Self::OnnxTensorrt)
+        self.entry().is_some_and(|b| b.gpu)
     }
 
     /// The GPU backend `auto` gives a `KIND_GPU` model: the one this build has.
@@ -319,16 +368,57 @@ impl BackendKind {
             Self::OnnxTensorrt
         }
     }
-}
 
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+    /// The backend a model on `device` runs on when this kind is asked for.
+    pub fn resolve(self, device: DeviceKind) -> Self {
+        match self {
+            Self::Auto if device == DeviceKind::Gpu => Self::default_gpu(),
+            Self::Auto => Self::Onnx,
+            kind => kind,
+        }
+    }
+
+    /// The name the pipeline file and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
             Self::Onnx => "onnx",
             Self::Native => "native",
             Self::Cuda => "cuda",
             Self::OnnxTensorrt => "onnx-tensorrt",
-        })
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a model version runs: a backend and the model's index there. Every
+/// model has one from the start; model control gives a new version its own.
+#[derive(Clone)]
+pub struct Runner {
+    pub backend: Arc<dyn Backend>,
+    pub index: usize,
+}
+
+impl Runner {
+    /// Runners for `models` models that all run on `backend`, in its order.
+    pub fn all_on(backend: Arc<dyn Backend>, models: usize) -> Vec<Runner> {
+        (0..models)
+            .map(|index| Runner {
+                backend: backend.clone(),
+                index,
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for Runner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Runner {{ index: {} }}", self.index)
     }
 }
 
@@ -341,10 +431,10 @@ pub struct Placement {
     pub fell_back: Option<String>,
 }
 
-/// The backend for a set of models, and where each one runs.
+/// Where each of a set of models runs, in the specs' order.
 pub struct Selection {
-    pub backend: Arc<dyn Backend>,
     pub placements: Vec<Placement>,
+    pub runners: Vec<Runner>,
 }
 
 /// Chooses and loads the backend of every model: `[engine] backend` when it
@@ -358,13 +448,7 @@ pub fn select(
 ) -> Result<Selection, BackendError> {
     let wanted: Vec<BackendKind> = specs
         .iter()
-        .map(|spec| match engine.backend {
-            BackendChoice::Auto if spec.device == DeviceKind::Gpu => BackendKind::default_gpu(),
-            BackendChoice::Auto | BackendChoice::Onnx => BackendKind::Onnx,
-            BackendChoice::Native => BackendKind::Native,
-            BackendChoice::Cuda => BackendKind::Cuda,
-            BackendChoice::OnnxTensorrt => BackendKind::OnnxTensorrt,
-        })
+        .map(|spec| engine.backend.resolve(spec.device))
         .collect();
     let mut placements: Vec<Placement> = specs
         .iter()
@@ -376,15 +460,10 @@ pub fn select(
         })
         .collect();
 
-    // Load each kind's models together; GPU kinds first, so that what falls
-    // back joins the CPU group.
-    let mut loaded: Vec<(Arc<dyn Backend>, Vec<usize>)> = Vec::new();
-    for kind in [
-        BackendKind::Cuda,
-        BackendKind::OnnxTensorrt,
-        BackendKind::Native,
-        BackendKind::Onnx,
-    ] {
+    // Load each kind's models together, in the table's order.
+    let mut runners: Vec<Option<Runner>> = vec![None; specs.len()];
+    for entry in BACKENDS {
+        let kind = entry.kind;
         let members: Vec<usize> = (0..specs.len())
             .filter(|&i| placements[i].backend == kind)
             .collect();
@@ -392,12 +471,19 @@ pub fn select(
             continue;
         }
         let group: Vec<Arc<ModelSpec>> = members.iter().map(|&i| specs[i].clone()).collect();
-        match load_kind(kind, &group, engine) {
-            Ok(backend) => loaded.push((backend, members)),
+        match (entry.load)(&group, engine) {
+            Ok(backend) => {
+                for (index, &model) in members.iter().enumerate() {
+                    runners[model] = Some(Runner {
+                        backend: backend.clone(),
+                        index,
+                    });
+                }
+            }
             Err(BackendError::NoGpu(reason)) => {
                 let names: Vec<&str> = members.iter().map(|&i| specs[i].name.as_str()).collect();
                 let asked = match engine.backend {
-                    BackendChoice::Auto => "instance_group KIND_GPU in its config.pbtxt".to_owned(),
+                    BackendKind::Auto => "instance_group KIND_GPU in its config.pbtxt".to_owned(),
                     _ => format!("[engine] backend = \"{kind}\""),
                 };
                 match engine.gpu_fallback {
@@ -424,24 +510,13 @@ pub fn select(
         }
     }
 
-    let backend: Arc<dyn Backend> = match loaded.as_slice() {
-        [(only, _)] => only.clone(),
-        _ => {
-            let mut route = vec![(0, 0); specs.len()];
-            for (b, (_, members)) in loaded.iter().enumerate() {
-                for (within, &model) in members.iter().enumerate() {
-                    route[model] = (b, within);
-                }
-            }
-            Arc::new(Routed {
-                backends: loaded.into_iter().map(|(backend, _)| backend).collect(),
-                route,
-            })
-        }
-    };
+    let runners = runners
+        .into_iter()
+        .map(|r| r.expect("every model's kind is in BACKENDS and was loaded, or the load failed"))
+        .collect();
     Ok(Selection {
-        backend,
         placements,
+        runners,
     })
 }
 
@@ -452,61 +527,16 @@ fn list_models(names: &[&str]) -> String {
     }
 }
 
-/// Loads `specs` on one backend.
+/// Loads `specs` on one backend (not `Auto`).
 pub fn load_kind(
     kind: BackendKind,
     specs: &[Arc<ModelSpec>],
     engine: &EngineSettings,
 ) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(match kind {
-        BackendKind::Onnx if engine.row_form => Arc::new(onnx::OnnxBackend::load(specs, 1)?),
-        BackendKind::Onnx => Arc::new(onnx::OnnxBackend::load_files(specs, 1)?),
-        BackendKind::Native => Arc::new(native::NativeBackend::load(specs)?),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Arc::new(cuda::CudaBackend::load(specs, engine.gpu_device)?),
-        #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => {
-            return Err(BackendError::NoGpu(
-                "this satwatch was built without the `cuda` cargo feature (cargo build --release --features cuda)".into(),
-            ))
-        }
-        #[cfg(feature = "onnx-gpu")]
-        BackendKind::OnnxTensorrt => Arc::new(onnx::OnnxBackend::load_gpu(
-            specs,
-            1,
-            &onnx::GpuOptions::from_engine(engine),
-        )?),
-        #[cfg(not(feature = "onnx-gpu"))]
-        BackendKind::OnnxTensorrt => {
-            return Err(BackendError::NoGpu(
-                "this satwatch was built without the `onnx-gpu` cargo feature (cargo build --release --features onnx-gpu)".into(),
-            ))
-        }
-    })
-}
-
-/// Models split over several backends: each call goes to its model's.
-struct Routed {
-    backends: Vec<Arc<dyn Backend>>,
-    /// Per model (load order): (backend, the model's index within it).
-    route: Vec<(usize, usize)>,
-}
-
-impl Backend for Routed {
-    fn infer(&self, model: usize, inputs: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
-        let (backend, within) = self.route[model];
-        self.backends[backend].infer(within, inputs, rows)
-    }
-
-    fn infer_batch(
-        &self,
-        model: usize,
-        batch: &BatchInputs,
-        scratch: &mut Scratch,
-    ) -> Result<Vec<f32>, BackendError> {
-        let (backend, within) = self.route[model];
-        self.backends[backend].infer_batch(within, batch, scratch)
-    }
+    let entry = kind.entry().ok_or_else(|| {
+        BackendError::Library("\"auto\" is resolved per model, not loaded".into())
+    })?;
+    (entry.load)(specs, engine)
 }
 
 #[cfg(test)]
@@ -538,38 +568,22 @@ mod tests {
         assert_eq!(inference.join().unwrap(), (0.0, 0.0));
     }
 
-    /// Answers every row with `tag + model`.
-    struct Tagged(f32);
-
-    impl Backend for Tagged {
-        fn infer(&self, model: usize, _: &[f32], rows: usize) -> Result<Vec<f32>, BackendError> {
-            Ok(vec![self.0 + model as f32; rows])
-        }
-    }
-
     #[test]
-    fn routed_calls_reach_the_models_own_backend_by_its_index_there() {
-        // Models 0 and 2 on backend A (as its 0 and 1), model 1 on B (its 0).
-        let routed = Routed {
-            backends: vec![Arc::new(Tagged(100.0)), Arc::new(Tagged(200.0))],
-            route: vec![(0, 0), (1, 0), (0, 1)],
-        };
-        let answers: Vec<f32> = (0..3)
-            .map(|m| routed.infer(m, &[], 1).unwrap()[0])
-            .collect();
-        assert_eq!(answers, [100.0, 200.0, 101.0]);
-    }
-
-    #[test]
-    fn backend_names_parse_as_the_pipeline_file_spells_them() {
-        for name in BackendChoice::NAMES.split(", ") {
-            let choice: BackendChoice = name.parse().unwrap();
-            let via_serde: BackendChoice = serde_json::from_str(&format!("\"{name}\"")).unwrap();
-            assert_eq!(choice, via_serde, "{name}");
+    fn backend_names_are_read_alike_by_the_pipeline_file_and_the_command_line() {
+        use clap::ValueEnum;
+        for kind in BackendKind::value_variants() {
+            let name = kind.name();
+            let via_serde: BackendKind = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            let via_clap = BackendKind::from_str(name, false).unwrap();
+            assert_eq!((via_serde, via_clap), (*kind, *kind), "{name}");
+            assert_eq!(kind.to_string(), name);
         }
-        assert!("gpu"
-            .parse::<BackendChoice>()
-            .unwrap_err()
-            .contains("onnx-tensorrt"));
+        // Every backend but `auto` has a row in the table, and `auto` none.
+        for kind in BackendKind::value_variants() {
+            assert_eq!(kind.entry().is_some(), *kind != BackendKind::Auto, "{kind}");
+        }
+        assert_eq!(BACKENDS.len(), BackendKind::value_variants().len() - 1);
+        let err = serde_json::from_str::<BackendKind>("\"gpu\"").unwrap_err();
+        assert!(err.is_data(), "an unknown name is refused: {err}");
     }
 }

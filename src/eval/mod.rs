@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::{
-    backend::Backend,
+    backend::Runner,
     config::Pipeline,
     dataset::{self, Labels},
     detect::Cause,
@@ -129,7 +129,7 @@ struct ChannelRun {
 pub async fn evaluate(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
-    backend: Arc<dyn Backend>,
+    runners: Vec<Runner>,
     data: &Path,
     split: &str,
     show_progress: bool,
@@ -153,7 +153,7 @@ pub async fn evaluate(
     let total: u64 = inputs.iter().map(|v| v.nrows() as u64).sum();
 
     let started = Instant::now();
-    let runs = detect(pipeline, specs, backend, &inputs, total, show_progress).await?;
+    let runs = detect(pipeline, specs, runners, &inputs, total, show_progress).await?;
     let elapsed = started.elapsed();
 
     let mut figures = Vec::with_capacity(runs.len());
@@ -203,7 +203,7 @@ pub async fn evaluate(
 async fn detect(
     pipeline: &Pipeline,
     specs: &[Arc<ModelSpec>],
-    backend: Arc<dyn Backend>,
+    runners: Vec<Runner>,
     inputs: &[ndarray::Array2<f32>],
     total: u64,
     show_progress: bool,
@@ -244,7 +244,7 @@ async fn detect(
     offline::stream(
         pipeline,
         specs,
-        backend,
+        runners,
         feed,
         Arc::new(crate::metrics::Metrics::new()),
         None,

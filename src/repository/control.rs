@@ -173,13 +173,12 @@ impl RepositoryControl {
             );
             let selection = backend::select(std::slice::from_ref(&spec), &engine)
                 .map_err(|e| ControlError::Refused(e.to_string()))?;
-            Ok::<_, ControlError>((
-                spec,
-                Runner {
-                    backend: selection.backend,
-                    index: 0,
-                },
-            ))
+            let runner = selection
+                .runners
+                .into_iter()
+                .next()
+                .expect("one model, one runner");
+            Ok::<_, ControlError>((spec, runner))
         })
         .await
         .map_err(|e| ControlError::Refused(format!("loading {name} panicked: {e}")))??;
