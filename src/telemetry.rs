@@ -40,6 +40,11 @@ pub struct Sample {
     /// When satwatch took the record from Kafka (none offline): the start of
     /// satwatch's own share of the latency.
     pub received: Option<Instant>,
+    /// The record's value as consumed (none offline), kept until the engine
+    /// has taken the sample in: one it refuses (a duplicate seq) is
+    /// dead-lettered with these bytes, unchanged. Its key needs no copy: a
+    /// sample's key is its channel id ([`Decoder::check_key`]).
+    pub payload: Option<Box<[u8]>>,
 }
 
 /// Why a record was dead-lettered.
@@ -59,10 +64,13 @@ pub enum Reason {
     WrongArity,
     NonFinite,
     OutOfRange,
+    /// Decoded fine, but its `seq` names a sample its channel has taken in
+    /// already or passed (the engine's verdict, see `engine::SeqOrder`).
+    DuplicateSeq,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::EmptyRecord,
         Reason::TooLarge,
         Reason::InvalidUtf8,
@@ -77,6 +85,7 @@ impl Reason {
         Reason::WrongArity,
         Reason::NonFinite,
         Reason::OutOfRange,
+        Reason::DuplicateSeq,
     ];
 
     /// The stable code written to the `satwatch-error` header.
@@ -96,6 +105,7 @@ impl Reason {
             Reason::WrongArity => "wrong_arity",
             Reason::NonFinite => "non_finite",
             Reason::OutOfRange => "out_of_range",
+            Reason::DuplicateSeq => "duplicate_seq",
         }
     }
 }
@@ -342,6 +352,7 @@ impl Decoder {
             values: floats,
             origin: None,
             received: None,
+            payload: None,
         })
     }
 }
@@ -473,6 +484,7 @@ mod tests {
                 values: Values::from_slice(&[0.98, 0.0, 1.0]),
                 origin: None,
                 received: None,
+                payload: None,
             }
         );
     }

@@ -26,10 +26,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::KafkaSettings,
-    engine::Restore,
+    engine::{Outputs, Restore},
     health::Health,
     metrics::Metrics,
-    processor::Input,
+    processor::{Input, Refused},
     sink::{kafka::client_config, postgres, DeadLetters},
     telemetry::{Decoder, Origin},
 };
@@ -432,6 +432,12 @@ pub struct SourceParts {
     pub decoder: Decoder,
     pub dead_letters: DeadLetters,
     pub samples: mpsc::Sender<Input>,
+    /// Records the processor refused (duplicate seqs), to dead-letter.
+    pub refused: mpsc::Receiver<Refused>,
+    /// The sink's input, never sent on: held by the dead-letter task so
+    /// that the sink's final commit waits until the last dead letter is
+    /// durable (the processor refuses records until it has drained).
+    pub sink: mpsc::Sender<Outputs>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
 }
@@ -451,12 +457,20 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
         decoder,
         dead_letters,
         samples,
+        refused,
+        sink,
         mut shutdown,
         metrics,
     } = parts;
     let lock = || tracker.lock().expect("tracker updates never panic");
     let (letters, queued) = mpsc::channel(MAX_DEAD_LETTERS_QUEUED);
-    let dead_lettering = tokio::spawn(dead_letter_loop(queued, dead_letters, tracker.clone()));
+    let dead_lettering = tokio::spawn(dead_letter_loop(
+        Letters { queued, refused },
+        dead_letters,
+        tracker.clone(),
+        metrics.clone(),
+        sink,
+    ));
     loop {
         tokio::select! {
             biased;
@@ -506,6 +520,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                     Ok(mut sample) => {
                         sample.origin = Some(origin);
                         sample.received = Some(received);
+                        sample.payload = message.payload().map(Box::from);
                         if samples.send(Input::Sample(sample)).await.is_err() {
                             break; // The processor stopped; shut down.
                         }
@@ -539,14 +554,16 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
             }
         }
     }
-    // The queued dead letters go out first, so the final commit covers them.
+    // Stop feeding the processor; it drains into the sink, refusing what
+    // it refuses to the dead-letter task, which ends once the processor has
+    // and its dead letters are durable; only then does the sink make its
+    // final commit (the task holds the sink's input open), so that commit
+    // covers every dead letter.
+    drop(samples);
     drop(letters);
     if let Err(err) = dead_lettering.await {
         tracing::error!(error = %err, "the dead-letter task failed");
     }
-    // Stop feeding the processor; it drains into the sink, which commits
-    // the last offsets with the last records.
-    drop(samples);
 }
 
 /// Dead letters queued by the consume loop, beyond which it waits: a flood
@@ -566,40 +583,116 @@ struct DeadLetter {
     origin: Origin,
 }
 
-/// Publishes dead letters in the order they were queued, many in flight at
-/// once, each retried until the broker has it; then marks its record done.
+/// What the dead-letter task takes in: the source's rejections, and the
+/// records the processor refused.
+struct Letters {
+    queued: mpsc::Receiver<DeadLetter>,
+    refused: mpsc::Receiver<Refused>,
+}
+
+/// Publishes dead letters in the order they come, many in flight at once,
+/// each retried until the broker has it; then marks its record done. Ends
+/// once both inputs have closed and the last dead letter is durable.
 async fn dead_letter_loop(
-    mut queued: mpsc::Receiver<DeadLetter>,
+    letters: Letters,
     dead_letters: DeadLetters,
     tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    _sink: mpsc::Sender<Outputs>,
 ) {
     use futures::stream::{FuturesOrdered, StreamExt};
+    let Letters {
+        mut queued,
+        mut refused,
+    } = letters;
     let mut in_flight = FuturesOrdered::new();
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
-            letter = queued.recv(), if open && in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT => match letter {
-                Some(letter) => {
-                    let dead_letters = dead_letters.clone();
-                    in_flight.push_back(async move {
-                        let DeadLetter { key, payload, rejection, source, origin } = letter;
-                        let mut delay = Duration::from_millis(100);
-                        while let Err(err) = dead_letters
-                            .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
-                            .await
-                        {
-                            tracing::warn!(error = %err, %source, "dead-lettering failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                        origin
-                    });
+    let (mut open, mut refused_open) = (true, true);
+    while open || refused_open || !in_flight.is_empty() {
+        let room = in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT;
+        let letter = tokio::select! {
+            letter = queued.recv(), if open && room => match letter {
+                Some(letter) => letter,
+                None => {
+                    open = false;
+                    continue;
                 }
-                None => open = false,
+            },
+            refusal = refused.recv(), if refused_open && room => match refusal {
+                Some(refusal) => match refused_letter(refusal, &tracker, &metrics) {
+                    Some(letter) => letter,
+                    None => continue,
+                },
+                None => {
+                    refused_open = false;
+                    continue;
+                }
             },
             Some(origin) = in_flight.next(), if !in_flight.is_empty() => {
                 tracker.lock().expect("tracker updates never panic").done(origin);
+                continue;
+            }
+        };
+        let dead_letters = dead_letters.clone();
+        in_flight.push_back(async move {
+            let DeadLetter {
+                key,
+                payload,
+                rejection,
+                source,
+                origin,
+            } = letter;
+            let mut delay = Duration::from_millis(100);
+            while let Err(err) = dead_letters
+                .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
+                .await
+            {
+                tracing::warn!(error = %err, %source, "dead-lettering failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            origin
+        });
+    }
+}
+
+/// The dead letter of a record the processor refused; None, with the record
+/// marked done, when it is not this assignment's to dead-letter: below the
+/// offset committed at its partition's assignment (dead-lettered before,
+/// and refused again only while its channel's window refills), or consumed
+/// under an assignment that has ended (its next owner deals with it).
+fn refused_letter(
+    refusal: Refused,
+    tracker: &Mutex<OffsetTracker>,
+    metrics: &Metrics,
+) -> Option<DeadLetter> {
+    let Refused {
+        origin,
+        key,
+        payload,
+        rejection,
+    } = refusal;
+    let source = {
+        let mut tracker = tracker.lock().expect("tracker updates never panic");
+        match tracker.partition_name(origin.partition) {
+            Some((topic, partition)) if tracker.is_ours_to_publish(origin) => {
+                format!("{topic}/{partition}/{}", origin.offset)
+            }
+            _ => {
+                tracker.done(origin);
+                return None;
             }
         }
-    }
+    };
+    metrics
+        .dead_letters
+        .with_label_values(&[rejection.reason.code()])
+        .inc();
+    tracing::debug!(reason = rejection.reason.code(), %source, "record dead-lettered");
+    Some(DeadLetter {
+        key: Some(key.as_bytes().to_vec()),
+        payload: Some(payload.into_vec()),
+        rejection,
+        source,
+        origin,
+    })
 }
