@@ -252,6 +252,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
             sink: sink_input,
             shutdown: shutdown_rx,
             metrics: metrics.clone(),
+            max_uncommitted_per_partition: kafka.max_uncommitted_per_partition,
         },
     ));
     tracing::info!(

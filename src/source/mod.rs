@@ -440,6 +440,26 @@ pub struct SourceParts {
     pub sink: mpsc::Sender<Outputs>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
+    /// `[kafka] max_uncommitted_per_partition`: records waiting on one
+    /// partition at which it is paused (see [`offsets`]).
+    pub max_uncommitted_per_partition: usize,
+}
+
+/// How often paused partitions are checked for having drained.
+const RESUME_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Pauses (or resumes) fetching `partition` of `topic`.
+fn set_paused(consumer: &TelemetryConsumer, topic: &str, partition: i32, pause: bool) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let result = if pause {
+        consumer.pause(&list)
+    } else {
+        consumer.resume(&list)
+    };
+    if let Err(err) = result {
+        tracing::warn!(error = %err, %topic, partition, pause, "cannot pause or resume the partition");
+    }
 }
 
 /// Consumes until shutdown is announced, then stops feeding the processor,
@@ -461,7 +481,10 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
         sink,
         mut shutdown,
         metrics,
+        max_uncommitted_per_partition: max_uncommitted,
     } = parts;
+    let mut resume_check = tokio::time::interval(RESUME_CHECK_INTERVAL);
+    resume_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lock = || tracker.lock().expect("tracker updates never panic");
     let (letters, queued) = mpsc::channel(MAX_DEAD_LETTERS_QUEUED);
     let dead_lettering = tokio::spawn(dead_letter_loop(
@@ -475,6 +498,16 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
+            // Ahead of the records, which never let it run otherwise under
+            // load; ready ten times a second.
+            _ = resume_check.tick() => {
+                let resumable = lock().take_resumable(max_uncommitted);
+                for (topic, partition) in resumable {
+                    set_paused(&consumer, &topic, partition, false);
+                    tracing::info!(%topic, partition, "partition resumed: its waiting records drained");
+                }
+                metrics.partitions_paused.set(lock().paused() as i64);
+            }
             message = consumer.recv() => {
                 let received = std::time::Instant::now();
                 let message = match message {
@@ -506,6 +539,17 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                         offset: message.offset(),
                     };
                     tracker.consumed(origin);
+                    if let Some(waiting) = tracker.pause_if_full(partition, max_uncommitted) {
+                        set_paused(&consumer, message.topic(), message.partition(), true);
+                        metrics.partitions_paused.set(tracker.paused() as i64);
+                        tracing::warn!(
+                            topic = message.topic(), partition = message.partition(), waiting,
+                            committed = tracker.committed(message.topic(), message.partition()),
+                            "partition paused: [kafka] max_uncommitted_per_partition records wait \
+                             behind its oldest unfinished one (a held model's channel?); it resumes \
+                             once they drain to half that"
+                        );
+                    }
                     origin
                 };
                 let fallback_ts = message
