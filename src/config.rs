@@ -58,6 +58,14 @@ pub struct KafkaSettings {
     /// Records larger than this are dead-lettered as `too_large`.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
+    /// Records of one partition consumed from its oldest unfinished record
+    /// on (all waiting for that one before their offsets, and their
+    /// outputs, can be committed), at which the partition is paused; it
+    /// resumes at half. Bounds what a held model's channel keeps waiting on
+    /// its partition; below `[engine] max_pending_windows`, so that the
+    /// held channel's partition pauses before intake as a whole does.
+    #[serde(default = "default_max_uncommitted_per_partition")]
+    pub max_uncommitted_per_partition: usize,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
@@ -381,6 +389,9 @@ fn default_transaction_timeout_ms() -> u64 {
 fn default_max_record_bytes() -> usize {
     64 * 1024
 }
+fn default_max_uncommitted_per_partition() -> usize {
+    20_000
+}
 fn default_http_addr() -> String {
     "127.0.0.1:8000".into()
 }
@@ -603,6 +614,12 @@ impl Pipeline {
             return Err(refuse(
                 at("max_stall_ms"),
                 "[health] max_stall_ms must be >= 1".into(),
+            ));
+        }
+        if file.kafka.max_uncommitted_per_partition < 2 {
+            return Err(refuse(
+                at("max_uncommitted_per_partition"),
+                "[kafka] max_uncommitted_per_partition must be >= 2 (a paused partition resumes at half)".into(),
             ));
         }
         if file.sink.max_batch_rows == 0 {

@@ -228,8 +228,9 @@ impl Outputs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// `seq` names a sample already taken in, or one the channel's numbering
-    /// has passed (see [`SeqOrder`]): dropped, counted and logged.
-    Duplicate,
+    /// has passed (see [`SeqOrder`]): not taken in. `last` is the channel's
+    /// last seq, for the dead letter's detail.
+    Duplicate { last: u64 },
     /// Still filling the channel's window: nothing to infer yet.
     WarmUp,
     /// Its window was queued for inference.
@@ -724,7 +725,7 @@ impl Engine {
                          the last seq (logged at 1, 2, 4, ... duplicates per channel)"
                     );
                 }
-                return Admission::Duplicate;
+                return Admission::Duplicate { last };
             }
         }
         let row = channel.window.push(&sample.values);
@@ -1229,6 +1230,7 @@ mod tests {
                 offset: seq as i64,
             }),
             received: None,
+            payload: None,
         }
     }
 
@@ -1238,7 +1240,10 @@ mod tests {
         let now = Instant::now();
         assert_eq!(engine.admit(&sample(0, 1.0), now), Admission::WarmUp);
         assert_eq!(engine.admit(&sample(1, 1.0), now), Admission::Queued);
-        assert_eq!(engine.admit(&sample(1, 1.0), now), Admission::Duplicate);
+        assert_eq!(
+            engine.admit(&sample(1, 1.0), now),
+            Admission::Duplicate { last: 1 }
+        );
         assert_eq!(engine.admit(&sample(2, 9.0), now), Admission::Queued);
 
         let batch = engine.next_batch(now).expect("preferred size 2 is reached");
@@ -1802,7 +1807,10 @@ mod tests {
         let records: Vec<(u64, i64)> = seqs.iter().copied().zip(0..).collect();
         let (first, scores, checkpoints) = run_records(&mut engine(), &records);
         assert_eq!(
-            first.iter().filter(|a| **a == Admission::Duplicate).count(),
+            first
+                .iter()
+                .filter(|a| matches!(a, Admission::Duplicate { .. }))
+                .count(),
             2,
             "the repeated 5, and 20 which the jump took: {first:?}"
         );
@@ -1824,12 +1832,13 @@ mod tests {
             for (offset, (first, again)) in (0..).zip(first.iter().zip(&again)) {
                 // Older than the window, or refilled up to the checkpoint's
                 // record; duplicates stay duplicates.
-                let expected =
-                    if offset < refill_from || (offset <= at && *first != Admission::Duplicate) {
-                        Admission::Refill
-                    } else {
-                        *first
-                    };
+                let expected = if offset < refill_from
+                    || (offset <= at && !matches!(first, Admission::Duplicate { .. }))
+                {
+                    Admission::Refill
+                } else {
+                    *first
+                };
                 assert_eq!(
                     *again, expected,
                     "restored at offset {at} (refill from {refill_from}): record {offset} \

@@ -362,7 +362,7 @@ fn error(status: StatusCode, reason: String) -> Response {
 
 async fn repository_index(State(state): State<AppState>) -> Response {
     match &state.control {
-        Some(control) => Json(control.index()).into_response(),
+        Some(control) => Json(control.index(&state.health)).into_response(),
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "repository control is not running".into(),

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub anomalies_open: IntGauge,
     pub events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
+    /// Partitions paused because `[kafka] max_uncommitted_per_partition`
+    /// records wait behind their oldest unfinished one.
+    pub partitions_paused: IntGauge,
     pub postgres_write_seconds: Histogram,
     pub postgres_write_failures: IntCounter,
     pub kafka_publish_failures: IntCounter,
@@ -124,6 +127,14 @@ impl Metrics {
         )
         .expect("valid");
         r.register(Box::new(consumer_lag.clone()))
+            .expect("registered once");
+        let partitions_paused = IntGauge::new(
+            "satwatch_partitions_paused",
+            "Telemetry partitions paused: [kafka] max_uncommitted_per_partition records wait behind \
+             their oldest unfinished one (e.g. a held model's).",
+        )
+        .expect("valid");
+        r.register(Box::new(partitions_paused.clone()))
             .expect("registered once");
         let postgres_write_failures = IntCounter::new(
             "satwatch_postgres_write_failures_total",
@@ -287,6 +298,7 @@ impl Metrics {
                 &["subsystem", "state"],
             ),
             consumer_lag,
+            partitions_paused,
             postgres_write_seconds,
             postgres_write_failures,
             kafka_publish_failures,

@@ -74,6 +74,7 @@ pub async fn stream(
                         ),
                         origin: None,
                         received: None,
+                        payload: None,
                     });
                 }
             }

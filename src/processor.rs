@@ -33,7 +33,7 @@ use crate::{
     metrics::Metrics,
     repository::control::ModelUpdate,
     retry::Backoff,
-    telemetry::Sample,
+    telemetry::{Reason, Refused, Rejection, Sample},
 };
 
 /// Per-channel label values for metrics, indexed like the engine's channels.
@@ -131,6 +131,8 @@ pub struct Live {
     pub updates: mpsc::Receiver<ModelUpdate>,
     /// Where models that keep failing are reported.
     pub health: Arc<Health>,
+    /// Where refused records go to be dead-lettered.
+    pub refused: mpsc::Sender<Refused>,
 }
 
 /// Builds the engine and the backend pool for `pipeline` and spawns
@@ -147,10 +149,10 @@ pub fn spawn(
 ) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
     let engine = Engine::new(&pipeline.channels, specs, runners, pipeline.file.detect)?;
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-    let pool = BackendPool::start(pipeline.file.engine.backend_threads, completions_tx);
-    let (updates, health) = match live {
-        Some(Live { updates, health }) => (Some(updates), Some(health)),
-        None => (None, None),
+    retry::Backoff,
+    telemetry::{Reason, Rejection, Sample},
+};
+
     };
     let faults = ModelFaults::new(specs, &metrics, health);
     let links = Links {
@@ -158,6 +160,7 @@ pub fn spawn(
         completions: completions_rx,
         outputs,
         updates,
+        refused,
     };
     Ok(tokio::spawn(process(
         engine,
@@ -178,6 +181,9 @@ struct Links {
     outputs: mpsc::Sender<Outputs>,
     /// Model control's updates; None offline.
     updates: Option<mpsc::Receiver<ModelUpdate>>,
+    /// Where refused records are dead-lettered; None offline, where a
+    /// refused sample is only counted (it has no record).
+    refused: Option<mpsc::Sender<Refused>>,
 }
 
 /// Processes samples until the sample channel closes and every queued window
@@ -203,6 +209,7 @@ async fn process(
         mut completions,
         outputs,
         updates,
+        refused,
     } = links;
     // Offline runs have no model control: a closed channel stands in.
     let mut updates = updates.unwrap_or_else(|| mpsc::channel(1).1);
@@ -210,6 +217,7 @@ async fn process(
     let mut counters = SubsystemCounters::new(&metrics, &labels);
     let mut input_open = true;
     let mut received = Vec::with_capacity(1024);
+    let mut refusals = Vec::new();
     let result = loop {
         let now = std::time::Instant::now();
         while let Some(batch) = engine.next_batch(now) {
@@ -266,12 +274,13 @@ async fn process(
                 }
                 let now = std::time::Instant::now();
                 let mut settled = Outputs::default();
+                let mut admitted = Admitted { counters: &mut counters, settled: &mut settled, refusals: &mut refusals, live: refused.is_some() };
                 for input in received.drain(..) {
                     match input {
-                        Input::Sample(sample) => admit(&mut engine, &sample, now, &mut counters, &mut settled),
-                        Input::Samples(samples) => {
-                            for sample in &samples {
-                                admit(&mut engine, sample, now, &mut counters, &mut settled);
+                        Input::Sample(mut sample) => admit(&mut engine, &mut sample, now, &mut admitted),
+                        Input::Samples(mut samples) => {
+                            for sample in &mut samples {
+                                admit(&mut engine, sample, now, &mut admitted);
                             }
                         }
                         Input::Restore(restore) => {
@@ -283,6 +292,16 @@ async fn process(
                 counters.flush();
                 if !settled.done.is_empty() && outputs.send(settled).await.is_err() {
                     break Err(ProcessError::SinkGone);
+                }
+                if let Some(refused) = &refused {
+                    for refusal in refusals.drain(..) {
+                        // Gone only once the source has stopped: the record
+                        // stays undone, so it is not committed and is
+                        // refused (and dead-lettered) again after a restart.
+                        if refused.send(refusal).await.is_err() {
+                            tracing::debug!("the source stopped; a refused record is left uncommitted");
+                        }
+                    }
                 }
             }
             update = updates.recv(), if updates_open => match update {
@@ -479,15 +498,25 @@ impl ModelFaults {
     }
 }
 
-/// Takes one sample into the engine; what is settled at once (a duplicate, a
-/// warm-up or refill sample) goes to `settled`.
+/// Where [`admit`] puts what is settled at once.
+struct Admitted<'a> {
+    counters: &'a mut SubsystemCounters,
+    /// Records done at once (warm-up and refill samples, offline duplicates).
+    settled: &'a mut Outputs,
+    /// Duplicates to dead-letter, in a live run.
+    refusals: &'a mut Vec<Refused>,
+    live: bool,
+}
+
+/// Takes one sample into the engine; what is settled at once (a warm-up or
+/// refill sample, a duplicate) goes to `admitted`.
 fn admit(
     engine: &mut Engine,
-    sample: &Sample,
+    sample: &mut Sample,
     now: std::time::Instant,
-    counters: &mut SubsystemCounters,
-    settled: &mut Outputs,
+    admitted: &mut Admitted,
 ) {
+    let counters = &mut *admitted.counters;
     let channel = sample.channel as usize;
     counters.count_consumed(channel);
     let before = engine.counters().gaps;
@@ -496,19 +525,41 @@ fn admit(
         counters.gap[counters.subsystem_of[channel]].inc();
     }
     match admission {
-        Admission::Queued => {}
-        Admission::Duplicate | Admission::WarmUp | Admission::Refill => {
-            match admission {
-                Admission::Duplicate => counters.duplicate[counters.subsystem_of[channel]].inc(),
-                Admission::WarmUp => settled
-                    .checkpoints
-                    .extend(engine.warm_up_checkpoint(sample.channel)),
-                _ => {}
+        Admission::Queued => return,
+        Admission::Duplicate { last } => {
+            counters.duplicate[counters.subsystem_of[channel]].inc();
+            // Never lost without a dead letter: a live run's record goes
+            // back to the source, and is done once its dead letter is.
+            if let (true, Some(origin), Some(payload)) =
+                (admitted.live, sample.origin, sample.payload.take())
+            {
+                let key = engine.channel_id(sample.channel);
+                admitted.refusals.push(Refused {
+                    origin,
+                    key,
+                    payload,
+                    rejection: Rejection {
+                        reason: Reason::DuplicateSeq,
+                        detail: format!(
+                            "seq {} of channel \"{key}\" is not above the channel's last seq {last}: \
+                             a seq names one sample, taken in already (a record sent again) or \
+                             passed (a producer that restarted its numbering); see \
+                             docs/contract.md, Order within a channel",
+                            sample.seq
+                        ),
+                    },
+                });
+                return;
             }
-            // Nothing more will come of it: it is done now.
-            settled.done.extend(sample.origin);
         }
+        Admission::WarmUp => admitted
+            .settled
+            .checkpoints
+            .extend(engine.warm_up_checkpoint(sample.channel)),
+        Admission::Refill => {}
     }
+    // Nothing more will come of it: it is done now.
+    admitted.settled.done.extend(sample.origin);
 }
 
 /// Applies a completion whose call succeeded ([`ModelFaults::check`] took
@@ -703,6 +754,7 @@ mod tests {
             completions: completions_rx,
             outputs: outputs_tx,
             updates: None,
+            refused: None,
         };
         let labels = ChannelLabels::new(&channels);
         let task = tokio::spawn(process(
@@ -729,6 +781,7 @@ mod tests {
                             offset: seq as i64,
                         }),
                         received: None,
+                        payload: None,
                     };
                     if samples_tx.send(Input::Sample(sample)).await.is_err() {
                         return;

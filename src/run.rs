@@ -58,6 +58,9 @@ fn kafka_fail(
 const SAMPLE_CHANNEL_CAPACITY: usize = 4096;
 /// Output batches buffered between the processor and the sink.
 const OUTPUT_CHANNEL_CAPACITY: usize = 64;
+/// Refused records (duplicate seqs) on their way from the processor to the
+/// dead-letter task, beyond which the processor waits.
+const REFUSED_CHANNEL_CAPACITY: usize = 1024;
 
 /// Loads and checks every model the pipeline names.
 pub fn load_models(pipeline: &Pipeline) -> Result<Vec<Arc<ModelSpec>>, RunError> {
@@ -211,6 +214,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
 
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
     let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
+    let (refused_tx, refused_rx) = mpsc::channel(REFUSED_CHANNEL_CAPACITY);
+    // The dead-letter task holds the sink's input open until it is done.
+    let sink_input = outputs_tx.clone();
     let processor = processor::spawn(
         &pipeline,
         &specs,
@@ -221,6 +227,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         Some(processor::Live {
             updates: updates_rx,
             health: health.clone(),
+            refused: refused_tx,
         }),
     )
     .map_err(RunError)?;
@@ -244,8 +251,11 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
             decoder: decoder(&pipeline, &specs),
             dead_letters,
             samples: samples_tx,
+            refused: refused_rx,
+            sink: sink_input,
             shutdown: shutdown_rx,
             metrics: metrics.clone(),
+            max_uncommitted_per_partition: kafka.max_uncommitted_per_partition,
         },
     ));
     tracing::info!(

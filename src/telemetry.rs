@@ -8,6 +8,7 @@ use std::{collections::HashMap, time::Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use ustr::Ustr;
 
 /// Where a consumed record came from, so its offset can be committed once
 /// everything it caused is durable. `partition` indexes the source's table of
@@ -16,7 +17,7 @@ use serde::Deserialize;
 pub struct Origin {
     pub partition: u32,
     /// The partition's assignment this record was consumed under (see
-    /// [`crate::source::OffsetTracker`]): outputs of an assignment that has
+    /// [`crate::kafka::OffsetTracker`]): outputs of an assignment that has
     /// since ended are never published, since the partition's next owner
     /// processes the record again.
     pub generation: u32,
@@ -40,6 +41,11 @@ pub struct Sample {
     /// When satwatch took the record from Kafka (none offline): the start of
     /// satwatch's own share of the latency.
     pub received: Option<Instant>,
+    /// The record's value as consumed (none offline), kept until the engine
+    /// has taken the sample in: one it refuses (a duplicate seq) is
+    /// dead-lettered with these bytes, unchanged. Its key needs no copy: a
+    /// sample's key is its channel id ([`Decoder::check_key`]).
+    pub payload: Option<Box<[u8]>>,
 }
 
 /// Why a record was dead-lettered.
@@ -59,10 +65,13 @@ pub enum Reason {
     WrongArity,
     NonFinite,
     OutOfRange,
+    /// Decoded fine, but its `seq` names a sample its channel has taken in
+    /// already or passed (the engine's verdict, see `engine::SeqOrder`).
+    DuplicateSeq,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::EmptyRecord,
         Reason::TooLarge,
         Reason::InvalidUtf8,
@@ -77,6 +86,7 @@ impl Reason {
         Reason::WrongArity,
         Reason::NonFinite,
         Reason::OutOfRange,
+        Reason::DuplicateSeq,
     ];
 
     /// The stable code written to the `satwatch-error` header.
@@ -96,6 +106,7 @@ impl Reason {
             Reason::WrongArity => "wrong_arity",
             Reason::NonFinite => "non_finite",
             Reason::OutOfRange => "out_of_range",
+            Reason::DuplicateSeq => "duplicate_seq",
         }
     }
 }
@@ -106,6 +117,20 @@ pub struct Rejection {
     pub reason: Reason,
     /// A human sentence for the `satwatch-detail` header.
     pub detail: String,
+}
+
+/// A record the engine refused after the source passed it on: its seq names
+/// a sample its channel took in already, or passed. Only the Kafka consumer holds a
+/// dead-letter producer, so the processor hands the record back for it to
+/// dead-letter; the record is done once its dead letter is durable.
+#[derive(Debug)]
+pub struct Refused {
+    pub origin: Origin,
+    /// The record's key: its channel id ([`crate::telemetry::Decoder::check_key`]).
+    pub key: Ustr,
+    /// The record's value, unchanged.
+    pub payload: Box<[u8]>,
+    pub rejection: Rejection,
 }
 
 fn reject(reason: Reason, detail: impl Into<String>) -> Rejection {
@@ -342,6 +367,7 @@ impl Decoder {
             values: floats,
             origin: None,
             received: None,
+            payload: None,
         })
     }
 }
@@ -473,6 +499,7 @@ mod tests {
                 values: Values::from_slice(&[0.98, 0.0, 1.0]),
                 origin: None,
                 received: None,
+                payload: None,
             }
         );
     }

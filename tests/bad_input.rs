@@ -1,7 +1,7 @@
 //! A corpus of bad records mixed into a replay: each one reaches the
-//! dead-letter topic with its reason (duplicates and stale `seq` are counted
-//! and dropped instead), and every good record around them is scored exactly
-//! as in a run without them.
+//! dead-letter topic with its reason (a repeated and a stale `seq` too, as
+//! `duplicate_seq`, besides being counted), and every good record around
+//! them is scored exactly as in a run without them.
 
 mod common;
 
@@ -73,7 +73,8 @@ fn run_replay(with_bad_records: bool) -> (Scores, Vec<Record>, String) {
             ),
             ("telemetry.acs", big.into_bytes()),
             ("telemetry.acs", Vec::new()),
-            // A duplicate and a stale seq of a real sample: counted and dropped.
+            // A repeated and a stale seq of a real sample: counted, and
+            // dead-lettered once the engine has refused them.
             (
                 "telemetry.acs",
                 format!(
@@ -120,7 +121,7 @@ fn run_replay(with_bad_records: bool) -> (Scores, Vec<Record>, String) {
                 .filter(|l| l.starts_with("satwatch_dead_letters_total"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
-            (!with_bad_records || dead >= 11.0).then_some(())
+            (!with_bad_records || dead >= 13.0).then_some(())
         },
     );
     let metrics = service.get("/metrics").unwrap().1;
@@ -137,7 +138,19 @@ fn run_replay(with_bad_records: bool) -> (Scores, Vec<Record>, String) {
 fn bad_records_are_dead_lettered_with_their_reason_and_good_ones_scored_as_without_them() {
     let (clean, clean_dead, _) = run_replay(false);
     assert!(clean_dead.is_empty());
-    let (mixed, dead, metrics) = run_replay(true);
+    let (mixed, mut dead, metrics) = run_replay(true);
+    // In the order they were consumed: the engine's refusals (duplicate_seq)
+    // reach the dead-letter task after the source's own rejections.
+    let offset = |r: &Record| -> i64 {
+        let source = &r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "satwatch-source")
+            .unwrap()
+            .1;
+        source.rsplit('/').next().unwrap().parse().unwrap()
+    };
+    dead.sort_by_key(offset);
 
     assert_eq!(mixed.len(), clean.len(), "the same samples were scored");
     for (key, value) in &clean {
@@ -169,6 +182,8 @@ fn bad_records_are_dead_lettered_with_their_reason_and_good_ones_scored_as_witho
         "unknown_channel",
         "too_large",
         "empty_record",
+        "duplicate_seq",
+        "duplicate_seq",
         "wrong_key",
     ];
     assert_eq!(
@@ -201,6 +216,19 @@ fn bad_records_are_dead_lettered_with_their_reason_and_good_ones_scored_as_witho
             .iter()
             .any(|(k, v)| k == "satwatch-source" && v.starts_with("telemetry.acs/0/")));
     }
+    for (i, seq) in [(10, 299), (11, 17)] {
+        let detail = &dead[i]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "satwatch-detail")
+            .unwrap()
+            .1;
+        assert!(
+            detail.contains(&format!("seq {seq} of channel \"A-1\""))
+                && detail.contains("last seq 299"),
+            "the detail names the channel, the seq and the channel's last seq: {detail}"
+        );
+    }
     let duplicates = metrics
         .lines()
         .find(|l| l.starts_with("satwatch_samples_duplicate_total{subsystem=\"acs\"}"))
@@ -208,6 +236,6 @@ fn bad_records_are_dead_lettered_with_their_reason_and_good_ones_scored_as_witho
     assert_eq!(
         duplicates,
         Some(2.0),
-        "the repeated and the stale seq were counted, not dead-lettered"
+        "the repeated and the stale seq were counted"
     );
 }

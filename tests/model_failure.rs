@@ -1,11 +1,15 @@
 //! One model that fails does not stop the others. Version 1 of `smap_A-1`
 //! is the shipped model with a tripwire: ONNX Runtime refuses to run any
 //! batch holding a marked sample (its Gather reads out of bounds). Its
-//! channel is held, nothing of it committed, while A-2 (on A-1's partition)
-//! and P-4 (another topic, three anomalies) keep flowing; once version 2 (the shipped file)
-//! is loaded, A-1 resumes where it stopped. Checked against a reference run
-//! on the shipped models that consumes the same records: the same rows,
-//! and each `forecasts` and `anomalies` record published once.
+//! channel is held, nothing of it committed, and readiness, the model's
+//! ready endpoint and the repository index say so; A-2 (on A-1's partition)
+//! flows on until `[kafka] max_uncommitted_per_partition` records wait
+//! behind A-1's held one, when the partition pauses, and P-4 (another
+//! topic, three anomalies) keeps flowing to its end; once version 2 (the
+//! shipped file) is loaded, A-1 resumes where it stopped and the partition
+//! with it. Checked against a reference run on the shipped models that
+//! consumes the same records: the same rows, and each `forecasts` and
+//! `anomalies` record published once.
 
 mod common;
 
@@ -33,6 +37,9 @@ const ROWS: i64 = 5400;
 const MARKED_COLUMN: usize = 10;
 const MARKED_VALUE: f32 = 0.5;
 const TOKEN: &str = "t0ken-for-model-failure";
+/// `[kafka] max_uncommitted_per_partition` of the faulty run: well below
+/// the 8,800 records behind A-1's marked one on its partition.
+const MAX_UNCOMMITTED: i64 = 2000;
 
 /// Writes `original` with a tripwire added: the forecast plus a value
 /// gathered from a one-element table at index 1 when the newest row of any
@@ -139,8 +146,17 @@ fn with_tripwire(original: &Path, to: &Path) {
 /// writing to `<prefix>anomalies` and `<prefix>forecasts`. Both runs serve
 /// the model files as they are (`row_form = false`), so the tripwire model
 /// and the shipped one compute the same sums.
-fn pipeline(dir: &Path, group: &str, prefix: &str, repository: &Path) -> PathBuf {
+fn pipeline(
+    dir: &Path,
+    group: &str,
+    prefix: &str,
+    repository: &Path,
+    max_uncommitted: Option<i64>,
+) -> PathBuf {
     pipeline_variant(dir, &format!("{group}.toml"), |t| {
+        if let Some(max) = max_uncommitted {
+            set(t, "kafka", "max_uncommitted_per_partition", max);
+        }
         set(t, "kafka", "group_id", group);
         set(t, "kafka", "anomalies_topic", format!("{prefix}anomalies"));
         set(t, "kafka", "forecasts_topic", format!("{prefix}forecasts"));
@@ -166,6 +182,21 @@ fn answer(service: &Satwatch, path: &str) -> (u16, String) {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
     })
+}
+
+/// `POST /v2/repository/index`: each model's (state, reason).
+fn index_states(service: &Satwatch) -> std::collections::BTreeMap<String, (String, String)> {
+    let (status, body) =
+        http_post(&service.http, "/v2/repository/index", Some(TOKEN)).expect("satwatch answers");
+    assert_eq!(status, 200, "{body}");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    entries
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (field("name"), (field("state"), field("reason")))
+        })
+        .collect()
 }
 
 fn scores_of(pg: &Postgres, channel: &str) -> (i64, i64) {
@@ -214,12 +245,13 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
     copy_dir(&repo_root().join("model_repository"), &repo);
     let shipped = repo_root().join("model_repository/smap_A-1/1/model.onnx");
     with_tripwire(&shipped, &repo.join("smap_A-1/1/model.onnx"));
-    let faulty = pipeline(dir.path(), "faulty", "", &repo);
+    let faulty = pipeline(dir.path(), "faulty", "", &repo, Some(MAX_UNCOMMITTED));
     let reference = pipeline(
         dir.path(),
         "reference",
         "reference.",
         &repo_root().join("model_repository"),
+        None,
     );
     for p in [&faulty, &reference] {
         let p = p.to_str().unwrap();
@@ -276,19 +308,37 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
     );
     let (status, body) = answer(&service, "/v2/models/smap_P-4/ready");
     assert_eq!(status, 200, "the other models stay ready: {body}");
+    let index = index_states(&service);
+    let (state, reason) = &index[FAILING_MODEL];
+    assert_eq!(state, "UNAVAILABLE", "the index says so too: {index:?}");
+    assert!(
+        reason.contains("inference failed"),
+        "with the reason: {reason}"
+    );
+    assert_eq!(index["smap_P-4"].0, "READY", "{index:?}");
 
-    // The others flow to the end: A-2's rows are written although its
-    // partition's commit position waits on A-1, P-4's records published.
+    // P-4 flows to its end; A-2 flows past A-1's held record until
+    // MAX_UNCOMMITTED records wait behind it, when their partition pauses.
     wait_for(
-        "A-2 and P-4 to be scored to their last sample",
+        "P-4 to be scored to its last sample, and A-1's partition paused",
         Duration::from_secs(60),
         || {
-            HEALTHY
-                .iter()
-                .all(|c| scores_of(&pg, c) == (ROWS - window, ROWS - 1))
-                .then_some(())
+            let page = answer(&service, "/metrics").1;
+            (scores_of(&pg, "P-4") == (ROWS - window, ROWS - 1)
+                && metric(&page, "satwatch_partitions_paused") == Some(1.0))
+            .then_some(())
         },
     );
+    let a2_bounded = |what: &str| {
+        let (_, a2_last) = scores_of(&pg, HEALTHY[0]);
+        assert!(
+            a2_last > MARKED_SEQ && a2_last <= MARKED_SEQ + MAX_UNCOMMITTED,
+            "{what}: A-2 flows past A-1's held record, for at most {MAX_UNCOMMITTED} \
+             records (its last scored seq is {a2_last})"
+        );
+        a2_last
+    };
+    let a2_last = a2_bounded("paused");
     wait_for(
         "P-4's forecasts to be published",
         Duration::from_secs(60),
@@ -304,7 +354,9 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         "A-1 is held before its marked sample (scored {a1_rows} rows up to seq {a1_last})"
     );
     let committed = committed_vs_end(&broker, "faulty", &["telemetry.acs", "telemetry.ps"]);
-    eprintln!("while held: A-1 scored up to seq {a1_last}; committed vs end {committed:?}");
+    eprintln!(
+        "while held: A-1 scored up to seq {a1_last}, A-2 up to {a2_last}; committed vs end {committed:?}"
+    );
     for (topic, _, committed, end) in &committed {
         match topic.as_str() {
             "telemetry.acs" => assert!(committed < end, "A-1's records are not committed"),
@@ -330,6 +382,7 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         "failures counted: {failures:?}"
     );
     assert_eq!(p4_available, Some(1.0));
+    assert_eq!(a2_bounded("still paused"), a2_last, "A-2 stays paused");
 
     // Version 2, the shipped file: A-1 resumes where it stopped.
     copy_dir(
@@ -357,6 +410,8 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         answer(&service, &format!("/v2/models/{FAILING_MODEL}/ready")).0,
         200
     );
+    let index = index_states(&service);
+    assert_eq!(index[FAILING_MODEL].0, "READY", "{index:?}");
     let page = answer(&service, "/metrics").1;
     assert_eq!(
         metric(
@@ -365,6 +420,10 @@ fn a_failing_model_holds_its_channels_while_the_others_flow_and_resumes_with_not
         ),
         Some(1.0)
     );
+    wait_for("A-1's partition to resume", Duration::from_secs(10), || {
+        let page = answer(&service, "/metrics").1;
+        (metric(&page, "satwatch_partitions_paused") == Some(0.0)).then_some(())
+    });
     wait_for_commits(&broker, "faulty", Duration::from_secs(60));
     wait_for(
         "the reference run to score everything",

@@ -2,8 +2,9 @@
 //! Guarantees) against a real broker and database: a seq far ahead of its
 //! channel's numbering, then a return to it, never silences the channel,
 //! across a restart too; a producer that restarts its numbering from zero has
-//! its repeated seqs dropped as duplicates, counted and logged with the
-//! channel named, and is scored again once it passes its old numbering.
+//! its repeated seqs dropped as duplicates, counted, logged with the channel
+//! named and dead-lettered (`duplicate_seq`, once each, the restart's refill
+//! included), and is scored again once it passes its old numbering.
 
 mod common;
 
@@ -130,5 +131,42 @@ fn a_seq_far_ahead_and_a_producer_restarted_from_zero_never_silence_a_channel() 
         metric(&page, "satwatch_samples_duplicate_total{subsystem=\"acs\"}").unwrap_or(0.0),
         0.0,
         "A-1 dropped nothing after the restart"
+    );
+
+    assert!(service.terminate(Duration::from_secs(30)).success());
+
+    // Each sample the restarted producer sent again is on the dead-letter
+    // topic, as it was sent, once: the restart refilled E-1's window through
+    // those records, refused them again, and did not dead-letter them again.
+    let mut refused: Vec<u64> = Vec::new();
+    for record in read_topic(&broker, "telemetry.dlq") {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(header("satwatch-error"), "duplicate_seq", "{record:?}");
+        assert_eq!(record.key.as_deref(), Some(&b"E-1"[..]), "{record:?}");
+        let sample: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().unwrap()).unwrap();
+        let seq = sample["seq"].as_u64().unwrap();
+        assert!(
+            header("satwatch-detail").contains(&format!(
+                "seq {seq} of channel \"E-1\" is not above the channel's last seq {}",
+                BEFORE - 1
+            )),
+            "{record:?}"
+        );
+        assert!(header("satwatch-source").starts_with("telemetry.eps/0/"));
+        refused.push(seq);
+    }
+    refused.sort();
+    assert_eq!(
+        refused,
+        (0..BEFORE as u64).collect::<Vec<_>>(),
+        "one dead letter per sample dropped as a duplicate"
     );
 }

@@ -204,6 +204,7 @@ fuzz_target!(|data: &[u8]| {
                         offset,
                     }),
                     received: None,
+                    payload: None,
                 };
                 offset += 1;
                 engine.admit(&sample, now);

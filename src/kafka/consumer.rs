@@ -25,12 +25,12 @@ use tokio::sync::{mpsc, watch};
 use super::{client::consumer_config, DeadLetters, OffsetTracker};
 use crate::{
     config::KafkaSettings,
-    engine::{Input, Restore},
+    engine::{Input, Outputs, Restore},
     health::Health,
     metrics::Metrics,
     postgres,
     retry::Backoff,
-    telemetry::{Decoder, Origin},
+    telemetry::{Decoder, Origin, Refused},
 };
 
 /// Rebalance hooks: end the assignment of partitions that go (nothing of
@@ -405,8 +405,34 @@ pub struct SourceParts {
     pub decoder: Decoder,
     pub dead_letters: DeadLetters,
     pub samples: mpsc::Sender<Input>,
+    /// Records the processor refused (duplicate seqs), to dead-letter.
+    pub refused: mpsc::Receiver<Refused>,
+    /// The sink's input, never sent on: held by the dead-letter task so
+    /// that the sink's final commit waits until the last dead letter is
+    /// durable (the processor refuses records until it has drained).
+    pub sink: mpsc::Sender<Outputs>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
+    /// `[kafka] max_uncommitted_per_partition`: records waiting on one
+    /// partition at which it is paused (see [`offsets`]).
+    pub max_uncommitted_per_partition: usize,
+}
+
+/// How often paused partitions are checked for having drained.
+const RESUME_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Pauses (or resumes) fetching `partition` of `topic`.
+fn set_paused(consumer: &TelemetryConsumer, topic: &str, partition: i32, pause: bool) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let result = if pause {
+        consumer.pause(&list)
+    } else {
+        consumer.resume(&list)
+    };
+    if let Err(err) = result {
+        tracing::warn!(error = %err, %topic, partition, pause, "cannot pause or resume the partition");
+    }
 }
 
 /// Consumes until shutdown is announced, then stops feeding the processor,
@@ -424,16 +450,37 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
         decoder,
         dead_letters,
         samples,
+        refused,
+        sink,
         mut shutdown,
         metrics,
+        max_uncommitted_per_partition: max_uncommitted,
     } = parts;
+    let mut resume_check = tokio::time::interval(RESUME_CHECK_INTERVAL);
+    resume_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lock = || tracker.lock().expect("tracker updates never panic");
     let (letters, queued) = mpsc::channel(MAX_DEAD_LETTERS_QUEUED);
-    let dead_lettering = tokio::spawn(dead_letter_loop(queued, dead_letters, tracker.clone()));
+    let dead_lettering = tokio::spawn(dead_letter_loop(
+        Letters { queued, refused },
+        dead_letters,
+        tracker.clone(),
+        metrics.clone(),
+        sink,
+    ));
     loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
+            // Ahead of the records, which never let it run otherwise under
+            // load; ready ten times a second.
+            _ = resume_check.tick() => {
+                let resumable = lock().take_resumable(max_uncommitted);
+                for (topic, partition) in resumable {
+                    set_paused(&consumer, &topic, partition, false);
+                    tracing::info!(%topic, partition, "partition resumed: its waiting records drained");
+                }
+                metrics.partitions_paused.set(lock().paused() as i64);
+            }
             message = consumer.recv() => {
                 let received = std::time::Instant::now();
                 let message = match message {
@@ -465,6 +512,17 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                         offset: message.offset(),
                     };
                     tracker.consumed(origin);
+                    if let Some(waiting) = tracker.pause_if_full(partition, max_uncommitted) {
+                        set_paused(&consumer, message.topic(), message.partition(), true);
+                        metrics.partitions_paused.set(tracker.paused() as i64);
+                        tracing::warn!(
+                            topic = message.topic(), partition = message.partition(), waiting,
+                            committed = tracker.committed(message.topic(), message.partition()),
+                            "partition paused: [kafka] max_uncommitted_per_partition records wait \
+                             behind its oldest unfinished one (a held model's channel?); it resumes \
+                             once they drain to half that"
+                        );
+                    }
                     origin
                 };
                 let fallback_ts = message
@@ -479,6 +537,7 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
                     Ok(mut sample) => {
                         sample.origin = Some(origin);
                         sample.received = Some(received);
+                        sample.payload = message.payload().map(Box::from);
                         if samples.send(Input::Sample(sample)).await.is_err() {
                             break; // The processor stopped; shut down.
                         }
@@ -512,14 +571,16 @@ pub async fn consume(subscription: Subscription, parts: SourceParts) {
             }
         }
     }
-    // The queued dead letters go out first, so the final commit covers them.
+    // Stop feeding the processor; it drains into the sink, refusing what
+    // it refuses to the dead-letter task, which ends once the processor has
+    // and its dead letters are durable; only then does the sink make its
+    // final commit (the task holds the sink's input open), so that commit
+    // covers every dead letter.
+    drop(samples);
     drop(letters);
     if let Err(err) = dead_lettering.await {
         tracing::error!(error = %err, "the dead-letter task failed");
     }
-    // Stop feeding the processor; it drains into the sink, which commits
-    // the last offsets with the last records.
-    drop(samples);
 }
 
 /// Dead letters queued by the consume loop, beyond which it waits: a flood
@@ -539,39 +600,115 @@ struct DeadLetter {
     origin: Origin,
 }
 
-/// Publishes dead letters in the order they were queued, many in flight at
-/// once, each retried until the broker has it; then marks its record done.
+/// What the dead-letter task takes in: the source's rejections, and the
+/// records the processor refused.
+struct Letters {
+    queued: mpsc::Receiver<DeadLetter>,
+    refused: mpsc::Receiver<Refused>,
+}
+
+/// Publishes dead letters in the order they come, many in flight at once,
+/// each retried until the broker has it; then marks its record done. Ends
+/// once both inputs have closed and the last dead letter is durable.
 async fn dead_letter_loop(
-    mut queued: mpsc::Receiver<DeadLetter>,
+    letters: Letters,
     dead_letters: DeadLetters,
     tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    _sink: mpsc::Sender<Outputs>,
 ) {
     use futures::stream::{FuturesOrdered, StreamExt};
+    let Letters {
+        mut queued,
+        mut refused,
+    } = letters;
     let mut in_flight = FuturesOrdered::new();
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
-            letter = queued.recv(), if open && in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT => match letter {
-                Some(letter) => {
-                    let dead_letters = dead_letters.clone();
-                    in_flight.push_back(async move {
-                        let DeadLetter { key, payload, rejection, source, origin } = letter;
-                        let mut backoff = Backoff::new();
-                        while let Err(err) = dead_letters
-                            .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
-                            .await
-                        {
-                            tracing::warn!(error = %err, %source, retry_in_ms = backoff.next_ms(), "dead-lettering failed; retrying");
-                            backoff.wait().await;
-                        }
-                        origin
-                    });
+    let (mut open, mut refused_open) = (true, true);
+    while open || refused_open || !in_flight.is_empty() {
+        let room = in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT;
+        let letter = tokio::select! {
+            letter = queued.recv(), if open && room => match letter {
+                Some(letter) => letter,
+                None => {
+                    open = false;
+                    continue;
                 }
-                None => open = false,
+            },
+            refusal = refused.recv(), if refused_open && room => match refusal {
+                Some(refusal) => match refused_letter(refusal, &tracker, &metrics) {
+                    Some(letter) => letter,
+                    None => continue,
+                },
+                None => {
+                    refused_open = false;
+                    continue;
+                }
             },
             Some(origin) = in_flight.next(), if !in_flight.is_empty() => {
                 tracker.lock().expect("tracker updates never panic").done(origin);
+                continue;
+            }
+        };
+        let dead_letters = dead_letters.clone();
+        in_flight.push_back(async move {
+            let DeadLetter {
+                key,
+                payload,
+                rejection,
+                source,
+                origin,
+            } = letter;
+            let mut backoff = Backoff::new();
+            while let Err(err) = dead_letters
+                .dead_letter(key.as_deref(), payload.as_deref(), &rejection, &source)
+                .await
+            {
+                tracing::warn!(error = %err, %source, retry_in_ms = backoff.next_ms(), "dead-lettering failed; retrying");
+                backoff.wait().await;
+            }
+            origin
+        });
+    }
+}
+
+/// The dead letter of a record the processor refused; None, with the record
+/// marked done, when it is not this assignment's to dead-letter: below the
+/// offset committed at its partition's assignment (dead-lettered before,
+/// and refused again only while its channel's window refills), or consumed
+/// under an assignment that has ended (its next owner deals with it).
+fn refused_letter(
+    refusal: Refused,
+    tracker: &Mutex<OffsetTracker>,
+    metrics: &Metrics,
+) -> Option<DeadLetter> {
+    let Refused {
+        origin,
+        key,
+        payload,
+        rejection,
+    } = refusal;
+    let source = {
+        let mut tracker = tracker.lock().expect("tracker updates never panic");
+        match tracker.partition_name(origin.partition) {
+            Some((topic, partition)) if tracker.is_ours_to_publish(origin) => {
+                format!("{topic}/{partition}/{}", origin.offset)
+            }
+            _ => {
+                tracker.done(origin);
+                return None;
             }
         }
-    }
+    };
+    metrics
+        .dead_letters
+        .with_label_values(&[rejection.reason.code()])
+        .inc();
+    tracing::debug!(reason = rejection.reason.code(), %source, "record dead-lettered");
+    Some(DeadLetter {
+        key: Some(key.as_bytes().to_vec()),
+        payload: Some(payload.into_vec()),
+        rejection,
+        source,
+        origin,
+    })
 }

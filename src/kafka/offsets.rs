@@ -5,6 +5,13 @@
 //! broker, or its dead letter acknowledged, or nothing to do). Records finish
 //! out of order across channels, so a partition's commit position is its
 //! first offset that is not done yet.
+//!
+//! Every record from that one on waits here (and its outputs in the sink),
+//! however long that record takes: a held model's channel keeps its
+//! partition's position back while the other channels on it flow. So a
+//! partition with `max_uncommitted` records waiting is paused, and resumed
+//! once it has drained to half that ([`OffsetTracker::pause_if_full`],
+//! [`OffsetTracker::take_resumable`]).
 
 use std::collections::VecDeque;
 
@@ -28,6 +35,10 @@ struct PartitionOffsets {
     consumed_to: Option<i64>,
     /// The position last handed out for commit.
     committed: Option<i64>,
+    /// Whether the consumer was told to pause the partition and not yet to
+    /// resume it. Kept across assignments: a partition assigned again is
+    /// resumed explicitly, whatever the consumer kept of its pause.
+    paused: bool,
 }
 
 /// A partition's new commit position, as handed out by
@@ -69,6 +80,7 @@ impl OffsetTracker {
             in_flight: VecDeque::new(),
             consumed_to: None,
             committed: None,
+            paused: false,
         });
         (self.partitions.len() - 1) as u32
     }
@@ -152,6 +164,41 @@ impl OffsetTracker {
             .iter()
             .map(|p| p.in_flight.iter().filter(|(_, d)| !d).count())
             .sum()
+    }
+
+    /// Whether partition `index` has `max_uncommitted` records waiting
+    /// (consumed, from its oldest unfinished one on) and is not paused yet:
+    /// then it is marked paused, and the caller pauses it. Returns how many
+    /// wait.
+    pub fn pause_if_full(&mut self, index: u32, max_uncommitted: usize) -> Option<usize> {
+        let p = &mut self.partitions[index as usize];
+        if p.paused || !p.owned || p.in_flight.len() < max_uncommitted {
+            return None;
+        }
+        p.paused = true;
+        Some(p.in_flight.len())
+    }
+
+    /// Owned partitions marked paused that have drained to half of
+    /// `max_uncommitted` records waiting (or were assigned again since),
+    /// now marked resumed: the caller resumes them.
+    pub fn take_resumable(&mut self, max_uncommitted: usize) -> Vec<(String, i32)> {
+        self.partitions
+            .iter_mut()
+            .filter(|p| p.paused && p.owned && p.in_flight.len() <= max_uncommitted / 2)
+            .map(|p| {
+                p.paused = false;
+                (p.topic.clone(), p.partition)
+            })
+            .collect()
+    }
+
+    /// Owned partitions marked paused.
+    pub fn paused(&self) -> usize {
+        self.partitions
+            .iter()
+            .filter(|p| p.paused && p.owned)
+            .count()
     }
 
     fn position(p: &PartitionOffsets) -> Option<i64> {
@@ -386,5 +433,51 @@ mod tests {
             vec![],
             "a rewind of an ended assignment is dropped"
         );
+    }
+
+    #[test]
+    fn a_partition_pauses_when_records_wait_behind_an_unfinished_one_and_resumes_once_drained() {
+        let mut t = OffsetTracker::default();
+        let p = t.partition_index("t", 0);
+        let q = t.partition_index("t", 1);
+        t.assigned(p, None);
+        t.assigned(q, None);
+        // Offset 0 is held (a held model's record); 1.. finish at once.
+        t.consumed(at(p, 0));
+        for offset in 1..4 {
+            t.consumed(at(p, offset));
+            t.done(at(p, offset));
+            assert_eq!(t.pause_if_full(p, 5), None, "{offset}: 4 wait at most");
+        }
+        t.consumed(at(p, 4));
+        t.done(at(p, 4));
+        assert_eq!(t.pause_if_full(p, 5), Some(5), "0 and the 4 behind it");
+        assert_eq!(t.pause_if_full(p, 5), None, "paused already");
+        assert_eq!(t.paused(), 1);
+        for offset in 0..10 {
+            t.consumed(at(q, offset));
+            t.done(at(q, offset));
+            assert_eq!(t.pause_if_full(q, 5), None, "nothing waits on partition 1");
+        }
+        assert_eq!(t.take_resumable(5), vec![], "offset 0 still holds 5 back");
+        t.done(at(p, 0));
+        assert_eq!(t.take_resumable(5), vec![("t".to_owned(), 0)]);
+        assert_eq!(t.take_resumable(5), vec![], "resumed once");
+        assert_eq!(
+            positions(t.take_commits()),
+            vec![("t".into(), 0, 5), ("t".into(), 1, 10)]
+        );
+
+        // Paused, revoked, assigned again: resumed explicitly, since the
+        // consumer may have kept the pause.
+        for offset in 5..10 {
+            t.consumed(at(p, offset));
+        }
+        assert_eq!(t.pause_if_full(p, 5), Some(5));
+        t.revoke("t", 0);
+        assert_eq!(t.take_resumable(5), vec![], "not owned: nothing to resume");
+        t.assigned(p, Some(5));
+        assert_eq!(t.take_resumable(5), vec![("t".to_owned(), 0)]);
+        assert_eq!(t.paused(), 0);
     }
 }

@@ -24,6 +24,7 @@ use crate::{
     backend,
     config::EngineSettings,
     engine::Runner,
+    health::Health,
     repository::{self, ModelSpec},
 };
 
@@ -92,8 +93,11 @@ impl RepositoryControl {
         served.iter().find(|s| s.name == name).cloned()
     }
 
-    /// Every model directory in the repository, and whether it is served.
-    pub fn index(&self) -> Vec<IndexEntry> {
+    /// Every model directory in the repository, and whether it is served:
+    /// `READY`, or `UNAVAILABLE` with the reason, for a model `health`
+    /// reports unavailable (its calls keep failing, its channels held) as
+    /// for one no channel uses.
+    pub fn index(&self, health: &Health) -> Vec<IndexEntry> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
@@ -108,23 +112,31 @@ impl RepositoryControl {
             .expect("refusal log updates never panic");
         names
             .into_iter()
-            .map(|name| match self.serving(&name) {
-                Some(spec) => IndexEntry {
-                    version: Some(spec.version.to_string()),
-                    state: "READY",
-                    reason: refused
-                        .get(&name)
-                        .map(|r| format!("a newer load was refused: {r}"))
-                        .unwrap_or_default(),
-                    name,
+            .map(
+                |name| match (self.serving(&name), health.model_unavailable(&name)) {
+                    (Some(spec), Some(reason)) => IndexEntry {
+                        version: Some(spec.version.to_string()),
+                        state: "UNAVAILABLE",
+                        reason,
+                        name,
+                    },
+                    (Some(spec), None) => IndexEntry {
+                        version: Some(spec.version.to_string()),
+                        state: "READY",
+                        reason: refused
+                            .get(&name)
+                            .map(|r| format!("a newer load was refused: {r}"))
+                            .unwrap_or_default(),
+                        name,
+                    },
+                    (None, _) => IndexEntry {
+                        version: None,
+                        state: "UNAVAILABLE",
+                        reason: "no channel of this pipeline uses it".into(),
+                        name,
+                    },
                 },
-                None => IndexEntry {
-                    version: None,
-                    state: "UNAVAILABLE",
-                    reason: "no channel of this pipeline uses it".into(),
-                    name,
-                },
-            })
+            )
             .collect()
     }
 
