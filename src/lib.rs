@@ -21,9 +21,12 @@
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`replay`], [`eval`], [`bench`] and [`topics`] are the tools
-//! around it ([`dataset`] reads the SMAP files, [`offline`] feeds the engine
-//! from memory for `eval` and `bench`, [`round_trip`] times the broker alone);
+//! the service together; [`replay`], [`eval`], [`bench`], [`plan`] and [`topics`]
+//! are the tools around it, each holding its subcommand's options and output
+//! (`main.rs` only parses and dispatches; [`dataset`] reads the SMAP files,
+//! [`offline`] feeds the engine from memory for `eval` and `bench`,
+//! [`round_trip`] times the broker alone for `bench broker`, [`plan`] tells
+//! the scripts what the pipeline and its models amount to);
 //! [`http`], [`metrics`] and [`health`] are what operators look at;
 //! [`secrets`] masks secret settings in the messages that could quote them.
 
@@ -41,6 +44,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod offline;
+pub mod plan;
 pub mod processor;
 #[cfg(feature = "kafka")]
 pub mod replay;
