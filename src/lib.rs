@@ -21,12 +21,12 @@
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`replay`], [`eval`], [`bench`], [`plan`] and [`topics`]
-//! are the tools around it, each holding its subcommand's options and output
-//! (`main.rs` only parses and dispatches; [`dataset`] reads the SMAP files,
+//! the service together; [`replay`], [`eval`], [`bench`], [`plan`] (what the
+//! pipeline and its models amount to, for the scripts) and [`topics`] are the
+//! tools around it, each holding its subcommand's options and output, so
+//! `main.rs` only parses and dispatches ([`dataset`] reads the SMAP files,
 //! [`offline`] feeds the engine from memory for `eval` and `bench`,
-//! [`round_trip`] times the broker alone for `bench broker`, [`plan`] tells
-//! the scripts what the pipeline and its models amount to);
+//! [`round_trip`] times the broker alone for `bench broker`);
 //! [`http`], [`metrics`] and [`health`] are what operators look at;
 //! [`secrets`] masks secret settings in the messages that could quote them.
 

@@ -1,4 +1,6 @@
-//! The `satwatch` command line.
+//! The `satwatch` command line: parses the arguments, sets up logging and
+//! the async runtime, and hands each subcommand to the library module that
+//! owns it (its options, its work and what it prints live there).
 
 use std::{path::PathBuf, process::ExitCode};
 
