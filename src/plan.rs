@@ -31,6 +31,7 @@ pub struct PlanArgs {
     /// gives.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Which split of the data to count: its <split>/<channel>.npy files.
     #[arg(long, default_value = "test", value_parser = ["test", "train"], requires = "data")]
     pub split: String,
     /// Comma-separated channel ids, or `all`.

@@ -40,6 +40,7 @@ pub struct ReplayArgs {
     /// Directory holding <split>/<channel>.npy (e.g. data/smap).
     #[arg(long)]
     pub data: PathBuf,
+    /// Which split of the data to publish.
     #[arg(long, default_value = "test", value_parser = ["test", "train"])]
     pub split: String,
     /// Comma-separated channel ids, or `all`.

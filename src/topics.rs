@@ -19,8 +19,10 @@ pub struct TopicsArgs {
     /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
     #[arg(long)]
     pub pipeline: PathBuf,
+    /// Partitions per topic: how many instances can share the telemetry.
     #[arg(long, default_value_t = 3, env = "SATWATCH_PARTITIONS")]
     pub partitions: i32,
+    /// Copies of each partition across brokers (at most the brokers there are).
     #[arg(long, default_value_t = 1)]
     pub replication_factor: i32,
 }

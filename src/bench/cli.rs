@@ -49,6 +49,7 @@ pub struct DataArgs {
     /// Directory holding <split>/<channel>.npy (e.g. data/smap).
     #[arg(long)]
     pub data: PathBuf,
+    /// Which split of the data to stream.
     #[arg(long, default_value = "test", value_parser = ["test", "train"])]
     pub split: String,
 }

@@ -134,6 +134,7 @@ pub struct EvalArgs {
     /// Directory holding <split>/<channel>.npy and labeled_anomalies.csv.
     #[arg(long)]
     pub data: PathBuf,
+    /// Which split to evaluate (labeled_anomalies.csv labels the test split).
     #[arg(long, default_value = "test", value_parser = ["test", "train"])]
     pub split: String,
     /// Comma-separated channel ids, or `all`.
