@@ -154,7 +154,7 @@ if [[ -d $STATE ]]; then
     for entry in "$STATE"/* "$STATE"/.[!.]*; do
         [[ -e $entry ]] || continue
         case ${entry##*/} in
-        kafka | kafka.log | kafka.pid | cluster | postgres | postgres.log | initdb.log | satwatch.log | replay.log | metrics.txt) ;;
+        kafka | kafka.log | kafka.pid | cluster | postgres | postgres.log | initdb.log | satwatch.log | replay.log | metrics.txt | plan.json) ;;
         *) die "$STATE holds ${entry##*/}, which the demo did not write: refusing to remove it (set SATWATCH_DEMO_STATE)" ;;
         esac
     done
@@ -206,39 +206,12 @@ replayed=$(sed -n 's/^replayed \([0-9][0-9]*\) samples.*/\1/p' "$STATE/replay.lo
 
 # ------------------------------------------------------------ 7. scoring
 
-# Expected scores: per channel, rows - window (the first score is at seq
-# = window). Rows come from the .npy header, the window from the model's
-# config.pbtxt; stdlib only, so no numpy is needed outside the venv.
-read -r expected channels < <(python3 - "$PIPELINE" "$DATA/$SPLIT" <<'PY'
-import ast, os, re, struct, sys, tomllib
-
-pipeline_path, split_dir = sys.argv[1], sys.argv[2]
-with open(pipeline_path, "rb") as f:
-    p = tomllib.load(f)
-repo = os.path.join(os.path.dirname(pipeline_path), p["repository"]["path"])
-template = p["channels"].get("model", "{channel}")
-
-def npy_rows(path):
-    with open(path, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            sys.exit(f"{path}: not a .npy file")
-        major = f.read(2)[0]
-        (n,) = struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))
-        header = ast.literal_eval(f.read(n).decode("latin1"))
-    return header["shape"][0]
-
-def window(model):
-    with open(os.path.join(repo, model, "config.pbtxt")) as f:
-        text = f.read()
-    m = re.search(r'key:\s*"satwatch\.window"\s*value:\s*\{\s*string_value:\s*"(\d+)"', text)
-    return int(m.group(1)) if m else 64
-
-total = 0
-for ch in p["channels"]["ids"]:
-    total += max(0, npy_rows(os.path.join(split_dir, ch + ".npy")) - window(template.replace("{channel}", ch)))
-print(total, len(p["channels"]["ids"]))
-PY
-) || true
+# Expected scores: per channel, the rows past its model's window (the first
+# score is at seq = window), as `satwatch plan` counts them from the pipeline,
+# the model repository and the split's .npy files.
+"$BIN" plan --pipeline "$PIPELINE" --data "$DATA" --split "$SPLIT" --json >"$STATE/plan.json" ||
+    die "satwatch plan failed"
+read -r expected channels < <(python3 -c 'import json, sys; p = json.load(open(sys.argv[1])); print(p["replay"]["expected_scores"], len(p["channels"]))' "$STATE/plan.json") || true
 [[ ${expected:-} =~ ^[0-9]+$ ]] || die "could not compute the expected number of scores from $DATA/$SPLIT"
 
 phase "scoring (waiting until 'scores' holds $expected rows and stops changing; deadline ${SCORE_TIMEOUT}s)"

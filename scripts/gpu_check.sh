@@ -6,7 +6,7 @@
 #      where they do not);
 #   2. the backend micro-benchmark (one model, batch sizes 1 to 4,096) on
 #      cuda, onnx-tensorrt, onnx and native;
-#   3. the whole pipeline in process (`satwatch bench`, 27, 270 and 2,700
+#   3. the whole pipeline in process (`satwatch bench pipeline`, 27, 270 and 2,700
 #      channels) on cuda, onnx-tensorrt and onnx, and `satwatch eval` with
 #      every model on cuda, to compare with the CPU figures.
 # A backend that cannot run here (no GPU, a CPU-only ONNX Runtime) is
@@ -80,7 +80,7 @@ step "parity tests (tests/gpu.rs)"
 DATA=(--pipeline pipelines/smap.toml --data data/smap)
 for backend in cuda onnx-tensorrt onnx native; do
     step "backend micro-benchmark: $backend"
-    "$SATWATCH_BIN" bench "${DATA[@]}" --backend "$backend" \
+    "$SATWATCH_BIN" bench backend "${DATA[@]}" --backend "$backend" \
         --batch-sizes 1,4,16,64,256,1024,4096 --min-time-ms "${SATWATCH_GPU_MIN_TIME_MS:-1000}" --json \
         >"$OUT/micro-$backend.json" 2>"$OUT/micro-$backend.log" ||
         { echo "failed: $(tail -1 "$OUT/micro-$backend.log")" | tee -a "$OUT/summary.txt"; continue; }
@@ -93,7 +93,7 @@ done
 
 for backend in cuda onnx-tensorrt onnx; do
     step "pipeline in process: $backend"
-    "$SATWATCH_BIN" bench "${DATA[@]}" --backend "$backend" --replicas "${SATWATCH_GPU_REPLICAS:-1,10,100}" --json \
+    "$SATWATCH_BIN" bench pipeline "${DATA[@]}" --backend "$backend" --replicas "${SATWATCH_GPU_REPLICAS:-1,10,100}" --json \
         >"$OUT/pipeline-$backend.json" 2>"$OUT/pipeline-$backend.log" ||
         { echo "failed: $(tail -1 "$OUT/pipeline-$backend.log")" | tee -a "$OUT/summary.txt"; continue; }
     python3 - "$OUT/pipeline-$backend.json" <<'EOF' | tee -a "$OUT/summary.txt"

@@ -24,10 +24,13 @@
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
 //! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
-//! the service together; [`eval`], [`bench`], [`kafka::replay`] and
-//! [`kafka::topics`] are the tools around it ([`dataset`] reads the SMAP
-//! files, [`offline`] feeds the engine from memory for `eval` and `bench`,
-//! [`kafka::round_trip`] times the broker alone);
+//! the service together; [`eval`], [`bench`], [`plan`] (what the pipeline
+//! and its models amount to, for the scripts), [`kafka::replay`] and
+//! [`kafka::topics`] are the tools around it, each holding its subcommand's
+//! options and output, so `main.rs` only parses and dispatches ([`dataset`]
+//! reads the SMAP files, [`offline`] feeds the engine from memory for `eval`
+//! and `bench`, [`kafka::round_trip`] times the broker alone for `bench
+//! broker`);
 //! [`http`], [`metrics`] and [`health`] are what operators look at;
 //! [`secrets`] masks secret settings in the messages that could quote them;
 //! [`retry`] is the one backoff every retry loop waits with.
@@ -48,6 +51,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod offline;
+pub mod plan;
 #[cfg(feature = "kafka")]
 pub mod postgres;
 pub mod processor;

@@ -149,10 +149,14 @@ pub fn spawn(
 ) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
     let engine = Engine::new(&pipeline.channels, specs, runners, pipeline.file.detect)?;
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
-    retry::Backoff,
-    telemetry::{Reason, Rejection, Sample},
-};
-
+    let pool = BackendPool::start(pipeline.file.engine.backend_threads, completions_tx);
+    let (updates, health, refused) = match live {
+        Some(Live {
+            updates,
+            health,
+            refused,
+        }) => (Some(updates), Some(health), Some(refused)),
+        None => (None, None, None),
     };
     let faults = ModelFaults::new(specs, &metrics, health);
     let links = Links {

@@ -1,5 +1,5 @@
 //! The offline runs: `satwatch eval --json` on two channels, checked against
-//! the label file, and `satwatch bench --json`, checked against the data.
+//! the label file, and `satwatch bench pipeline --json`, checked against the data.
 
 mod common;
 
@@ -75,18 +75,12 @@ fn eval_json_agrees_with_the_labels_and_its_own_counts() {
     assert_eq!(totals["samples"].as_u64(), Some(samples));
 }
 
-/// `satwatch <command> --pipeline <SMAP> --data data/smap --json` with
+/// `satwatch <command...> --pipeline <SMAP> --data data/smap --json` with
 /// `args` added: its stdout as JSON, or its stderr.
-fn satwatch_json(command: &str, args: &[&str]) -> Result<Value, String> {
+fn satwatch_json(command: &[&str], args: &[&str]) -> Result<Value, String> {
     let output = Command::new(satwatch_bin())
-        .args([
-            command,
-            "--pipeline",
-            SMAP_PIPELINE,
-            "--data",
-            "data/smap",
-            "--json",
-        ])
+        .args(command)
+        .args(["--pipeline", SMAP_PIPELINE, "--data", "data/smap", "--json"])
         .args(args)
         .current_dir(repo_root())
         .output()
@@ -101,7 +95,7 @@ fn satwatch_json(command: &str, args: &[&str]) -> Result<Value, String> {
 fn eval(channels: &str, args: &[&str]) -> Result<Value, String> {
     let mut all = vec!["--channels", channels];
     all.extend_from_slice(args);
-    satwatch_json("eval", &all)
+    satwatch_json(&["eval"], &all)
 }
 
 fn count(v: &Value) -> u64 {
@@ -270,9 +264,9 @@ fn folds_choose_on_other_channels_and_report_the_held_out_ones() {
     assert_eq!(count(&oof["tp"]), held);
 }
 
-/// `satwatch bench --json` with `args` added.
+/// `satwatch bench pipeline --json` with `args` added.
 fn bench(args: &[&str]) -> Result<Value, String> {
-    satwatch_json("bench", args)
+    satwatch_json(&["bench", "pipeline"], args)
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `satwatch bench --round-trip` against a real broker: every record it
+//! `satwatch bench broker` against a real broker: every record it
 //! publishes comes back through the group consumer, over the telemetry
 //! topics' partition layout, and it refuses to guess a layout that is not
 //! there.
@@ -19,9 +19,9 @@ fn every_record_published_is_consumed_and_timed() {
     let out = satwatch(
         &[
             "bench",
+            "broker",
             "--pipeline",
             SMAP_PIPELINE,
-            "--round-trip",
             "--rate",
             "200",
             "--seconds",
@@ -54,9 +54,9 @@ fn without_the_telemetry_topics_it_says_to_create_them() {
     let output = Command::new(satwatch_bin())
         .args([
             "bench",
+            "broker",
             "--pipeline",
             SMAP_PIPELINE,
-            "--round-trip",
             "--seconds",
             "1",
         ])

@@ -10,7 +10,7 @@ pub mod report;
 
 use std::{
     collections::HashMap,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use crate::{
     detect::Cause,
     engine::EventState,
     offline,
-    repository::ModelSpec,
+    repository::{self, ModelSpec},
 };
 use metrics::{Counts, Scores};
 pub use report::ChannelTrace;
@@ -123,6 +123,87 @@ struct ChannelRun {
     events: Vec<(u64, u64)>,
     causes: Vec<Option<Cause>>,
     open_since: Option<(u64, Option<Cause>)>,
+}
+
+/// `satwatch eval`'s options.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
+    #[arg(long)]
+    pub pipeline: PathBuf,
+    /// Directory holding <split>/<channel>.npy and labeled_anomalies.csv.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which split to evaluate (labeled_anomalies.csv labels the test split).
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    pub split: String,
+    /// Comma-separated channel ids, or `all`.
+    #[arg(long, default_value = "all")]
+    pub channels: String,
+    /// Also write a markdown summary and one PNG per channel into this directory.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Print the figures as one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Replace a `[detect]` setting of the pipeline file for this run
+    /// (repeatable), with a dotted key, e.g. `--detect burst.threshold=6`: how
+    /// training/folds.py tries settings.
+    #[arg(long = "detect", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    pub detect: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` as a pair.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text}: expected KEY=VALUE"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
+}
+
+/// `satwatch eval`: loads the pipeline with its `--detect` overrides, runs
+/// [`evaluate`] on the backend the pipeline selects, prints the table (or the
+/// JSON) and writes the report when asked.
+pub async fn command(args: EvalArgs) -> Result<(), String> {
+    let mut pipeline =
+        Pipeline::load_with_detect(&args.pipeline, &args.detect).map_err(|e| e.to_string())?;
+    pipeline.select_channels(&args.channels)?;
+    let specs: Vec<Arc<ModelSpec>> =
+        repository::load_models(&pipeline.repository, &pipeline.models())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+    let runners = crate::backend::select(&specs, &pipeline.file.engine)
+        .map_err(|e| e.to_string())?
+        .runners;
+    // A progress bar only where someone watches it, never in JSON runs.
+    let show_progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (evaluation, traces) = evaluate(
+        &pipeline,
+        &specs,
+        runners,
+        &args.data,
+        &args.split,
+        show_progress,
+    )
+    .await?;
+    let table = table(&evaluation);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&evaluation).expect("figures serialise")
+        );
+    } else {
+        print!("{table}");
+    }
+    if let Some(dir) = args.report {
+        let summary = format!("# satwatch eval\n\n{table}");
+        report::write_report(&dir, &summary, &traces)
+            .map_err(|e| format!("cannot write the report to {}: {e}", dir.display()))?;
+        eprintln!("report written to {}", dir.join("README.md").display());
+    }
+    Ok(())
 }
 
 /// Runs detection over `split` for the pipeline's channels and scores it.

@@ -20,6 +20,9 @@ use crate::{
     telemetry::Rejection,
 };
 
+/// How long the output and dead-letter producers wait to fill a batch.
+pub const LINGER_MS: u32 = 1;
+
 /// The largest record satwatch produces (librdkafka's default is 1,000,000).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// What is kept of a record the broker refuses to take whole as a dead letter.
@@ -77,7 +80,7 @@ impl Publisher {
     pub fn new(settings: &KafkaSettings, transactional_id: &str) -> Result<Self, KafkaError> {
         let mut config = client_config(settings);
         config
-            .set("linger.ms", "1")
+            .set("linger.ms", LINGER_MS.to_string())
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("queue.buffering.max.messages", "1000000")
@@ -259,7 +262,7 @@ impl DeadLetters {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
         let mut config = client_config(settings);
         config
-            .set("linger.ms", "1")
+            .set("linger.ms", LINGER_MS.to_string())
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "60000")

@@ -7,7 +7,7 @@
 //! as `wrong_arity` is refused before anything is published.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -30,6 +30,78 @@ use crate::{
     kafka::client::client_config,
     repository, telemetry,
 };
+
+/// `satwatch replay`'s options.
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
+    #[arg(long)]
+    pub pipeline: PathBuf,
+    /// Directory holding <split>/<channel>.npy (e.g. data/smap).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which split of the data to publish.
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    pub split: String,
+    /// Comma-separated channel ids, or `all`.
+    #[arg(long, default_value = "all")]
+    pub channels: String,
+    /// Samples per second across all channels.
+    #[arg(long, conflicts_with = "max_rate")]
+    pub rate: Option<f64>,
+    /// As fast as the broker takes them (the default when --rate is absent).
+    #[arg(long)]
+    pub max_rate: bool,
+    /// At most this many samples per channel.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// First row of each channel to publish.
+    #[arg(long, default_value_t = 0)]
+    pub start: usize,
+    /// Also publish this many malformed records after each sample, keyed by
+    /// its channel on its topic (a flood of bad records: satwatch
+    /// dead-letters each as malformed_json). --rate paces samples only.
+    #[arg(long, default_value_t = 0)]
+    pub bad_records_per_sample: usize,
+}
+
+/// `satwatch replay`: publishes, then prints one summary line (which
+/// `scripts/bench.sh` reads: keep its shape); fails if any sample could not
+/// be published.
+pub async fn command(args: ReplayArgs) -> Result<(), String> {
+    let mut pipeline = Pipeline::load(&args.pipeline).map_err(|e| e.to_string())?;
+    pipeline.select_channels(&args.channels)?;
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--rate must be a positive number of samples per second".into());
+    }
+    let options = ReplayOptions {
+        split: args.split,
+        rate: args.rate,
+        limit: args.limit,
+        start: args.start,
+        bad_records_per_sample: args.bad_records_per_sample,
+    };
+    let report = replay(&pipeline, &args.data, &options).await?;
+    let secs = report.elapsed.as_secs_f64();
+    let samples = report.published.saturating_sub(report.bad);
+    println!(
+        "replayed {} samples{} from {} channels in {:.1} s ({:.0} samples/s), {} failed",
+        samples,
+        if report.bad > 0 {
+            format!(" and {} malformed records", report.bad)
+        } else {
+            String::new()
+        },
+        pipeline.channels.len(),
+        secs,
+        samples as f64 / secs.max(1e-9),
+        report.failed
+    );
+    if report.failed > 0 {
+        return Err(format!("{} samples could not be published", report.failed));
+    }
+    Ok(())
+}
 
 pub struct ReplayOptions {
     pub split: String,
@@ -58,12 +130,25 @@ pub struct ReplayReport {
 /// Records in flight before waiting for deliveries.
 const MAX_IN_FLIGHT: usize = 20_000;
 
-/// The replay's producer (`satwatch bench --round-trip` publishes with it
-/// too). Paced replays measure latency: send each record at once. Flat out,
-/// a short linger fills larger batches.
+/// The replay producer's linger when paced: latency runs send each record
+/// at once.
+pub const PACED_LINGER_MS: u32 = 0;
+/// Its linger flat out: a short wait fills larger batches.
+pub const BACKLOG_LINGER_MS: u32 = 10;
+
+/// The replay's producer (`satwatch bench broker` publishes with it
+/// too).
 pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer, String> {
     client_config(settings)
-        .set("linger.ms", if paced { "0" } else { "10" })
+        .set(
+            "linger.ms",
+            if paced {
+                PACED_LINGER_MS
+            } else {
+                BACKLOG_LINGER_MS
+            }
+            .to_string(),
+        )
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("acks", "all")

@@ -1,4 +1,4 @@
-//! `satwatch bench --round-trip`: the broker's own share of the latency.
+//! `satwatch bench broker`: the broker's own share of the latency.
 //!
 //! Records are published at a fixed rate, keyed and spread over topics the
 //! way `satwatch replay` spreads telemetry (one key per channel, one topic per

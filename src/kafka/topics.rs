@@ -1,6 +1,6 @@
 //! Creating satwatch's topics through the Kafka admin API, idempotently.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -9,7 +9,49 @@ use rdkafka::{
 };
 
 use super::client::client_config;
-use crate::config::KafkaSettings;
+use crate::config::{KafkaSettings, Pipeline};
+
+/// `satwatch topics`'s options.
+#[derive(clap::Args)]
+pub struct TopicsArgs {
+    /// The pipeline file (e.g. pipelines/smap.toml): channels, topics, models, settings.
+    #[arg(long)]
+    pub pipeline: PathBuf,
+    /// Partitions per topic: how many instances can share the telemetry.
+    #[arg(long, default_value_t = 3, env = "SATWATCH_PARTITIONS")]
+    pub partitions: i32,
+    /// Copies of each partition across brokers (at most the brokers there are).
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: i32,
+}
+
+/// `satwatch topics`: creates the pipeline's topics and says which were new.
+pub async fn command(args: TopicsArgs) -> Result<(), String> {
+    let pipeline = Pipeline::load(&args.pipeline).map_err(|e| e.to_string())?;
+    if args.partitions < 1 {
+        return Err("--partitions must be >= 1".into());
+    }
+    let (created, existing) = create_topics(
+        &pipeline.file.kafka,
+        &pipeline.all_topics(),
+        args.partitions,
+        args.replication_factor,
+    )
+    .await?;
+    let list = |topics: &[String]| {
+        if topics.is_empty() {
+            "none".to_owned()
+        } else {
+            topics.join(", ")
+        }
+    };
+    println!(
+        "topics created: {}; already present: {}",
+        list(&created),
+        list(&existing)
+    );
+    Ok(())
+}
 
 /// Creates each topic that does not exist yet; returns (created, existing).
 pub async fn create_topics(

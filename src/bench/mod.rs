@@ -1,4 +1,4 @@
-//! `satwatch bench`: what the pipeline costs next to its models.
+//! `satwatch bench pipeline`: what the pipeline costs next to its models.
 //!
 //! - **core throughput**: the test split streamed in-process through the engine,
 //!   batcher, backend and detector ([`crate::offline::stream`]), with the share
@@ -10,7 +10,10 @@
 //!   the models (27, 270, 2,700 channels), with memory per channel.
 //!
 //! End-to-end and latency figures over the broker and PostgreSQL come from
-//! `scripts/bench.sh`, which runs this command too.
+//! `scripts/bench.sh`, which runs this command too. [`sweep`] is `satwatch
+//! bench backend`'s measurement; [`cli`] holds the subcommands.
+
+pub mod cli;
 
 use std::{
     collections::HashMap,
