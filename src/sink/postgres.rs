@@ -81,6 +81,12 @@ ALTER TABLE anomaly_events ADD COLUMN IF NOT EXISTS cause text
 "#,
 ];
 
+/// The ordered migrations (the index + 1 is the schema version), for what
+/// reads the schema from them rather than from a database.
+pub fn migrations() -> &'static [&'static str] {
+    MIGRATIONS
+}
+
 /// Serialises concurrent migrations from instances starting together.
 const MIGRATION_LOCK: i64 = 0x5a7_3a7c;
 
