@@ -1,13 +1,15 @@
 //! The docker compose deployment, checked without Docker: `docker-compose.yml`,
 //! the Prometheus config and the Grafana provisioning and dashboard under
 //! `deploy/`. Files must exist and agree with each other, the dashboard's
-//! PromQL may only name metrics that `src/metrics.rs` exports, and its SQL
-//! only tables and columns that the migrations in `src/sink/postgres.rs`
-//! create.
+//! PromQL may only name metrics that the library's catalogue
+//! ([`satwatch::metrics::CATALOGUE`]) lists, and its SQL only tables and
+//! columns that the library's migrations
+//! ([`satwatch::postgres::MIGRATIONS`]) create.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use satwatch::metrics::{Metrics, CATALOGUE};
 use serde_yaml::Value;
 
 const COMPOSE: &str = "docker-compose.yml";
@@ -920,80 +922,18 @@ struct Exported {
     labels: BTreeSet<String>,
 }
 
-/// String literals in Rust source (plain "..." only; enough for metrics.rs).
-fn string_literals(src: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
-    let bytes = src.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'\'' => {
-                // A char literal like '"' must not open a string; lifetimes are harmless.
-                if bytes.get(i + 2) == Some(&b'\'') {
-                    i += 3;
-                } else if bytes.get(i + 1) == Some(&b'\\') && bytes.get(i + 3) == Some(&b'\'') {
-                    i += 4;
-                } else {
-                    i += 1;
-                }
-            }
-            b'"' => {
-                let start = i + 1;
-                let mut j = start;
-                while j < bytes.len() && bytes[j] != b'"' {
-                    if bytes[j] == b'\\' {
-                        j += 1;
-                    }
-                    j += 1;
-                }
-                out.push((i, src[start..j.min(bytes.len())].to_owned()));
-                i = j + 1;
-            }
-            _ => i += 1,
-        }
-    }
-    out
-}
-
 fn exported_metrics() -> Exported {
-    let src = read("src/metrics.rs");
-    let literals = string_literals(&src);
     let mut series = BTreeSet::new();
-    for (pos, lit) in &literals {
-        if !lit.starts_with("satwatch_") || !lit.chars().all(is_ident_char) {
-            continue;
-        }
-        // A histogram's name is the first literal after `HistogramOpts::new(`.
-        let before = src[..*pos].trim_end();
-        if before.ends_with("HistogramOpts::new(") {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                series.insert(format!("{lit}{suffix}"));
-            }
-        } else {
-            series.insert(lit.clone());
-        }
-    }
-    // Label names: the string literals inside `&[...]` label lists.
+    // Prometheus adds `le` to histogram buckets, `job` and `instance` to
+    // every series it scrapes.
     let mut labels: BTreeSet<String> = ["le", "job", "instance"].map(String::from).into();
-    let mut rest = src.as_str();
-    while let Some(open) = rest.find("&[") {
-        let after = &rest[open + 2..];
-        let close = after.find(']').unwrap_or(after.len());
-        for (_, lit) in string_literals(&after[..close]) {
-            if lit.chars().all(is_ident_char) {
-                labels.insert(lit);
-            }
-        }
-        rest = &after[close..];
+    for family in CATALOGUE {
+        series.extend(family.series());
+        labels.extend(family.labels.iter().map(|l| (*l).to_owned()));
     }
-    // The parse agrees with what the library registers: every family that
-    // renders without observations is among the parsed names.
-    let rendered = satwatch::metrics::Metrics::new().render();
+    // The catalogue agrees with what the library registers: every family
+    // that renders without observations is among its names.
+    let rendered = Metrics::new().render();
     for line in rendered.lines().filter(|l| l.starts_with("# TYPE ")) {
         let mut parts = line.split_whitespace().skip(2);
         let (name, kind) = (parts.next().unwrap(), parts.next().unwrap_or(""));
@@ -1004,12 +944,12 @@ fn exported_metrics() -> Exported {
         };
         assert!(
             series.contains(&probe),
-            "parsing src/metrics.rs missed `{name}` ({kind}), which Metrics::new() registers; fix the parser in tests/deploy.rs"
+            "satwatch::metrics::CATALOGUE lacks `{name}` ({kind}), which Metrics::new() registers"
         );
     }
     assert!(
         series.contains("satwatch_samples_consumed_total") && labels.contains("subsystem"),
-        "parsing src/metrics.rs found no metrics: {series:?}"
+        "satwatch::metrics::CATALOGUE lists no metrics: {series:?}"
     );
     Exported { series, labels }
 }
@@ -1121,7 +1061,7 @@ fn dashboard_prometheus_queries_use_exported_metrics() {
             seen += 1;
             if !exported.series.contains(&m) {
                 problems.push(format!(
-                    "{}: metric `{m}` is not exported by src/metrics.rs",
+                    "{}: metric `{m}` is not in satwatch::metrics::CATALOGUE",
                     q.place
                 ));
             }
@@ -1188,18 +1128,11 @@ fn promql_scanner_finds_names_and_labels() {
 // ------------------------------------------------------------------ SQL
 
 /// Table -> columns, from the `CREATE TABLE` (and `ALTER TABLE ... ADD COLUMN`)
-/// statements in the migrations of src/sink/postgres.rs.
+/// statements of the library's migrations.
 fn schema() -> BTreeMap<String, BTreeSet<String>> {
-    let src = read("src/sink/postgres.rs");
-    let start = src
-        .find("const MIGRATIONS")
-        .expect("src/sink/postgres.rs defines MIGRATIONS");
-    let end = src[start..]
-        .find("\n];")
-        .map(|e| start + e)
-        .expect("MIGRATIONS ends with a line `];`");
-    let sql = &src[start..end];
-    let lower = sql.to_ascii_lowercase();
+    let lower = satwatch::postgres::MIGRATIONS
+        .join("\n")
+        .to_ascii_lowercase();
     let mut tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !is_ident_char(c))
@@ -1304,7 +1237,7 @@ fn schema() -> BTreeMap<String, BTreeSet<String>> {
     }
     assert!(
         tables.get("scores").is_some_and(|c| c.contains("ts")),
-        "parsing src/sink/postgres.rs found no scores(ts): {tables:?}"
+        "parsing the migrations found no scores(ts): {tables:?}"
     );
     tables
 }
@@ -1470,9 +1403,7 @@ fn check_sql(sql: &str, schema: &BTreeMap<String, BTreeSet<String>>) -> Vec<Stri
             if let Some(table) = ident(i + 1).filter(|t| !is_kw(t)) {
                 skip.insert(i + 1);
                 if !schema.contains_key(table) {
-                    problems.push(format!(
-                        "table `{table}` is not created by src/sink/postgres.rs"
-                    ));
+                    problems.push(format!("table `{table}` is not created by the migrations"));
                 }
                 tables.insert(table.to_owned(), table.to_owned());
                 let alias_at = if ident(i + 2) == Some("as") {
@@ -1564,7 +1495,7 @@ fn dashboard_sql_uses_existing_tables_and_columns() {
         }
     }
     fail_if_any(
-        &format!("{DASHBOARD} SQL does not match the schema in src/sink/postgres.rs"),
+        &format!("{DASHBOARD} SQL does not match the schema the migrations create"),
         problems,
     );
     for table in ["scores", "forecasts", "anomaly_events"] {

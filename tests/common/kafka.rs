@@ -383,8 +383,6 @@ impl Drop for Broker {
 /// One record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub partition: i32,
-    pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
@@ -445,8 +443,6 @@ pub fn read_topic(broker: &Broker, topic: &str) -> Vec<Record> {
             })
             .unwrap_or_default();
         records.push(Record {
-            partition: message.partition(),
-            offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
@@ -535,14 +531,4 @@ pub fn committed_vs_end(
             (topic, partition, offset, high)
         })
         .collect()
-}
-
-/// Where a node keeps its log, for failure messages.
-pub fn node_log(broker: &Broker, id: u32) -> String {
-    let node = broker
-        .nodes
-        .iter()
-        .find(|n| n.id == id)
-        .expect("node exists");
-    fs::read_to_string(node.log_path()).unwrap_or_default()
 }
