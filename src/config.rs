@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    fmt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,6 +14,7 @@ use serde::Deserialize;
 use crate::{
     backend::{BackendKind, GpuFallback},
     detect::DetectSettings,
+    file_error::FileError,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -452,27 +452,10 @@ pub struct Pipeline {
     pub channels: Vec<ChannelConfig>,
 }
 
-/// Why a pipeline file was refused.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub line: Option<usize>,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.path.display(), line, self.reason),
-            None => write!(f, "{}: {}", self.path.display(), self.reason),
-        }
-    }
-}
-
 impl Pipeline {
     /// Reads, parses and validates a pipeline file, applying environment overrides.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+    pub fn load(path: &Path) -> Result<Self, FileError> {
+        let text = std::fs::read_to_string(path).map_err(|err| FileError {
             path: path.to_owned(),
             line: None,
             reason: format!("cannot read pipeline file: {err}"),
@@ -487,11 +470,11 @@ impl Pipeline {
     pub fn load_with_detect(
         path: &Path,
         overrides: &[(String, String)],
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, FileError> {
         if overrides.is_empty() {
             return Self::load(path);
         }
-        let refuse = |reason: String| ConfigError {
+        let refuse = |reason: String| FileError {
             path: path.to_owned(),
             line: None,
             reason,
@@ -526,11 +509,11 @@ impl Pipeline {
         Self::parse(&file.to_string(), path)
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, FileError> {
         // The parser quotes a value it refuses (`invalid type: integer
         // `123456``), which may belong to a secret setting.
         let secrets = crate::secrets::secrets_in_toml(text);
-        let refuse = |line: Option<usize>, reason: String| ConfigError {
+        let refuse = |line: Option<usize>, reason: String| FileError {
             path: path.to_owned(),
             line,
             reason: crate::secrets::mask(
@@ -630,7 +613,7 @@ impl Pipeline {
         }
         file.detect
             .validate()
-            .map_err(|reason| refuse(at("[detect]"), reason))?;
+            .map_err(|reason| refuse(at("[detect]"), reason.to_string()))?;
 
         let base = path.parent().unwrap_or(Path::new("."));
         let repository = if file.repository.path.is_absolute() {
@@ -675,7 +658,7 @@ impl Pipeline {
     }
 
     /// Restricts the pipeline to the given channels (`all` keeps every one).
-    pub fn select_channels(&mut self, wanted: &str) -> Result<(), String> {
+    pub fn select_channels(&mut self, wanted: &str) -> Result<(), FileError> {
         if wanted == "all" {
             return Ok(());
         }
@@ -686,9 +669,10 @@ impl Pipeline {
             .collect();
         for id in &wanted {
             if !self.channels.iter().any(|c| c.id == *id) {
-                return Err(format!(
-                    "unknown channel \"{id}\" (not in {})",
-                    self.path.display()
+                return Err(FileError::new(
+                    &self.path,
+                    None,
+                    format!("unknown channel \"{id}\" (not in this pipeline file)"),
                 ));
             }
         }

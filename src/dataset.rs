@@ -22,6 +22,13 @@ pub struct DataError {
     pub reason: String,
 }
 
+impl DataError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        "data"
+    }
+}
+
 pub fn split_path(data: &Path, split: &str, channel: &str) -> PathBuf {
     data.join(split).join(format!("{channel}.npy"))
 }

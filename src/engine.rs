@@ -19,6 +19,38 @@ use crate::{
     window::Window,
 };
 
+/// Why the engine cannot serve a pipeline's channels or a new model version.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("channel {channel} names model {model}, which is not loaded")]
+    UnknownModel { channel: String, model: String },
+    #[error("model {0} serves no channel of this pipeline")]
+    NotServed(String),
+    /// (window, features, horizon, target feature) of the served version and
+    /// of the new one.
+    #[error(
+        "version {version} of {model} changes the window, features, horizon or target feature \
+         (from {from:?} to {to:?}); a live swap needs the same shapes"
+    )]
+    ShapeChange {
+        model: String,
+        version: u64,
+        from: (usize, usize, usize, usize),
+        to: (usize, usize, usize, usize),
+    },
+}
+
+impl EngineError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EngineError::UnknownModel { .. } => "unknown_model",
+            EngineError::NotServed(_) => "not_served",
+            EngineError::ShapeChange { .. } => "shape_change",
+        }
+    }
+}
+
 /// One queued window's bookkeeping.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -497,7 +529,7 @@ impl Engine {
         models: &[Arc<ModelSpec>],
         runners: Vec<Runner>,
         detect: DetectSettings,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EngineError> {
         assert_eq!(models.len(), runners.len(), "one runner per model");
         let model_states: Vec<ModelState> = models
             .iter()
@@ -516,11 +548,9 @@ impl Engine {
             let model = models
                 .iter()
                 .position(|m| m.name == channel.model)
-                .ok_or_else(|| {
-                    format!(
-                        "channel {} names model {}, which is not loaded",
-                        channel.id, channel.model
-                    )
+                .ok_or_else(|| EngineError::UnknownModel {
+                    channel: channel.id.clone(),
+                    model: channel.model.clone(),
                 })?;
             let spec = &models[model];
             channel_states.push(ChannelState {
@@ -915,23 +945,21 @@ impl Engine {
     /// a batch in flight completes under its own version first. So each
     /// channel switches version at one sample, and no sample is dropped or
     /// scored twice. Refused if the input or output shape changed.
-    pub fn swap_model(&mut self, spec: Arc<ModelSpec>, runner: Runner) -> Result<(), String> {
+    pub fn swap_model(&mut self, spec: Arc<ModelSpec>, runner: Runner) -> Result<(), EngineError> {
         let index = self
             .models
             .iter()
             .position(|m| m.spec.name == spec.name)
-            .ok_or_else(|| format!("model {} serves no channel of this pipeline", spec.name))?;
+            .ok_or_else(|| EngineError::NotServed(spec.name.clone()))?;
         let old = &self.models[index].spec;
         let shape = |s: &ModelSpec| (s.window, s.features, s.horizon, s.target_feature);
         if shape(old) != shape(&spec) {
-            return Err(format!(
-                "version {} of {} changes the window, features, horizon or target feature \
-                 (from {:?} to {:?}); a live swap needs the same shapes",
-                spec.version,
-                spec.name,
-                shape(old),
-                shape(&spec)
-            ));
+            return Err(EngineError::ShapeChange {
+                model: spec.name.clone(),
+                version: spec.version,
+                from: shape(old),
+                to: shape(&spec),
+            });
         }
         if self.models[index].in_flight {
             self.models[index].next = Some((spec, runner));
@@ -1876,7 +1904,10 @@ mod tests {
             index: 0,
         };
         let err = engine.swap_model(Arc::new(wider), runner).unwrap_err();
-        assert!(err.contains("same shapes"), "{err}");
+        assert!(
+            matches!(&err, EngineError::ShapeChange { from, to, .. } if from.0 == 2 && to.0 == 3),
+            "{err:?}"
+        );
         assert_eq!(engine.model_spec(0).window, 2);
     }
 }

@@ -45,6 +45,7 @@ pub mod dataset;
 pub mod detect;
 pub mod engine;
 pub mod eval;
+pub mod file_error;
 pub mod health;
 pub mod http;
 #[cfg(feature = "kafka")]

@@ -98,21 +98,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn execute(command: Command) -> Result<(), String> {
+/// Runs the subcommand. Each module's error is typed; here, at the edge,
+/// only its message is left to print, so anyhow carries it.
+async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { pipeline } => {
-            let pipeline = Pipeline::load(&pipeline).map_err(|e| e.to_string())?;
-            run::run(pipeline)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            run::run(Pipeline::load(&pipeline)?).await?;
         }
-        Command::Replay(args) => replay::command(args).await,
-        Command::Eval(args) => eval::command(args).await,
-        Command::Bench(command) => bench::cli::command(command).await,
-        Command::Plan(args) => plan::command(args),
-        Command::Topics(args) => topics::command(args).await,
+        Command::Replay(args) => replay::command(args).await?,
+        Command::Eval(args) => eval::command(args).await?,
+        Command::Bench(command) => bench::cli::command(command).await?,
+        Command::Plan(args) => plan::command(args)?,
+        Command::Topics(args) => topics::command(args).await?,
     }
+    Ok(())
 }
 
 /// Async worker threads: `TOKIO_WORKER_THREADS` when set, else one fewer

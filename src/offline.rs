@@ -13,7 +13,7 @@ use crate::{
     config::Pipeline,
     engine::{Counters, Input, Outputs},
     metrics::Metrics,
-    processor,
+    processor::{self, ProcessError},
     repository::ModelSpec,
     telemetry::{Sample, Values},
 };
@@ -42,7 +42,7 @@ pub async fn stream(
     metrics: Arc<Metrics>,
     pace: Option<Pace>,
     mut on_outputs: impl FnMut(Outputs),
-) -> Result<Counters, String> {
+) -> Result<Counters, ProcessError> {
     assert_eq!(
         inputs.len(),
         pipeline.channels.len(),
@@ -90,11 +90,14 @@ pub async fn stream(
     while let Some(outputs) = outputs_rx.recv().await {
         on_outputs(outputs);
     }
-    feeder.await.map_err(|e| format!("feeder task: {e}"))?;
-    let engine = processor
-        .await
-        .map_err(|e| format!("processor task: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let task_failed = |part| {
+        move |e: tokio::task::JoinError| ProcessError::Task {
+            part,
+            message: e.to_string(),
+        }
+    };
+    feeder.await.map_err(task_failed("feeder task"))?;
+    let engine = processor.await.map_err(task_failed("processor task"))??;
     Ok(engine.counters())
 }
 

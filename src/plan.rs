@@ -20,6 +20,29 @@ use crate::{
     repository::{self, ModelSpec},
 };
 
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
+    #[error(transparent)]
+    Data(#[from] crate::dataset::DataError),
+    /// What was asked cannot be done as asked (e.g. an unknown channel).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl PlanError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            PlanError::File(e) => e.error_type(),
+            PlanError::Data(_) => "data",
+            PlanError::Usage(_) => "usage",
+        }
+    }
+}
+
 /// `satwatch plan`'s options.
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -184,10 +207,9 @@ pub struct DataSplit<'a> {
 }
 
 /// The plan of `pipeline`, with the rows of `data` when given.
-pub fn plan(pipeline: &Pipeline, data: Option<DataSplit<'_>>) -> Result<Plan, String> {
+pub fn plan(pipeline: &Pipeline, data: Option<DataSplit<'_>>) -> Result<Plan, PlanError> {
     // The configs only, not the model files: as `satwatch replay` reads them.
-    let specs = repository::load_models(&pipeline.repository, &pipeline.models())
-        .map_err(|e| e.to_string())?;
+    let specs = repository::load_models(&pipeline.repository, &pipeline.models())?;
     let spec_of = |model: &str| -> &ModelSpec {
         specs
             .iter()
@@ -199,8 +221,7 @@ pub fn plan(pipeline: &Pipeline, data: Option<DataSplit<'_>>) -> Result<Plan, St
         let spec = spec_of(&channel.model);
         let replay = match &data {
             Some(d) => {
-                let loaded = dataset::load_channel(d.data, d.split, &channel.id, spec.features)
-                    .map_err(|e| e.to_string())?;
+                let loaded = dataset::load_channel(d.data, d.split, &channel.id, spec.features)?;
                 Some(ChannelReplay::of(
                     loaded.values.nrows(),
                     d.start,
@@ -287,8 +308,8 @@ pub fn plan(pipeline: &Pipeline, data: Option<DataSplit<'_>>) -> Result<Plan, St
 }
 
 /// `satwatch plan`: prints the plan as JSON or as a table.
-pub fn command(args: PlanArgs) -> Result<(), String> {
-    let mut pipeline = Pipeline::load(&args.pipeline).map_err(|e| e.to_string())?;
+pub fn command(args: PlanArgs) -> Result<(), PlanError> {
+    let mut pipeline = Pipeline::load(&args.pipeline)?;
     pipeline.select_channels(&args.channels)?;
     let data = args.data.as_deref().map(|data| DataSplit {
         data,

@@ -121,8 +121,25 @@ impl SubsystemCounters {
 pub enum ProcessError {
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     #[error("the output sink stopped")]
     SinkGone,
+    /// The processor's task or the in-process feeder's ended abnormally.
+    #[error("{part}: {message}")]
+    Task { part: &'static str, message: String },
+}
+
+impl ProcessError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ProcessError::Backend(_) => "backend",
+            ProcessError::Engine(_) => "engine",
+            ProcessError::SinkGone => "sink_gone",
+            ProcessError::Task { .. } => "task_failed",
+        }
+    }
 }
 
 /// What a live run (`satwatch run`) gives the processor besides its queues.
@@ -146,7 +163,7 @@ pub fn spawn(
     outputs: mpsc::Sender<Outputs>,
     metrics: Arc<Metrics>,
     live: Option<Live>,
-) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, String> {
+) -> Result<tokio::task::JoinHandle<Result<Engine, ProcessError>>, crate::engine::EngineError> {
     let engine = Engine::new(&pipeline.channels, specs, runners, pipeline.file.detect)?;
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
     let pool = BackendPool::start(pipeline.file.engine.backend_threads, completions_tx);

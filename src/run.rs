@@ -31,14 +31,60 @@ use crate::{
     sink::{self, SinkParts},
     telemetry::{ChannelShape, Decoder},
 };
+use crate::{backend::BackendError, engine::EngineError, file_error::FileError, postgres::PgError};
 
 /// Why `run` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RunError(pub String);
+pub enum RunError {
+    /// A model directory or its `config.pbtxt` was refused.
+    #[error(transparent)]
+    Model(#[from] FileError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The `[postgres]` settings were refused.
+    #[error(transparent)]
+    PostgresSettings(#[from] PgError),
+    #[error("{context}: {source}")]
+    Postgres {
+        context: &'static str,
+        source: PgError,
+    },
+    /// A Kafka client or step failed; values of secret settings masked.
+    #[error("{context}: {message}")]
+    Kafka { context: String, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// A part of the pipeline ended abnormally (a panic, or its error).
+    #[error("{part}: {message}")]
+    Part { part: &'static str, message: String },
+}
 
-fn fail(context: &str) -> impl Fn(&dyn std::fmt::Display) -> RunError + '_ {
-    move |err| RunError(format!("{context}: {err}"))
+impl RunError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RunError::Model(_) => "model",
+            RunError::Backend(_) => "backend",
+            RunError::Engine(_) => "engine",
+            RunError::PostgresSettings(_) | RunError::Postgres { .. } => "postgres",
+            RunError::Kafka { .. } => "kafka",
+            RunError::Listen { .. } => "http",
+            RunError::Part { .. } => "part_failed",
+        }
+    }
+}
+
+/// A part of the pipeline that ended abnormally, named.
+fn part_failed(part: &'static str) -> impl Fn(&dyn std::fmt::Display) -> RunError {
+    move |err| RunError::Part {
+        part,
+        message: err.to_string(),
+    }
 }
 
 /// A Kafka client's error with the values of secret-looking settings masked
@@ -48,10 +94,10 @@ fn kafka_fail(
     err: &dyn std::fmt::Display,
     kafka: &crate::config::KafkaSettings,
 ) -> RunError {
-    RunError(format!(
-        "{context}: {}",
-        crate::secrets::mask_client_error(err, &kafka.client)
-    ))
+    RunError::Kafka {
+        context: context.to_owned(),
+        message: crate::secrets::mask_client_error(err, &kafka.client),
+    }
 }
 
 /// Samples buffered between the source and the processor.
@@ -63,9 +109,8 @@ const OUTPUT_CHANNEL_CAPACITY: usize = 64;
 const REFUSED_CHANNEL_CAPACITY: usize = 1024;
 
 /// Loads and checks every model the pipeline names.
-pub fn load_models(pipeline: &Pipeline) -> Result<Vec<Arc<ModelSpec>>, RunError> {
-    let specs = repository::load_models(&pipeline.repository, &pipeline.models())
-        .map_err(|e| RunError(e.to_string()))?;
+pub fn load_models(pipeline: &Pipeline) -> Result<Vec<Arc<ModelSpec>>, FileError> {
+    let specs = repository::load_models(&pipeline.repository, &pipeline.models())?;
     Ok(specs.into_iter().map(Arc::new).collect())
 }
 
@@ -97,8 +142,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     health.set_max_stall(pipeline.file.health.max_stall());
     let file_limit = raise_file_limit();
     let specs = load_models(&pipeline)?;
-    let selection =
-        backend::select(&specs, &pipeline.file.engine).map_err(|e| RunError(e.to_string()))?;
+    let selection = backend::select(&specs, &pipeline.file.engine)?;
     health.set_models_loaded(true);
     for (spec, placement) in specs.iter().zip(&selection.placements) {
         tracing::info!(model = %spec.name, version = spec.version, device = ?spec.device, backend = %placement.backend, "model loaded");
@@ -113,20 +157,22 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let dead_letters = DeadLetters::new(kafka)
         .map_err(|e| kafka_fail("cannot create the dead-letter producer", &e, kafka))?;
 
-    let pg =
-        postgres::PgConnector::new(&pipeline.file.postgres).map_err(|e| RunError(e.to_string()))?;
+    let pg = postgres::PgConnector::new(&pipeline.file.postgres)?;
     tracing::info!(
         sslmode = pg.ssl_mode(),
         certificate_checked_against = pg.trust(),
         "PostgreSQL settings"
     );
-    let mut client = pg
-        .connect()
-        .await
-        .map_err(|e| fail("cannot connect to PostgreSQL")(&e))?;
+    let mut client = pg.connect().await.map_err(|source| RunError::Postgres {
+        context: "cannot connect to PostgreSQL",
+        source,
+    })?;
     let schema = postgres::migrate(&mut client)
         .await
-        .map_err(|e| fail("cannot migrate the schema")(&e))?;
+        .map_err(|source| RunError::Postgres {
+            context: "cannot migrate the schema",
+            source,
+        })?;
     drop(client);
     tracing::info!(schema_version = schema, "PostgreSQL schema ready");
 
@@ -136,12 +182,15 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         let publisher = publisher.clone();
         tokio::task::spawn_blocking(move || publisher.register())
             .await
-            .map_err(|e| fail("Kafka producer task")(&e))?
-            .map_err(|e| {
-                RunError(format!(
-                    "cannot register the Kafka producer (delivery {:?}, transactional.id {transactional_id}): {e} (a broker without transactions needs [kafka] delivery = \"at-least-once\")",
+            .map_err(|e| part_failed("Kafka producer task")(&e))?
+            .map_err(|e| RunError::Kafka {
+                context: format!(
+                    "cannot register the Kafka producer (delivery {:?}, transactional.id {transactional_id})",
                     kafka.delivery
-                ))
+                ),
+                message: format!(
+                    "{e} (a broker without transactions needs [kafka] delivery = \"at-least-once\")"
+                ),
             })?;
     }
     tracing::info!(delivery = ?kafka.delivery, %transactional_id, "Kafka producer ready");
@@ -210,7 +259,10 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let (http_addr, http_task) =
         http::serve(&pipeline.file.http.addr, limits, state, shutdown_rx.clone())
             .await
-            .map_err(|e| fail(&format!("cannot listen on {}", pipeline.file.http.addr))(&e))?;
+            .map_err(|source| RunError::Listen {
+                addr: pipeline.file.http.addr.clone(),
+                source,
+            })?;
 
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLE_CHANNEL_CAPACITY);
     let (outputs_tx, outputs_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
@@ -229,8 +281,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
             health: health.clone(),
             refused: refused_tx,
         }),
-    )
-    .map_err(RunError)?;
+    )?;
     let sink = tokio::spawn(sink::write_loop(
         outputs_rx,
         SinkParts {
@@ -295,14 +346,14 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let processed = processor.await;
     health.set_shutting_down();
     shutdown_tx.send_replace(true);
-    source.await.map_err(|e| fail("source task")(&e))?;
+    source.await.map_err(|e| part_failed("source task")(&e))?;
     sink.await
-        .map_err(|e| fail("sink task")(&e))?
-        .map_err(|e| fail("sink")(&e))?;
+        .map_err(|e| part_failed("sink task")(&e))?
+        .map_err(|e| part_failed("sink")(&e))?;
     http_task.abort();
     let engine = processed
-        .map_err(|e| fail("the processor task failed")(&e))?
-        .map_err(|e| RunError(e.to_string()))?;
+        .map_err(|e| part_failed("the processor task failed")(&e))?
+        .map_err(|e| part_failed("processor")(&e))?;
     let counters = engine.counters();
     tracing::info!(
         admitted = counters.admitted,

@@ -67,6 +67,16 @@ pub enum SinkError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl SinkError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            SinkError::Publish(e) => e.error_type(),
+            SinkError::Task(_) => "task_failed",
+        }
+    }
+}
+
 /// Writes until `outputs` closes and its last batch is committed.
 ///
 /// Two stages, so that a sample's score row waits for its own batch's write

@@ -55,6 +55,20 @@ pub enum BackendError {
     NoGpu(String),
 }
 
+impl BackendError {
+    /// The error's kind, for metric labels and log fields (the
+    /// inference-failure counter is per model; this says which failure).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            BackendError::Library(_) => "library",
+            BackendError::Load { .. } => "load",
+            BackendError::Mismatch { .. } => "mismatch",
+            BackendError::Inference { .. } => "inference",
+            BackendError::NoGpu(_) => "no_gpu",
+        }
+    }
+}
+
 /// Runs models on batches of windows.
 pub trait Backend: Send + Sync {
     /// Runs model `model` (its index in the load order) on `rows` windows laid
@@ -273,12 +287,15 @@ pub enum BackendKind {
     OnnxTensorrt,
 }
 
+/// Loads a group of models on one backend.
+pub type LoadFn = fn(&[Arc<ModelSpec>], &EngineSettings) -> Result<Arc<dyn Backend>, BackendError>;
+
 /// One row of [`BACKENDS`]: what satwatch knows of a backend.
 pub struct BackendEntry {
     pub kind: BackendKind,
     pub gpu: bool,
     /// Loads a group of models on it.
-    pub load: fn(&[Arc<ModelSpec>], &EngineSettings) -> Result<Arc<dyn Backend>, BackendError>,
+    pub load: LoadFn,
 }
 
 /// Every backend, in the order [`select`] loads them: GPU ones first, so that

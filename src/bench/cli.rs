@@ -9,6 +9,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Subcommand};
 
+use super::BenchError;
 use crate::{
     backend::{self, BackendKind, GpuFallback},
     config::Pipeline,
@@ -152,7 +153,7 @@ pub struct BrokerArgs {
 }
 
 /// Runs one `satwatch bench` subcommand and prints its figures.
-pub async fn command(command: BenchCommand) -> Result<(), String> {
+pub async fn command(command: BenchCommand) -> Result<(), BenchError> {
     match command {
         BenchCommand::Pipeline(args) => pipeline(args).await,
         BenchCommand::Backend(args) => backend(args),
@@ -160,37 +161,36 @@ pub async fn command(command: BenchCommand) -> Result<(), String> {
     }
 }
 
-fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, String> {
-    Pipeline::load(path).map_err(|e| e.to_string())
+fn load_pipeline(path: &std::path::Path) -> Result<Pipeline, BenchError> {
+    Ok(Pipeline::load(path)?)
 }
 
 /// `satwatch bench pipeline`: every replica count, then its latency runs.
-async fn pipeline(args: PipelineArgs) -> Result<(), String> {
+async fn pipeline(args: PipelineArgs) -> Result<(), BenchError> {
     let mut pipeline = load_pipeline(&args.data.pipeline)?;
     args.engine.apply(&mut pipeline);
     if let Some(threads) = args.backend_threads {
         if threads == 0 {
-            return Err("--backend-threads must be at least 1".into());
+            return Err(BenchError::Usage(
+                "--backend-threads must be at least 1".into(),
+            ));
         }
         pipeline.file.engine.backend_threads = threads;
     }
-    let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-    let runners = backend::select(&specs, &pipeline.file.engine)
-        .map_err(|e| e.to_string())?
-        .runners;
+    let specs = run::load_models(&pipeline)?;
+    let runners = backend::select(&specs, &pipeline.file.engine)?.runners;
     let window = specs.iter().map(|s| s.window).max().unwrap_or(0);
     if args.limit.is_some_and(|rows| rows <= window) {
-        return Err(format!(
+        return Err(BenchError::Usage(format!(
             "--limit must be above the models' window ({window} rows): with fewer rows per \
              channel no window fills and nothing is inferred"
-        ));
+        )));
     }
     let mut base = Vec::with_capacity(pipeline.channels.len());
     for channel in &pipeline.channels {
         let features = repository::model_features(&specs, &channel.model);
         let loaded =
-            dataset::load_channel(&args.data.data, &args.data.split, &channel.id, features)
-                .map_err(|e| e.to_string())?;
+            dataset::load_channel(&args.data.data, &args.data.split, &channel.id, features)?;
         let rows = args.limit.unwrap_or(usize::MAX).min(loaded.values.nrows());
         base.push(Arc::new(
             loaded.values.slice(ndarray::s![..rows, ..]).to_owned(),
@@ -201,7 +201,9 @@ async fn pipeline(args: PipelineArgs) -> Result<(), String> {
         .iter()
         .find(|r| !(r.is_finite() && **r > 0.0))
     {
-        return Err(format!("--latency-rates: {rate} is not a positive rate"));
+        return Err(BenchError::Usage(format!(
+            "--latency-rates: {rate} is not a positive rate"
+        )));
     }
     let mut runs = Vec::new();
     let mut latencies = Vec::new();
@@ -249,12 +251,12 @@ async fn pipeline(args: PipelineArgs) -> Result<(), String> {
 }
 
 /// `satwatch bench backend`: one model on its selected backend.
-fn backend(args: BackendArgs) -> Result<(), String> {
+fn backend(args: BackendArgs) -> Result<(), BenchError> {
     let mut pipeline = load_pipeline(&args.data.pipeline)?;
     args.engine.apply(&mut pipeline);
     pipeline.select_channels(&args.channel)?;
-    let specs = run::load_models(&pipeline).map_err(|e| e.to_string())?;
-    let selection = backend::select(&specs, &pipeline.file.engine).map_err(|e| e.to_string())?;
+    let specs = run::load_models(&pipeline)?;
+    let selection = backend::select(&specs, &pipeline.file.engine)?;
     let spec = &specs[0];
     let placement = &selection.placements[0];
     let split = &args.data.split;
@@ -263,8 +265,7 @@ fn backend(args: BackendArgs) -> Result<(), String> {
         split,
         &pipeline.channels[0].id,
         spec.features,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let rows = super::real_rows(&loaded.values, spec)?;
     let runner = &selection.runners[0];
     let figures = super::sweep(
@@ -308,7 +309,7 @@ fn backend(args: BackendArgs) -> Result<(), String> {
 }
 
 /// `satwatch bench broker`.
-async fn broker(args: BrokerArgs) -> Result<(), String> {
+async fn broker(args: BrokerArgs) -> Result<(), BenchError> {
     let pipeline = load_pipeline(&args.pipeline)?;
     let figures = round_trip::measure(&pipeline, args.rate, args.seconds).await?;
     if args.json {

@@ -37,6 +37,44 @@ use crate::{
     repository::ModelSpec,
 };
 
+/// Why a benchmark could not run, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The pipeline file or a model's `config.pbtxt` was refused.
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
+    /// The dataset could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::dataset::DataError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Process(#[from] crate::processor::ProcessError),
+    /// The broker round trip failed.
+    #[error(transparent)]
+    Broker(#[from] crate::kafka::KafkaToolError),
+    /// What was asked cannot be done as asked (a bad option, too few rows).
+    #[error("{{0}}")]
+    Usage(String),
+}
+
+impl BenchError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            BenchError::File(e) => e.error_type(),
+            BenchError::Data(_) => "data",
+            BenchError::Backend(_) => "backend",
+            BenchError::Engine(e) => e.error_type(),
+            BenchError::Process(e) => e.error_type(),
+            BenchError::Broker(e) => e.error_type(),
+            BenchError::Usage(_) => "usage",
+        }
+    }
+}
+
 /// A batch the pipeline formed: its model, and its windows per run of rows.
 #[derive(Debug, Clone)]
 struct Call {
@@ -225,7 +263,7 @@ pub async fn measure(
     runners: Vec<Runner>,
     inputs: Vec<Arc<Array2<f32>>>,
     replicas: usize,
-) -> Result<BenchRun, String> {
+) -> Result<BenchRun, BenchError> {
     let log = Arc::new(CallLog::default());
     let samples: u64 = inputs.iter().map(|v| v.nrows() as u64).sum();
     let (cpu_before, _) = cpu_and_peak_rss();
@@ -249,7 +287,9 @@ pub async fn measure(
 
     let threads = pipeline.file.engine.backend_threads;
     let calls = std::mem::take(&mut *log.calls.lock().expect("recording never panics"));
-    let first_channel = inputs_again.first().ok_or("the pipeline has no channels")?;
+    let first_channel = inputs_again
+        .first()
+        .ok_or_else(|| BenchError::Usage("the pipeline has no channels".into()))?;
     let ceiling_rows = ceiling_rows(pipeline, specs, first_channel, &calls)?;
     let inside = Duration::from_nanos(log.inside_ns.load(Ordering::Relaxed));
     let laying_out = Duration::from_micros(
@@ -312,7 +352,7 @@ pub async fn measure(
     })
 }
 
-fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<usize, String> {
+fn channel_state_bytes(pipeline: &Pipeline, specs: &[Arc<ModelSpec>]) -> Result<usize, BenchError> {
     let engine = crate::engine::Engine::new(
         &pipeline.channels,
         specs,
@@ -347,7 +387,7 @@ fn ceiling_rows(
     specs: &[Arc<ModelSpec>],
     first_channel: &Array2<f32>,
     calls: &[Call],
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, BenchError> {
     let longest = longest_run_floats(specs, calls);
     if longest == 0 {
         return Ok(Vec::new());
@@ -356,7 +396,7 @@ fn ceiling_rows(
         .channels
         .first()
         .and_then(|c| specs.iter().find(|s| s.name == c.model))
-        .ok_or("the pipeline has no channels")?;
+        .ok_or_else(|| BenchError::Usage("the pipeline has no channels".into()))?;
     let rows = real_rows(first_channel, spec)?;
     Ok(rows.iter().copied().cycle().take(longest).collect())
 }
@@ -373,7 +413,7 @@ fn replay_calls(
     calls: &[Call],
     threads: usize,
     rows: &[f32],
-) -> Result<Duration, String> {
+) -> Result<Duration, BenchError> {
     let next = AtomicUsize::new(0);
     let inside_ns = AtomicU64::new(0);
     let failure = Mutex::new(None);
@@ -408,7 +448,7 @@ fn replay_calls(
                     let inside = started.elapsed().saturating_sub(scratch.input_time);
                     inside_ns.fetch_add(inside.as_nanos() as u64, Ordering::Relaxed);
                     if let Err(err) = result {
-                        *failure.lock().expect("no panics here") = Some(err.to_string());
+                        *failure.lock().expect("no panics here") = Some(err);
                         break;
                     }
                 }
@@ -416,7 +456,7 @@ fn replay_calls(
         }
     });
     match failure.into_inner().expect("no panics here") {
-        Some(err) => Err(err),
+        Some(err) => Err(err.into()),
         None => Ok(Duration::from_nanos(
             inside_ns.load(Ordering::Relaxed) / threads.max(1) as u64,
         )),
@@ -453,7 +493,7 @@ pub async fn measure_latency(
     inputs: &[Arc<Array2<f32>>],
     samples_per_s: f64,
     seconds: f64,
-) -> Result<LatencyAt, String> {
+) -> Result<LatencyAt, BenchError> {
     let warm_up = specs.iter().map(|s| s.window).max().unwrap_or(0);
     let channels = inputs.len().max(1);
     // At least two rows per channel past the warm-up (the first window's
@@ -463,11 +503,11 @@ pub async fn measure_latency(
         .max(2)
         .min(shortest.saturating_sub(warm_up));
     if paced_rows < 2 {
-        return Err(format!(
+        return Err(BenchError::Usage(format!(
             "a latency run needs {} rows per channel ({warm_up} to fill the windows, then 2 \
              or more at the offered load); the shortest channel has {shortest}",
             warm_up + 2
-        ));
+        )));
     }
     let rows = warm_up + paced_rows;
     // Replicas share their channel's array: cut each array once.
@@ -505,7 +545,8 @@ pub async fn measure_latency(
     )
     .await?;
     let scored = latencies.len();
-    let latency = Quantiles::of(latencies).ok_or("the latency run scored no sample")?;
+    let latency = Quantiles::of(latencies)
+        .ok_or_else(|| BenchError::Usage("the latency run scored no sample".into()))?;
     let samples = (paced_rows * channels) as u64;
     let span = match (first_paced, last_paced) {
         (Some(first), Some(last)) => (last - first).as_secs_f64(),
@@ -545,16 +586,16 @@ pub struct BatchFigure {
 
 /// Every row of one channel, normalised as the pipeline does
 /// (`(x - center) / scale` with the model's train statistics), row-major.
-pub fn real_rows(values: &Array2<f32>, spec: &ModelSpec) -> Result<Vec<f32>, String> {
+pub fn real_rows(values: &Array2<f32>, spec: &ModelSpec) -> Result<Vec<f32>, BenchError> {
     if values.nrows() < spec.window || values.ncols() != spec.features {
-        return Err(format!(
+        return Err(BenchError::Usage(format!(
             "{}: the data has {} rows of {} values; a window needs {} rows of {}",
             spec.name,
             values.nrows(),
             values.ncols(),
             spec.window,
             spec.features
-        ));
+        )));
     }
     let (norm, features) = (&spec.normalisation, spec.features);
     // ndarray iterates in logical (row-major) order whatever the layout.
@@ -572,7 +613,7 @@ pub fn real_windows(
     values: &Array2<f32>,
     spec: &ModelSpec,
     count: usize,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, BenchError> {
     let rows = real_rows(values, spec)?;
     let (window, features) = (spec.window, spec.features);
     let last_start = values.nrows() - window;
@@ -602,9 +643,11 @@ pub fn sweep(
     features: usize,
     batch_sizes: &[usize],
     min_time: Duration,
-) -> Result<Vec<BatchFigure>, String> {
+) -> Result<Vec<BatchFigure>, BenchError> {
     if rows.len() < window * features || features == 0 {
-        return Err("not enough rows for a window to benchmark with".into());
+        return Err(BenchError::Usage(
+            "not enough rows for a window to benchmark with".into(),
+        ));
     }
     // As on the pipeline's inference threads.
     crate::backend::treat_subnormals_as_zero();
@@ -612,7 +655,7 @@ pub fn sweep(
     let mut scratch = Scratch::default();
     for &n in batch_sizes {
         if n == 0 {
-            return Err("batch sizes must be >= 1".into());
+            return Err(BenchError::Usage("batch sizes must be >= 1".into()));
         }
         let mut batch = BatchInputs::new(window * features);
         let run: Vec<f32> = rows
@@ -626,12 +669,10 @@ pub fn sweep(
             batch.push_window(start + w * features);
         }
         let rows = n;
-        let mut call = || -> Result<(Vec<f32>, Duration), String> {
+        let mut call = || -> Result<(Vec<f32>, Duration), BenchError> {
             scratch.input_time = Duration::ZERO;
             let t = Instant::now();
-            let out = backend
-                .infer_batch(model, &batch, &mut scratch)
-                .map_err(|e| e.to_string())?;
+            let out = backend.infer_batch(model, &batch, &mut scratch)?;
             Ok((out, t.elapsed().saturating_sub(scratch.input_time)))
         };
         for _ in 0..3 {

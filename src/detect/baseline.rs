@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{saturate, MAX_SCORE};
+use super::{saturate, InvalidSetting, MAX_SCORE};
 
 /// `[detect.baseline]`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -43,17 +43,20 @@ impl BaselineSettings {
         max_train_drift: 1.0,
     };
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.min_width > 0.0 && self.min_width.is_finite()) {
-            return Err(format!(
-                "detect.baseline.min_width = {} must be > 0",
-                self.min_width
+            return Err(InvalidSetting::new(
+                "baseline.min_width",
+                format!("detect.baseline.min_width = {} must be > 0", self.min_width),
             ));
         }
         if !(0.0..=1.0).contains(&self.max_train_drift) {
-            return Err(format!(
-                "detect.baseline.max_train_drift = {} must be a share, in [0, 1]",
-                self.max_train_drift
+            return Err(InvalidSetting::new(
+                "baseline.max_train_drift",
+                format!(
+                    "detect.baseline.max_train_drift = {} must be a share, in [0, 1]",
+                    self.max_train_drift
+                ),
             ));
         }
         Ok(())

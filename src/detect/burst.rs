@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{saturate, threshold::exact_f64, MAX_SCORE};
+use super::{saturate, threshold::exact_f64, InvalidSetting, MAX_SCORE};
 
 /// `[detect.burst]`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -39,23 +39,29 @@ impl BurstSettings {
         min_std: 0.01,
     };
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            return Err(format!(
-                "detect.burst.threshold = {} must be > 0",
-                self.threshold
+            return Err(InvalidSetting::new(
+                "burst.threshold",
+                format!("detect.burst.threshold = {} must be > 0", self.threshold),
             ));
         }
         if !(self.min_std > 0.0 && self.min_std.is_finite()) {
-            return Err(format!(
-                "detect.burst.min_std = {} must be > 0 (a constant stream's error spread is 0)",
-                self.min_std
+            return Err(InvalidSetting::new(
+                "burst.min_std",
+                format!(
+                    "detect.burst.min_std = {} must be > 0 (a constant stream's error spread is 0)",
+                    self.min_std
+                ),
             ));
         }
         if (1..8).contains(&self.window) {
-            return Err(format!(
-                "detect.burst.window = {} must be 0 (burst score off) or >= 8",
-                self.window
+            return Err(InvalidSetting::new(
+                "burst.window",
+                format!(
+                    "detect.burst.window = {} must be 0 (burst score off) or >= 8",
+                    self.window
+                ),
             ));
         }
         Ok(())

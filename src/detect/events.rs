@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::Scored;
+use super::{InvalidSetting, Scored};
 
 /// `[detect.events]`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -33,9 +33,12 @@ impl Default for EventSettings {
 }
 
 impl EventSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.min_gap == 0 {
-            return Err("detect.events.min_gap must be >= 1".into());
+            return Err(InvalidSetting::new(
+                "events.min_gap",
+                "detect.events.min_gap must be >= 1",
+            ));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! forecast as well as before, one window later, while the stream behaves
 //! as it never did.
 
+use super::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 /// `[detect.excursion]`.
@@ -34,19 +35,19 @@ impl ExcursionSettings {
         margin: 0.01,
     };
 
-    pub fn validate(&self, baseline_samples: u64) -> Result<(), String> {
+    pub fn validate(&self, baseline_samples: u64) -> Result<(), InvalidSetting> {
         if !(self.margin >= 0.0 && self.margin.is_finite()) {
-            return Err(format!(
-                "detect.excursion.margin = {} must be >= 0",
-                self.margin
+            return Err(InvalidSetting::new(
+                "excursion.margin",
+                format!("detect.excursion.margin = {} must be >= 0", self.margin),
             ));
         }
         if self.samples >= baseline_samples && self.samples > 0 {
-            return Err(format!(
+            return Err(InvalidSetting::new("excursion.samples", format!(
                 "detect.excursion.samples = {} must be below detect.baseline.samples = {baseline_samples}: \
                  excursions are counted over the last baseline samples",
                 self.samples
-            ));
+            )));
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! range. It persists through a level shift, which a forecaster adapts to
 //! within one window.
 
+use super::InvalidSetting;
 use serde::Deserialize;
 
 /// `[detect.level]`.
@@ -20,11 +21,11 @@ impl Default for LevelSettings {
 }
 
 impl LevelSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            return Err(format!(
-                "detect.level.threshold = {} must be > 0",
-                self.threshold
+            return Err(InvalidSetting::new(
+                "level.threshold",
+                format!("detect.level.threshold = {} must be > 0", self.threshold),
             ));
         }
         Ok(())

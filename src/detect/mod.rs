@@ -53,6 +53,24 @@ use stuck::{StuckRun, StuckSettings};
 use surprise::SurpriseSettings;
 use threshold::{DynamicThreshold, ThresholdSettings};
 
+/// A `[detect]` setting its part does not accept: the dotted key under
+/// `[detect]` (what `--detect` and the pipeline file name) and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidSetting {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
 /// Detection settings: one set for every channel (`[detect]` in the
 /// pipeline file, one nested table per part). The defaults are the shipped
 /// settings, chosen out of fold (docs/detection.md).
@@ -135,11 +153,11 @@ impl DetectSettings {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.ewma_alpha > 0.0 && self.ewma_alpha <= 1.0) {
-            return Err(format!(
-                "detect.ewma_alpha = {} must be in (0, 1]",
-                self.ewma_alpha
+            return Err(InvalidSetting::new(
+                "ewma_alpha",
+                format!("detect.ewma_alpha = {} must be in (0, 1]", self.ewma_alpha),
             ));
         }
         self.threshold.validate(MAX_SCORE)?;
@@ -516,10 +534,7 @@ mod tests {
                 samples: 3,
                 ..DetectSettings::bare().baseline
             },
-            level: LevelSettings {
-                threshold: 0.5,
-                ..DetectSettings::bare().level
-            },
+            level: LevelSettings { threshold: 0.5 },
             ..DetectSettings::bare()
         };
         let mut d = ChannelDetector::new(settings, unit_errors());
@@ -562,14 +577,10 @@ mod tests {
                     samples: baseline,
                     ..DetectSettings::bare().baseline
                 },
-                level: LevelSettings {
-                    threshold: 1e6,
-                    ..DetectSettings::bare().level
-                },
+                level: LevelSettings { threshold: 1e6 },
                 stuck: StuckSettings {
                     factor: 2.0,
                     min_run: 3,
-                    ..DetectSettings::bare().stuck
                 },
                 ..DetectSettings::bare()
             },
@@ -695,7 +706,6 @@ mod tests {
                 risk: 0.001,
                 min_peaks: 10,
                 min: 0.5,
-                ..DetectSettings::bare().threshold
             },
             events: EventSettings {
                 min_gap: 1,
@@ -786,7 +796,6 @@ mod tests {
                 stuck: StuckSettings {
                     factor: 2.0,
                     min_run: 0,
-                    ..DetectSettings::bare().stuck
                 },
                 baseline: BaselineSettings {
                     samples: 10,
@@ -838,7 +847,11 @@ mod tests {
         ];
         for (settings, key) in bad.iter().zip(keys) {
             let err = settings.validate().unwrap_err();
-            assert!(err.contains(&format!("detect.{key}")), "{key}: {err}");
+            assert_eq!(err.key, key, "{err}");
+            assert!(
+                err.to_string().contains(&format!("detect.{key}")),
+                "{key}: {err}"
+            );
         }
         assert_eq!(DetectSettings::default().validate(), Ok(()));
     }
@@ -854,30 +867,23 @@ mod tests {
                 risk: 0.1,
                 min_peaks: 3,
                 min: 0.2,
-                ..DetectSettings::bare().threshold
             },
             events: EventSettings {
                 min_gap: 3,
                 max_samples: 10,
-                ..DetectSettings::bare().events
             },
             baseline: BaselineSettings {
                 samples: 4,
                 ..DetectSettings::bare().baseline
             },
-            level: LevelSettings {
-                threshold: 0.5,
-                ..DetectSettings::bare().level
-            },
+            level: LevelSettings { threshold: 0.5 },
             stuck: StuckSettings {
                 factor: 2.0,
                 min_run: 4,
-                ..DetectSettings::bare().stuck
             },
             excursion: ExcursionSettings {
                 samples: 2,
                 margin: 0.1,
-                ..DetectSettings::bare().excursion
             },
             burst: BurstSettings {
                 window: 8,
@@ -1000,10 +1006,7 @@ mod tests {
                 samples: 8,
                 ..base.baseline
             },
-            level: LevelSettings {
-                threshold: 0.5,
-                ..base.level
-            },
+            level: LevelSettings { threshold: 0.5 },
             ..base
         };
         let excursion = DetectSettings {
@@ -1011,14 +1014,10 @@ mod tests {
                 samples: 8,
                 ..base.baseline
             },
-            level: LevelSettings {
-                threshold: 1e6,
-                ..base.level
-            },
+            level: LevelSettings { threshold: 1e6 },
             excursion: ExcursionSettings {
                 samples: 3,
                 margin: 0.1,
-                ..base.excursion
             },
             ..base
         };
@@ -1027,14 +1026,10 @@ mod tests {
                 samples: 8,
                 ..base.baseline
             },
-            level: LevelSettings {
-                threshold: 1e6,
-                ..base.level
-            },
+            level: LevelSettings { threshold: 1e6 },
             stuck: StuckSettings {
                 factor: 2.0,
                 min_run: 3,
-                ..base.stuck
             },
             ..base
         };
@@ -1050,19 +1045,14 @@ mod tests {
             ..base
         };
         let all = DetectSettings {
-            level: LevelSettings {
-                threshold: 0.5,
-                ..dynamic.level
-            },
+            level: LevelSettings { threshold: 0.5 },
             excursion: ExcursionSettings {
                 samples: 3,
                 margin: 0.1,
-                ..dynamic.excursion
             },
             stuck: StuckSettings {
                 factor: 2.0,
                 min_run: 3,
-                ..dynamic.stuck
             },
             ..dynamic
         };
@@ -1082,7 +1072,6 @@ mod tests {
                 window: 8,
                 threshold: 3.0,
                 min_std: 0.001,
-                ..base.burst
             },
             ..base
         };
@@ -1275,10 +1264,7 @@ mod tests {
                 samples: 2,
                 ..DetectSettings::bare().baseline
             },
-            level: LevelSettings {
-                threshold: 1e6,
-                ..DetectSettings::bare().level
-            },
+            level: LevelSettings { threshold: 1e6 },
             excursion: ExcursionSettings {
                 samples: 1,
                 ..DetectSettings::bare().excursion
@@ -1317,14 +1303,10 @@ mod tests {
                     samples: 4,
                     ..DetectSettings::bare().baseline
                 },
-                level: LevelSettings {
-                    threshold: 1e6,
-                    ..DetectSettings::bare().level
-                },
+                level: LevelSettings { threshold: 1e6 },
                 excursion: ExcursionSettings {
                     samples: 2,
                     margin: 0.1,
-                    ..DetectSettings::bare().excursion
                 },
                 ..DetectSettings::bare()
             },
@@ -1413,10 +1395,9 @@ mod tests {
                 ..DetectSettings::bare().surprise
             },
             burst: BurstSettings {
-                window: window,
+                window,
                 threshold: 4.0,
                 min_std: 0.001,
-                ..DetectSettings::bare().burst
             },
             ..DetectSettings::bare()
         }
@@ -1506,10 +1487,7 @@ mod tests {
                 max_train_drift: 0.5,
                 ..DetectSettings::bare().baseline
             },
-            level: LevelSettings {
-                threshold: 0.5,
-                ..DetectSettings::bare().level
-            },
+            level: LevelSettings { threshold: 0.5 },
             surprise: SurpriseSettings {
                 enabled: false,
                 ..DetectSettings::bare().surprise

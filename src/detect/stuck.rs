@@ -3,6 +3,7 @@
 //! anomaly a forecaster scores as good news (its error falls), so it needs a
 //! part of its own.
 
+use super::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 /// `[detect.stuck]`.
@@ -34,23 +35,29 @@ impl StuckSettings {
         min_run: 50,
     };
 
-    pub fn validate(&self, baseline_samples: u64) -> Result<(), String> {
+    pub fn validate(&self, baseline_samples: u64) -> Result<(), InvalidSetting> {
         if !(self.factor == 0.0 || (self.factor >= 1.0 && self.factor.is_finite())) {
-            return Err(format!(
-                "detect.stuck.factor = {} must be 0 (stuck score off) or a finite factor >= 1 \
+            return Err(InvalidSetting::new(
+                "stuck.factor",
+                format!(
+                    "detect.stuck.factor = {} must be 0 (stuck score off) or a finite factor >= 1 \
                  (below 1 the stream's normal runs would be anomalous)",
-                self.factor
+                    self.factor
+                ),
             ));
         }
         if self.factor > 0.0 && self.min_run == 0 {
-            return Err("detect.stuck.min_run must be >= 1 when the stuck score is on".into());
+            return Err(InvalidSetting::new(
+                "stuck.min_run",
+                "detect.stuck.min_run must be >= 1 when the stuck score is on",
+            ));
         }
         if self.factor > 0.0 && baseline_samples == 0 {
-            return Err(
+            return Err(InvalidSetting::new(
+                "baseline.samples",
                 "detect.stuck.factor needs detect.baseline.samples >= 1: the runs in \
-                 progress during the baseline are what tells a constant channel from a stuck one"
-                    .into(),
-            );
+                 progress during the baseline are what tells a constant channel from a stuck one",
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::{saturate, MAX_SCORE};
+use super::{saturate, InvalidSetting, MAX_SCORE};
 use crate::repository::ErrorCalibration;
 
 /// `[detect.surprise]`.
@@ -37,11 +37,14 @@ impl SurpriseSettings {
         min_error_std: 0.0,
     };
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.min_error_std >= 0.0 && self.min_error_std.is_finite()) {
-            return Err(format!(
-                "detect.surprise.min_error_std = {} must be >= 0",
-                self.min_error_std
+            return Err(InvalidSetting::new(
+                "surprise.min_error_std",
+                format!(
+                    "detect.surprise.min_error_std = {} must be >= 0",
+                    self.min_error_std
+                ),
             ));
         }
         Ok(())

@@ -23,6 +23,7 @@
 //! serde_json's default number parser may miss the last bit: a restored state
 //! goes on bit for bit. Every stored number is finite (JSON has no infinity).
 
+use super::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 /// No threshold goes above this (in score units: train error standard
@@ -78,44 +79,50 @@ impl ThresholdSettings {
         min: 2.5,
     };
 
-    pub fn validate(&self, max_score: f32) -> Result<(), String> {
+    pub fn validate(&self, max_score: f32) -> Result<(), InvalidSetting> {
         if !(self.fixed.is_finite() && self.fixed < max_score) {
-            return Err(format!(
+            return Err(InvalidSetting::new("threshold.fixed", format!(
                 "detect.threshold.fixed = {} must be finite and below {max_score:e}, the largest score",
                 self.fixed
-            ));
+            )));
         }
         if (1..5).contains(&self.calibration_samples) {
-            return Err(format!(
+            return Err(InvalidSetting::new("threshold.calibration_samples", format!(
                 "detect.threshold.calibration_samples = {} must be 0 (dynamic threshold off) or >= 5",
                 self.calibration_samples
-            ));
+            )));
         }
         if !(self.initial_quantile > 0.0 && self.initial_quantile < 1.0) {
-            return Err(format!(
-                "detect.threshold.initial_quantile = {} must be in (0, 1)",
-                self.initial_quantile
+            return Err(InvalidSetting::new(
+                "threshold.initial_quantile",
+                format!(
+                    "detect.threshold.initial_quantile = {} must be in (0, 1)",
+                    self.initial_quantile
+                ),
             ));
         }
         // As f32 for the message: 0.02, not 0.020000000000000018.
         let above = (1.0 - self.initial_quantile) as f32;
         if !(self.risk > 0.0 && self.risk < 1.0 - self.initial_quantile) {
-            return Err(format!(
+            return Err(InvalidSetting::new("threshold.risk", format!(
                 "detect.threshold.risk = {} must be in (0, {above}): below 1 - \
                  detect.threshold.initial_quantile, so that the alarm level lies above the initial level",
                 self.risk
-            ));
+            )));
         }
         if self.min_peaks < 3 {
-            return Err(format!(
+            return Err(InvalidSetting::new("threshold.min_peaks", format!(
                 "detect.threshold.min_peaks = {} must be >= 3 (the tail fit needs a spread of peaks)",
                 self.min_peaks
-            ));
+            )));
         }
         if !(self.min.is_finite() && self.min < MAX_THRESHOLD) {
-            return Err(format!(
-                "detect.threshold.min = {} must be finite and below {MAX_THRESHOLD}",
-                self.min
+            return Err(InvalidSetting::new(
+                "threshold.min",
+                format!(
+                    "detect.threshold.min = {} must be finite and below {MAX_THRESHOLD}",
+                    self.min
+                ),
             ));
         }
         Ok(())

@@ -30,6 +30,44 @@ use crate::{
 use metrics::{Counts, Scores};
 pub use report::ChannelTrace;
 
+/// Why a evaluation could not run, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The pipeline file or a model's `config.pbtxt` was refused.
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
+    /// The dataset could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::dataset::DataError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Process(#[from] crate::processor::ProcessError),
+    /// The report (markdown and plots) could not be written.
+    #[error("cannot write the report: {0}")]
+    Report(String),
+    /// What was asked cannot be done as asked (a bad option, too few rows).
+    #[error("{{0}}")]
+    Usage(String),
+}
+
+impl EvalError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EvalError::File(e) => e.error_type(),
+            EvalError::Data(_) => "data",
+            EvalError::Backend(_) => "backend",
+            EvalError::Engine(e) => e.error_type(),
+            EvalError::Process(e) => e.error_type(),
+            EvalError::Report(_) => "report",
+            EvalError::Usage(_) => "usage",
+        }
+    }
+}
+
 /// One channel's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChannelFigures {
@@ -154,29 +192,25 @@ pub struct EvalArgs {
 }
 
 /// `KEY=VALUE` as a pair.
-fn parse_setting(text: &str) -> Result<(String, String), String> {
+fn parse_setting(text: &str) -> Result<(String, String), EvalError> {
     let (key, value) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text}: expected KEY=VALUE"))?;
+        .ok_or_else(|| EvalError::Usage(format!("{text}: expected KEY=VALUE")))?;
     Ok((key.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// `satwatch eval`: loads the pipeline with its `--detect` overrides, runs
 /// [`evaluate`] on the backend the pipeline selects, prints the table (or the
 /// JSON) and writes the report when asked.
-pub async fn command(args: EvalArgs) -> Result<(), String> {
-    let mut pipeline =
-        Pipeline::load_with_detect(&args.pipeline, &args.detect).map_err(|e| e.to_string())?;
+pub async fn command(args: EvalArgs) -> Result<(), EvalError> {
+    let mut pipeline = Pipeline::load_with_detect(&args.pipeline, &args.detect)?;
     pipeline.select_channels(&args.channels)?;
     let specs: Vec<Arc<ModelSpec>> =
-        repository::load_models(&pipeline.repository, &pipeline.models())
-            .map_err(|e| e.to_string())?
+        repository::load_models(&pipeline.repository, &pipeline.models())?
             .into_iter()
             .map(Arc::new)
             .collect();
-    let runners = crate::backend::select(&specs, &pipeline.file.engine)
-        .map_err(|e| e.to_string())?
-        .runners;
+    let runners = crate::backend::select(&specs, &pipeline.file.engine)?.runners;
     // A progress bar only where someone watches it, never in JSON runs.
     let show_progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (evaluation, traces) = evaluate(
@@ -200,7 +234,7 @@ pub async fn command(args: EvalArgs) -> Result<(), String> {
     if let Some(dir) = args.report {
         let summary = format!("# satwatch eval\n\n{table}");
         report::write_report(&dir, &summary, &traces)
-            .map_err(|e| format!("cannot write the report to {}: {e}", dir.display()))?;
+            .map_err(|e| EvalError::Report(format!("{}: {e}", dir.display())))?;
         eprintln!("report written to {}", dir.join("README.md").display());
     }
     Ok(())
@@ -214,20 +248,18 @@ pub async fn evaluate(
     data: &Path,
     split: &str,
     show_progress: bool,
-) -> Result<(Evaluation, Vec<ChannelTrace>), String> {
-    let labels =
-        dataset::load_labels(&data.join("labeled_anomalies.csv")).map_err(|e| e.to_string())?;
+) -> Result<(Evaluation, Vec<ChannelTrace>), EvalError> {
+    let labels = dataset::load_labels(&data.join("labeled_anomalies.csv"))?;
     let labels: HashMap<&str, &Labels> = labels.iter().map(|l| (l.channel.as_str(), l)).collect();
     let mut inputs = Vec::with_capacity(pipeline.channels.len());
     for channel in &pipeline.channels {
         let features = crate::repository::model_features(specs, &channel.model);
-        let loaded =
-            dataset::load_channel(data, split, &channel.id, features).map_err(|e| e.to_string())?;
+        let loaded = dataset::load_channel(data, split, &channel.id, features)?;
         if split == "test" && !labels.contains_key(channel.id.as_str()) {
-            return Err(format!(
+            return Err(EvalError::Usage(format!(
                 "channel {} has no row in labeled_anomalies.csv",
                 channel.id
-            ));
+            )));
         }
         inputs.push(loaded.values);
     }
@@ -288,7 +320,7 @@ async fn detect(
     inputs: &[ndarray::Array2<f32>],
     total: u64,
     show_progress: bool,
-) -> Result<Vec<ChannelRun>, String> {
+) -> Result<Vec<ChannelRun>, EvalError> {
     let index: HashMap<&str, usize> = pipeline
         .channels
         .iter()

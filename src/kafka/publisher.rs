@@ -59,6 +59,16 @@ pub enum PublishError {
     Fatal(KafkaError),
 }
 
+impl PublishError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            PublishError::Retry(_) => "publish_retry",
+            PublishError::Fatal(_) => "producer_fenced",
+        }
+    }
+}
+
 /// Publishes the `anomalies` and `forecasts` records, and with them (under
 /// [`Delivery::ExactlyOnce`]) the consumed offsets they settle, in one
 /// Kafka transaction.

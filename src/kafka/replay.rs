@@ -6,6 +6,7 @@
 //! model's `config.pbtxt`): a replay of data the pipeline would dead-letter
 //! as `wrong_arity` is refused before anything is published.
 
+use super::KafkaToolError;
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -68,11 +69,13 @@ pub struct ReplayArgs {
 /// `satwatch replay`: publishes, then prints one summary line (which
 /// `scripts/bench.sh` reads: keep its shape); fails if any sample could not
 /// be published.
-pub async fn command(args: ReplayArgs) -> Result<(), String> {
-    let mut pipeline = Pipeline::load(&args.pipeline).map_err(|e| e.to_string())?;
+pub async fn command(args: ReplayArgs) -> Result<(), KafkaToolError> {
+    let mut pipeline = Pipeline::load(&args.pipeline)?;
     pipeline.select_channels(&args.channels)?;
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err("--rate must be a positive number of samples per second".into());
+        return Err(KafkaToolError::Usage(
+            "--rate must be a positive number of samples per second".into(),
+        ));
     }
     let options = ReplayOptions {
         split: args.split,
@@ -98,7 +101,10 @@ pub async fn command(args: ReplayArgs) -> Result<(), String> {
         report.failed
     );
     if report.failed > 0 {
-        return Err(format!("{} samples could not be published", report.failed));
+        return Err(KafkaToolError::Broker(format!(
+            "{} samples could not be published",
+            report.failed
+        )));
     }
     Ok(())
 }
@@ -138,7 +144,7 @@ pub const BACKLOG_LINGER_MS: u32 = 10;
 
 /// The replay's producer (`satwatch bench broker` publishes with it
 /// too).
-pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer, String> {
+pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer, KafkaToolError> {
     client_config(settings)
         .set(
             "linger.ms",
@@ -157,10 +163,10 @@ pub fn producer(settings: &KafkaSettings, paced: bool) -> Result<FutureProducer,
         .set("enable.idempotence", "true")
         .create()
         .map_err(|e| {
-            format!(
+            KafkaToolError::Broker(format!(
                 "cannot create Kafka producer: {}",
                 crate::secrets::mask_client_error(&e, &settings.client)
-            )
+            ))
         })
 }
 
@@ -168,18 +174,16 @@ pub async fn replay(
     pipeline: &Pipeline,
     data: &Path,
     options: &ReplayOptions,
-) -> Result<ReplayReport, String> {
+) -> Result<ReplayReport, KafkaToolError> {
     // Only the configs are read (not the ONNX files): the width is all replay needs.
-    let specs = repository::load_models(&pipeline.repository, &pipeline.models())
-        .map_err(|e| e.to_string())?;
+    let specs = repository::load_models(&pipeline.repository, &pipeline.models())?;
     let mut streams = Vec::new();
     for channel in &pipeline.channels {
         let spec = specs
             .iter()
             .find(|s| s.name == channel.model)
             .expect("load_models loads every model of the pipeline's channels");
-        let loaded = dataset::load_channel(data, &options.split, &channel.id, spec.features)
-            .map_err(|e| e.to_string())?;
+        let loaded = dataset::load_channel(data, &options.split, &channel.id, spec.features)?;
         let end = options.limit.map_or(loaded.values.nrows(), |l| {
             (options.start + l).min(loaded.values.nrows())
         });
@@ -287,7 +291,7 @@ async fn send(
     deliveries: &mut FuturesUnordered<DeliveryFuture>,
     report: &mut ReplayReport,
     progress: &ProgressBar,
-) -> Result<(), String> {
+) -> Result<(), KafkaToolError> {
     let mut record = FutureRecord::to(topic).key(key).payload(payload);
     loop {
         match producer.send_result(record) {
@@ -302,7 +306,11 @@ async fn send(
                     None => tokio::time::sleep(Duration::from_millis(1)).await,
                 }
             }
-            Err((err, _)) => return Err(format!("cannot publish to {topic}: {err}")),
+            Err((err, _)) => {
+                return Err(KafkaToolError::Broker(format!(
+                    "cannot publish to {topic}: {err}"
+                )))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 //! The records go to their own topics (`<telemetry topic>.round-trip`), never
 //! to the telemetry topics a running satwatch reads.
 
+use super::KafkaToolError;
 use std::{
     collections::HashMap,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -82,11 +83,15 @@ fn unix_ns() -> u128 {
 
 /// Publishes `rate` records/s for `seconds` and measures each one's way
 /// through the broker (see the module docs).
-pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<RoundTrip, String> {
+pub async fn measure(
+    pipeline: &Pipeline,
+    rate: f64,
+    seconds: f64,
+) -> Result<RoundTrip, KafkaToolError> {
     if !(rate > 0.0 && seconds > 0.0) {
-        return Err(format!(
+        return Err(KafkaToolError::Broker(format!(
             "--rate ({rate}) and --seconds ({seconds}) must be positive"
-        ));
+        )));
     }
     let settings = &pipeline.file.kafka;
     let probe_topic = |telemetry: &str| format!("{telemetry}.round-trip");
@@ -98,15 +103,17 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
         let metadata = producer
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .map_err(|e| format!("cannot reach Kafka at {}: {e}", settings.brokers))?;
+            .map_err(|e| {
+                KafkaToolError::Broker(format!("cannot reach Kafka at {}: {e}", settings.brokers))
+            })?;
         let Some(found) = metadata
             .topics()
             .first()
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         else {
-            return Err(format!(
+            return Err(KafkaToolError::Broker(format!(
                 "topic {topic} does not exist: create the topics first (`satwatch topics`)"
-            ));
+            )));
         };
         let partitions = found.partitions().len() as i32;
         let replicas = found.partitions()[0].replicas().len().max(1) as i32;
@@ -129,15 +136,15 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
     let consumer: StreamConsumer = consumer_config(settings, &format!("satwatch-round-trip-{run}"))
         .create()
         .map_err(|e| {
-            format!(
+            KafkaToolError::Broker(format!(
                 "cannot create Kafka consumer: {}",
                 crate::secrets::mask_client_error(&e, &settings.client)
-            )
+            ))
         })?;
     let names: Vec<&str> = probe_topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
-        .map_err(|e| format!("cannot subscribe to {names:?}: {e}"))?;
+        .map_err(|e| KafkaToolError::Broker(format!("cannot subscribe to {names:?}: {e}")))?;
     let assigned_by = Instant::now() + ASSIGN_TIMEOUT;
     loop {
         // Polling drives the group join; nothing is published yet.
@@ -147,10 +154,10 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
             break;
         }
         if Instant::now() > assigned_by {
-            return Err(format!(
+            return Err(KafkaToolError::Broker(format!(
                 "the consumer was assigned {assigned} of {partitions} partitions in {}s",
                 ASSIGN_TIMEOUT.as_secs()
-            ));
+            )));
         }
     }
 
@@ -216,7 +223,7 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
             .payload(payload.as_str());
         let delivery = producer
             .send_result(record)
-            .map_err(|(e, _)| format!("cannot publish to {topic}: {e}"))?;
+            .map_err(|(e, _)| KafkaToolError::Broker(format!("cannot publish to {topic}: {e}")))?;
         deliveries.push(async move { (delivery.await, sent) });
         while let Some(Some((result, sent))) = futures::FutureExt::now_or_never(deliveries.next()) {
             settle(result, sent, &mut acknowledged)?;
@@ -232,7 +239,7 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
     let _ = published_tx.send(());
     let consumed = consuming
         .await
-        .map_err(|e| format!("round-trip consumer task: {e}"))?;
+        .map_err(|e| KafkaToolError::Broker(format!("round-trip consumer task: {e}")))?;
     let consumed_count = consumed.len() as u64;
     Ok(RoundTrip {
         topics: probe_topics.len(),
@@ -241,8 +248,10 @@ pub async fn measure(pipeline: &Pipeline, rate: f64, seconds: f64) -> Result<Rou
         published: total,
         achieved_per_s: total as f64 / publishing.as_secs_f64(),
         consumed: consumed_count,
-        consume: Quantiles::of(consumed).ok_or("no record came back from the broker")?,
-        acknowledge: Quantiles::of(acknowledged).ok_or("no record was acknowledged")?,
+        consume: Quantiles::of(consumed)
+            .ok_or_else(|| KafkaToolError::Broker("no record came back from the broker".into()))?,
+        acknowledge: Quantiles::of(acknowledged)
+            .ok_or_else(|| KafkaToolError::Broker("no record was acknowledged".into()))?,
     })
 }
 
@@ -253,13 +262,17 @@ fn settle(
     >,
     sent: u128,
     acknowledged: &mut Vec<f64>,
-) -> Result<(), String> {
+) -> Result<(), KafkaToolError> {
     match result {
         Ok(Ok(_)) => {
             acknowledged.push(unix_ns().saturating_sub(sent) as f64 / 1e6);
             Ok(())
         }
-        Ok(Err((err, _))) => Err(format!("the broker refused a record: {err}")),
-        Err(_) => Err("the producer dropped a record".into()),
+        Ok(Err((err, _))) => Err(KafkaToolError::Broker(format!(
+            "the broker refused a record: {err}"
+        ))),
+        Err(_) => Err(KafkaToolError::Broker(
+            "the producer dropped a record".into(),
+        )),
     }
 }

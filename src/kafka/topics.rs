@@ -1,5 +1,6 @@
 //! Creating satwatch's topics through the Kafka admin API, idempotently.
 
+use super::KafkaToolError;
 use std::{path::PathBuf, time::Duration};
 
 use rdkafka::{
@@ -26,10 +27,10 @@ pub struct TopicsArgs {
 }
 
 /// `satwatch topics`: creates the pipeline's topics and says which were new.
-pub async fn command(args: TopicsArgs) -> Result<(), String> {
-    let pipeline = Pipeline::load(&args.pipeline).map_err(|e| e.to_string())?;
+pub async fn command(args: TopicsArgs) -> Result<(), KafkaToolError> {
+    let pipeline = Pipeline::load(&args.pipeline)?;
     if args.partitions < 1 {
-        return Err("--partitions must be >= 1".into());
+        return Err(KafkaToolError::Usage("--partitions must be >= 1".into()));
     }
     let (created, existing) = create_topics(
         &pipeline.file.kafka,
@@ -59,29 +60,32 @@ pub async fn create_topics(
     topics: &[String],
     partitions: i32,
     replication: i32,
-) -> Result<(Vec<String>, Vec<String>), String> {
+) -> Result<(Vec<String>, Vec<String>), KafkaToolError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(settings).create().map_err(|e| {
-            format!(
+            KafkaToolError::Broker(format!(
                 "cannot create Kafka admin client: {}",
                 crate::secrets::mask_client_error(&e, &settings.client)
-            )
+            ))
         })?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new, &options)
-        .await
-        .map_err(|e| format!("cannot reach Kafka at {}: {e}", settings.brokers))?;
+    let results = admin.create_topics(&new, &options).await.map_err(|e| {
+        KafkaToolError::Broker(format!("cannot reach Kafka at {}: {e}", settings.brokers))
+    })?;
     let (mut created, mut existing) = (Vec::new(), Vec::new());
     for result in results {
         match result {
             Ok(topic) => created.push(topic),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(topic),
-            Err((topic, code)) => return Err(format!("cannot create topic {topic}: {code}")),
+            Err((topic, code)) => {
+                return Err(KafkaToolError::Broker(format!(
+                    "cannot create topic {topic}: {code}"
+                )))
+            }
         }
     }
     Ok((created, existing))

@@ -32,7 +32,7 @@ use crate::{
 pub struct ModelUpdate {
     pub spec: Arc<ModelSpec>,
     pub runner: Runner,
-    pub reply: oneshot::Sender<Result<(), String>>,
+    pub reply: oneshot::Sender<Result<(), crate::engine::EngineError>>,
 }
 
 /// The versions being served, shared with the HTTP metadata endpoints.
@@ -48,6 +48,17 @@ pub enum ControlError {
     Refused(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+impl ControlError {
+    /// The error's kind, for metric labels and log fields.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ControlError::NotFound(_) => "not_found",
+            ControlError::Refused(_) => "refused",
+            ControlError::Conflict(_) => "conflict",
+        }
+    }
 }
 
 /// One row of `POST /v2/repository/index` (Triton's shape).
@@ -207,7 +218,7 @@ impl RepositoryControl {
         answer
             .await
             .map_err(|_| ControlError::Conflict("satwatch is shutting down".into()))?
-            .map_err(ControlError::Refused)?;
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
         let mut served = self
             .served
             .write()

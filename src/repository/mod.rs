@@ -10,42 +10,16 @@ pub mod pbtxt;
 
 use std::{
     collections::BTreeMap,
-    fmt, fs,
+    fs,
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use crate::file_error::FileError;
 use pbtxt::inference::{self, model_instance_group::Kind, model_version_policy::PolicyChoice};
 
 /// The Triton platform of the models satwatch serves.
 pub const PLATFORM_ONNX: &str = "onnxruntime_onnx";
-
-/// Why a model directory was refused.
-#[derive(Debug, thiserror::Error)]
-pub struct RepositoryError {
-    pub path: PathBuf,
-    pub line: Option<usize>,
-    pub reason: String,
-}
-
-impl fmt::Display for RepositoryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.path.display(), line, self.reason),
-            None => write!(f, "{}: {}", self.path.display(), self.reason),
-        }
-    }
-}
-
-impl RepositoryError {
-    fn new(path: &Path, line: Option<usize>, reason: impl Into<String>) -> Self {
-        Self {
-            path: path.to_owned(),
-            line,
-            reason: reason.into(),
-        }
-    }
-}
 
 /// Where a model's instances run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +94,7 @@ pub fn model_features(specs: &[std::sync::Arc<ModelSpec>], model: &str) -> usize
 }
 
 /// Loads every model directory under `root` whose name is in `wanted`.
-pub fn load_models(root: &Path, wanted: &[String]) -> Result<Vec<ModelSpec>, RepositoryError> {
+pub fn load_models(root: &Path, wanted: &[String]) -> Result<Vec<ModelSpec>, FileError> {
     wanted
         .iter()
         .map(|name| load_model(&root.join(name)))
@@ -129,7 +103,7 @@ pub fn load_models(root: &Path, wanted: &[String]) -> Result<Vec<ModelSpec>, Rep
 
 /// Loads the version of the model in `dir` that its version policy serves
 /// (the highest version the policy selects).
-pub fn load_model(dir: &Path) -> Result<ModelSpec, RepositoryError> {
+pub fn load_model(dir: &Path) -> Result<ModelSpec, FileError> {
     let config_path = dir.join("config.pbtxt");
     let (config, text) = read_config(&config_path)?;
     let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -137,15 +111,15 @@ pub fn load_model(dir: &Path) -> Result<ModelSpec, RepositoryError> {
 }
 
 /// The parsed `config.pbtxt` of the model in `dir`.
-pub fn load_config(dir: &Path) -> Result<inference::ModelConfig, RepositoryError> {
+pub fn load_config(dir: &Path) -> Result<inference::ModelConfig, FileError> {
     read_config(&dir.join("config.pbtxt")).map(|(config, _)| config)
 }
 
-fn read_config(config_path: &Path) -> Result<(inference::ModelConfig, String), RepositoryError> {
+fn read_config(config_path: &Path) -> Result<(inference::ModelConfig, String), FileError> {
     let text = fs::read_to_string(config_path)
-        .map_err(|err| RepositoryError::new(config_path, None, format!("cannot read: {err}")))?;
+        .map_err(|err| FileError::new(config_path, None, format!("cannot read: {err}")))?;
     let config = pbtxt::parse_model_config(&text)
-        .map_err(|err| RepositoryError::new(config_path, err.line, err.reason))?;
+        .map_err(|err| FileError::new(config_path, err.line, err.reason))?;
     Ok((config, text))
 }
 
@@ -155,9 +129,9 @@ fn validate(
     path: &Path,
     dir_name: &str,
     dir: &Path,
-) -> Result<ModelSpec, RepositoryError> {
+) -> Result<ModelSpec, FileError> {
     let at = |needle: &str| locate(text, needle);
-    let refuse = |needle: &str, reason: String| RepositoryError::new(path, at(needle), reason);
+    let refuse = |needle: &str, reason: String| FileError::new(path, at(needle), reason);
 
     if !config.name.is_empty() && config.name != dir_name {
         return Err(refuse(
@@ -224,7 +198,7 @@ fn validate(
         &[h] if h > 0 => h as usize,
         dims => {
             let line = nth_line_of(text, "dims", 2);
-            return Err(RepositoryError::new(
+            return Err(FileError::new(
                 path,
                 line,
                 format!("output dims {dims:?} must be [horizon], > 0"),
@@ -242,13 +216,13 @@ fn validate(
         .iter()
         .map(|(k, v)| (k.clone(), v.string_value.clone()))
         .collect();
-    let param = |key: &str| -> Result<&str, RepositoryError> {
+    let param = |key: &str| -> Result<&str, FileError> {
         parameters
             .get(key)
             .map(String::as_str)
-            .ok_or_else(|| RepositoryError::new(path, None, format!("missing parameter \"{key}\"")))
+            .ok_or_else(|| FileError::new(path, None, format!("missing parameter \"{key}\"")))
     };
-    let number = |key: &str| -> Result<f64, RepositoryError> {
+    let number = |key: &str| -> Result<f64, FileError> {
         let raw = param(key)?;
         raw.trim()
             .parse::<f64>()
@@ -261,7 +235,7 @@ fn validate(
                 )
             })
     };
-    let vector = |key: &str| -> Result<Vec<f32>, RepositoryError> {
+    let vector = |key: &str| -> Result<Vec<f32>, FileError> {
         let raw = param(key)?;
         let mut values = Vec::with_capacity(features);
         for (i, v) in raw.split(',').enumerate() {
@@ -348,7 +322,7 @@ fn validate(
     };
     let model_path = dir.join(version.to_string()).join(file_name);
     if !model_path.is_file() {
-        return Err(RepositoryError::new(
+        return Err(FileError::new(
             &model_path,
             None,
             format!("version {version} has no {file_name}"),
@@ -529,7 +503,7 @@ parameters: { key: "satwatch.error_std" value: { string_value: "0.02" } }
         root
     }
 
-    fn load(config: &str, versions: &[u64]) -> Result<ModelSpec, RepositoryError> {
+    fn load(config: &str, versions: &[u64]) -> Result<ModelSpec, FileError> {
         let root = model_dir(config, versions);
         load_model(&root.path().join("smap_X-1"))
     }
