@@ -23,7 +23,8 @@
 //!
 //! [`engine`] is the pure core that holds windows, batchers and detectors;
 //! [`processor`] drives it from async code. [`repository`] reads the
-//! Triton-style model repository, [`config`] the pipeline file. [`run`] wires
+//! Triton-style model repository, [`config`] the pipeline file (a file either
+//! refuses is a [`file_error::FileError`] naming the file and line). [`run`] wires
 //! the service together; [`eval`], [`bench`], [`plan`] (what the pipeline
 //! and its models amount to, for the scripts), [`kafka::replay`] and
 //! [`kafka::topics`] are the tools around it, each holding its subcommand's

@@ -56,7 +56,7 @@ pub enum BenchError {
     #[error(transparent)]
     Broker(#[from] crate::kafka::KafkaToolError),
     /// What was asked cannot be done as asked (a bad option, too few rows).
-    #[error("{{0}}")]
+    #[error("{0}")]
     Usage(String),
 }
 

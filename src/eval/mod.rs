@@ -49,7 +49,7 @@ pub enum EvalError {
     #[error("cannot write the report: {0}")]
     Report(String),
     /// What was asked cannot be done as asked (a bad option, too few rows).
-    #[error("{{0}}")]
+    #[error("{0}")]
     Usage(String),
 }
 
