@@ -322,6 +322,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let signal_health = health.clone();
     let signal_shutdown = shutdown_tx.clone();
     let shutdown_timeout = pipeline.file.engine.shutdown_timeout();
+    // What the drain waits for, so that a drain cut short by the timeout
+    // says which part did not finish.
+    let (draining_tx, draining) = watch::channel("the processor (scoring what was taken in)");
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!(
@@ -335,6 +338,7 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
         // the restart (the sinks are idempotent).
         tokio::time::sleep(shutdown_timeout).await;
         tracing::error!(
+            waiting_for = *draining.borrow(),
             "shutdown did not finish within the timeout; exiting without the final commit"
         );
         std::process::exit(2);
@@ -346,7 +350,9 @@ pub async fn run(pipeline: Pipeline) -> Result<Counters, RunError> {
     let processed = processor.await;
     health.set_shutting_down();
     shutdown_tx.send_replace(true);
+    draining_tx.send_replace("the Kafka consumer (its last dead letters)");
     source.await.map_err(|e| part_failed("source task")(&e))?;
+    draining_tx.send_replace("the sink (the last writes and the final commit)");
     sink.await
         .map_err(|e| part_failed("sink task")(&e))?
         .map_err(|e| part_failed("sink")(&e))?;

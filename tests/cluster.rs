@@ -214,9 +214,9 @@ impl Setup {
             },
         );
         for service in services {
-            assert!(service.terminate(Duration::from_secs(60)).success());
+            assert!(service.terminate(Duration::from_secs(180)).success());
         }
-        assert!(self.reference.terminate(Duration::from_secs(60)).success());
+        assert!(self.reference.terminate(Duration::from_secs(180)).success());
         assert_same_outputs_as_reference(&self.pg, &self.broker, CHANNELS, 0, ROWS, window())
     }
 }
@@ -366,7 +366,7 @@ fn read_committed_consumers_see_each_output_once_across_a_crash_a_rebalance_and_
     );
     at_tenths(&setup.pg, 7);
     assert!(!replay.is_finished(), "every fault lands mid-replay");
-    assert!(second.terminate(Duration::from_secs(60)).success());
+    assert!(second.terminate(Duration::from_secs(180)).success());
     eprintln!("second instance left at {} scores rows", scored(&setup.pg));
     setup.broker.resume_node(leader);
 

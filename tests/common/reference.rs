@@ -35,6 +35,13 @@ pub fn group_pipeline(
             (session_timeout_ms / 5).to_string().into(),
         );
         set(t, "kafka", "client", client);
+        // These tests check what is published and committed, so the drain
+        // must finish: a transaction caught by a broker's kill -9 can take
+        // up to three of its calls' 30 s timeouts (offsets, commit, abort)
+        // before it is retried, longer than the 30 s default, which cut it
+        // off in one run of three (exit 2, no final commit: the restart
+        // would redo it, but these tests do not restart).
+        set(t, "engine", "shutdown_timeout_ms", 150_000i64);
     })
 }
 
