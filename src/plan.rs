@@ -81,6 +81,9 @@ pub struct Plan {
     pub topics: Topics,
     pub engine: EnginePlan,
     pub sink: SinkPlan,
+    // The producers live in the Kafka room, which a build without Kafka
+    // (the fuzz targets') leaves out.
+    #[cfg(feature = "kafka")]
     pub producers: ProducerPlan,
     /// Every model the channels use, each once.
     pub models: Vec<ModelPlan>,
@@ -283,6 +286,7 @@ pub fn plan(pipeline: &Pipeline, data: Option<DataSplit<'_>>) -> Result<Plan, Pl
             max_batch_delay_ms: sink.max_batch_delay_ms,
             commit_interval_ms: sink.commit_interval_ms,
         },
+        #[cfg(feature = "kafka")]
         producers: ProducerPlan {
             replay_paced_linger_ms: crate::kafka::replay::PACED_LINGER_MS,
             replay_backlog_linger_ms: crate::kafka::replay::BACKLOG_LINGER_MS,

@@ -15,7 +15,11 @@ use libfuzzer_sys::fuzz_target;
 use satwatch::{
     backend::{Backend, BackendError, Runner},
     config::ChannelConfig,
-    detect::DetectSettings,
+    detect::{
+        baseline::BaselineSettings, burst::BurstSettings, events::EventSettings,
+        excursion::ExcursionSettings, stuck::StuckSettings, surprise::SurpriseSettings,
+        threshold::ThresholdSettings, DetectSettings,
+    },
     engine::{Checkpoint, Engine, Outputs, Restore, SavedState},
     repository::{BatchPolicy, DeviceKind, ErrorCalibration, ModelSpec, Normalisation},
     telemetry::{Origin, Sample, Values, MAX_ABS_VALUE},
@@ -99,19 +103,42 @@ fn channels() -> Vec<ChannelConfig> {
         .collect()
 }
 
+/// Every score part on, with small sizes so that a short input reaches
+/// every phase of a channel's life (baseline, calibration, events).
 fn settings() -> DetectSettings {
+    let shipped = DetectSettings::default();
     DetectSettings {
         ewma_alpha: 0.5,
-        min_event_gap: 3,
-        baseline_samples: 8,
-        excursion_samples: 3,
-        calibration_samples: 6,
-        min_peaks: 2,
-        stuck_run_factor: 2.0,
-        min_error_std: 0.01,
-        burst_window: 8,
-        max_event_samples: 20,
-        ..Default::default()
+        events: EventSettings {
+            min_gap: 3,
+            max_samples: 20,
+        },
+        baseline: BaselineSettings {
+            samples: 8,
+            ..shipped.baseline
+        },
+        excursion: ExcursionSettings {
+            samples: 3,
+            ..shipped.excursion
+        },
+        threshold: ThresholdSettings {
+            calibration_samples: 6,
+            min_peaks: 3,
+            ..shipped.threshold
+        },
+        stuck: StuckSettings {
+            factor: 2.0,
+            ..shipped.stuck
+        },
+        surprise: SurpriseSettings {
+            min_error_std: 0.01,
+            ..shipped.surprise
+        },
+        burst: BurstSettings {
+            window: 8,
+            ..shipped.burst
+        },
+        ..shipped
     }
 }
 
