@@ -38,11 +38,6 @@ impl Backoff {
         (FIRST_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
     }
 
-    /// How long the next wait will be, for the log line before it.
-    pub fn next_delay(&self) -> Duration {
-        self.next
-    }
-
     /// Milliseconds of the next wait, as the log lines report it.
     pub fn next_ms(&self) -> u64 {
         self.next.as_millis() as u64
